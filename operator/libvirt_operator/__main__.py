@@ -1,0 +1,2 @@
+from libvirt_operator.cli import main
+main()

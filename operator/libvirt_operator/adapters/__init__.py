@@ -1,0 +1,1 @@
+"""Adapters to the outside world: libvirt, Kubernetes, the knowledge base, HTTP."""

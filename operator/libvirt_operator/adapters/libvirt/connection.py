@@ -1,0 +1,237 @@
+"""Pooled libvirt connections, one per host, with bounded per-host concurrency.
+
+libvirt calls are blocking C calls: every call runs in the host's own small thread pool, so a slow
+or hung host can neither block kopf's event loop nor starve the other hosts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import dataclasses
+import os
+import shutil
+import tempfile
+import threading
+import time
+import urllib.parse
+from collections.abc import Callable, Mapping
+from typing import TypeVar
+
+import libvirt
+
+from ...core.errors import AppError, ErrorCode
+from ...core.logs import get_logger
+from ...core.metrics import HOST_CONNECTED, LIBVIRT_CALL_SECONDS, LIBVIRT_CALLS
+from .errors import CONNECTION_LOST, classify_libvirt_error
+
+T = TypeVar("T")
+log = get_logger(__name__)
+libvirt.registerErrorHandler(lambda _ctx, _err: None, None)  # errors are raised, not printed
+
+
+@dataclasses.dataclass(frozen=True)
+class ConnectOptions:
+    """What is needed to open a connection. `credentials` holds Secret data (never logged)."""
+
+    uri: str
+    max_concurrent_calls: int = 4
+    credentials: Mapping[str, bytes] = dataclasses.field(default_factory=dict, repr=False)
+    call_timeout: float = 60.0
+
+
+class _CredentialFiles:
+    """Materialises Secret data as the files libvirt's transports read (0600, private dir)."""
+
+    SSH_KEYS = {"ssh-privatekey": "id_key", "known_hosts": "known_hosts"}
+    TLS_KEYS = {"ca.crt": "cacert.pem", "tls.crt": "clientcert.pem", "tls.key": "clientkey.pem"}
+
+    def __init__(self, credentials: Mapping[str, bytes]) -> None:
+        self.dir = tempfile.mkdtemp(prefix="lvop-cred-")
+        os.chmod(self.dir, 0o700)
+        for key, value in credentials.items():
+            fname = self.SSH_KEYS.get(key) or self.TLS_KEYS.get(key)
+            if fname:
+                path = os.path.join(self.dir, fname)
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+                with os.fdopen(fd, "wb") as fh:
+                    fh.write(value)
+
+    def uri_for(self, uri: str) -> str:
+        parts = urllib.parse.urlsplit(uri)
+        query = dict(urllib.parse.parse_qsl(parts.query))
+        transport = parts.scheme.partition("+")[2]
+        if transport in ("ssh", "libssh", "libssh2"):
+            if os.path.exists(os.path.join(self.dir, "id_key")):
+                query.setdefault("keyfile", os.path.join(self.dir, "id_key"))
+            if os.path.exists(os.path.join(self.dir, "known_hosts")):
+                query.setdefault("known_hosts", os.path.join(self.dir, "known_hosts"))
+        elif transport == "tls" and os.path.exists(os.path.join(self.dir, "cacert.pem")):
+            query.setdefault("pkipath", self.dir)
+        return urllib.parse.urlunsplit(parts._replace(query=urllib.parse.urlencode(query)))
+
+    def remove(self) -> None:
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class HostConnection:
+    """A lazily opened, self-healing connection to one libvirt host."""
+
+    def __init__(self, name: str, options: ConnectOptions) -> None:
+        self.name = name
+        self.options = options
+        self._executor = concurrent.futures.ThreadPoolExecutor(
+            max_workers=options.max_concurrent_calls, thread_name_prefix=f"libvirt-{name}")
+        self._lock = threading.Lock()
+        self._conn: libvirt.virConnect | None = None
+        self._alive = False
+        self._creds: _CredentialFiles | None = None
+        self._closed = False
+        self.on_connect: list[Callable[[libvirt.virConnect], None]] = []
+
+    # -- blocking side (runs in the host's threads) --
+    def _open(self) -> libvirt.virConnect:
+        with self._lock:
+            if self._conn is not None and self._alive:
+                return self._conn
+            self._drop_locked()
+            uri = self.options.uri
+            if self.options.credentials:
+                self._creds = _CredentialFiles(self.options.credentials)
+                uri = self._creds.uri_for(uri)
+            started = time.perf_counter()
+            try:
+                conn = libvirt.openAuth(uri, [[libvirt.VIR_CRED_AUTHNAME, libvirt.VIR_CRED_PASSPHRASE],
+                                              _no_interactive_auth, None], 0)
+            except libvirt.libvirtError as err:
+                LIBVIRT_CALLS.labels(self.name, "connect", "error").inc()
+                raise _connect_error(err, self.name) from err
+            finally:
+                LIBVIRT_CALL_SECONDS.labels(self.name, "connect").observe(time.perf_counter() - started)
+            LIBVIRT_CALLS.labels(self.name, "connect", "ok").inc()
+            with contextlib.suppress(libvirt.libvirtError):
+                conn.setKeepAlive(5, 3)  # only effective with an event loop implementation
+            with contextlib.suppress(libvirt.libvirtError):
+                conn.registerCloseCallback(self._on_close, None)
+            self._conn, self._alive = conn, True
+            HOST_CONNECTED.labels(self.name).set(1)
+            for hook in self.on_connect:
+                hook(conn)
+            return conn
+
+    def _on_close(self, _conn: libvirt.virConnect, reason: int, _opaque: object) -> None:
+        log.warning("libvirt connection closed", host=self.name, reason=reason)
+        self._alive = False
+        HOST_CONNECTED.labels(self.name).set(0)
+
+    def _drop_locked(self) -> None:
+        if self._conn is not None:
+            with contextlib.suppress(libvirt.libvirtError):
+                self._conn.unregisterCloseCallback()
+            with contextlib.suppress(libvirt.libvirtError):
+                self._conn.close()
+        self._conn, self._alive = None, False
+        if self._creds is not None:
+            self._creds.remove()
+            self._creds = None
+        HOST_CONNECTED.labels(self.name).set(0)
+
+    def _run(self, operation: str, fn: Callable[[libvirt.virConnect], T]) -> T:
+        for attempt in (1, 2):
+            conn = self._open()
+            if not self._is_alive(conn):
+                self._mark_dead()
+                conn = self._open()
+            started = time.perf_counter()
+            try:
+                result = fn(conn)
+            except libvirt.libvirtError as err:
+                LIBVIRT_CALLS.labels(self.name, operation, "error").inc()
+                lost = err.get_error_code() in CONNECTION_LOST and not self._is_alive(conn)
+                if lost and attempt == 1:
+                    log.info("libvirt connection lost, reopening", host=self.name, operation=operation)
+                    self._mark_dead()
+                    continue
+                raise classify_libvirt_error(err, host=self.name, operation=operation) from err
+            finally:
+                LIBVIRT_CALL_SECONDS.labels(self.name, operation).observe(time.perf_counter() - started)
+            LIBVIRT_CALLS.labels(self.name, operation, "ok").inc()
+            return result
+        raise AssertionError("unreachable")
+
+    @staticmethod
+    def _is_alive(conn: libvirt.virConnect) -> bool:
+        try:
+            return bool(conn.isAlive())
+        except libvirt.libvirtError:
+            return False
+
+    def _mark_dead(self) -> None:
+        with self._lock:
+            self._drop_locked()
+
+    # -- async side --
+    async def call(self, operation: str, fn: Callable[[libvirt.virConnect], T],
+                   timeout: float | None = None) -> T:
+        """Run fn(conn) in this host's thread pool; the event loop never blocks on libvirt."""
+        if self._closed:
+            raise AppError(ErrorCode.HOST_NOT_FOUND, f"host {self.name} was removed", {"host": self.name})
+        loop = asyncio.get_running_loop()
+        future = loop.run_in_executor(self._executor, self._run, operation, fn)
+        try:
+            return await asyncio.wait_for(future, timeout or self.options.call_timeout)
+        except (asyncio.TimeoutError, TimeoutError) as err:
+            LIBVIRT_CALLS.labels(self.name, operation, "timeout").inc()
+            raise AppError(ErrorCode.LIBVIRT_TIMEOUT,
+                           f"libvirt call {operation} on host {self.name} did not finish within "
+                           f"{timeout or self.options.call_timeout:.0f}s",
+                           {"host": self.name, "operation": operation}) from err
+
+    async def close(self) -> None:
+        self._closed = True
+        await asyncio.get_running_loop().run_in_executor(self._executor, self._mark_dead)
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+
+def _no_interactive_auth(credentials: list, _opaque: object) -> int:
+    return -1  # the operator never prompts: credentials come from Secrets
+
+
+def _connect_error(err: libvirt.libvirtError, host: str) -> AppError:
+    app = classify_libvirt_error(err, host=host, operation="connect")
+    if app.code in (ErrorCode.LIBVIRT_ERROR, ErrorCode.VM_NOT_FOUND, ErrorCode.LIBVIRT_TIMEOUT):
+        return AppError(ErrorCode.HOST_UNREACHABLE, app.message, app.context, cause=err)
+    return app
+
+
+class HostPool:
+    """host name → HostConnection; a connection is replaced when its options change."""
+
+    def __init__(self) -> None:
+        self._hosts: dict[str, HostConnection] = {}
+
+    def get(self, name: str) -> HostConnection | None:
+        return self._hosts.get(name)
+
+    def names(self) -> list[str]:
+        return list(self._hosts)
+
+    async def ensure(self, name: str, options: ConnectOptions) -> HostConnection:
+        current = self._hosts.get(name)
+        if current is not None and current.options == options:
+            return current
+        if current is not None:
+            await current.close()
+        conn = HostConnection(name, options)
+        self._hosts[name] = conn
+        return conn
+
+    async def remove(self, name: str) -> None:
+        conn = self._hosts.pop(name, None)
+        if conn is not None:
+            await conn.close()
+
+    async def close_all(self) -> None:
+        for name in list(self._hosts):
+            await self.remove(name)

@@ -1,0 +1,74 @@
+"""The `libvirt-operator` command: run the operator, print CRDs, start the embedded default."""
+
+from __future__ import annotations
+
+import pathlib
+import sys
+
+import click
+
+from ..core import crdgen
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="libvirt-operator")
+def main() -> None:
+    """libvirt-operator: VirtualMachines, ISOImages and LibvirtHosts on real libvirt hosts."""
+
+
+@main.command()
+@click.option("-n", "--namespace", "namespaces", multiple=True,
+              help="Watch only this namespace (repeatable; glob patterns allowed). Default: all namespaces.")
+@click.option("--metrics-port", default=8080, show_default=True, type=int, help="Port of /metrics (0: off).")
+@click.option("--metrics-address", default="0.0.0.0", show_default=True, help="Address /metrics listens on.")
+@click.option("--liveness-port", default=8081, show_default=True, type=int, help="Port of kopf's /healthz (0: off).")
+@click.option("--log-format", type=click.Choice(["auto", "json", "console"]), default="auto", show_default=True,
+              help="auto: console on a TTY, JSON otherwise.")
+@click.option("--log-level", default="INFO", show_default=True, help="Log level.")
+@click.option("--no-knowledge-base", is_flag=True, help="Skip the remediation knowledge base (fixed links only).")
+def run(namespaces: tuple[str, ...], metrics_port: int, metrics_address: str, liveness_port: int,
+        log_format: str, log_level: str, no_knowledge_base: bool) -> None:
+    """Run the operator in the foreground against the cluster in KUBECONFIG (or in-cluster)."""
+    from .operator_main import OperatorOptions, run_blocking
+
+    run_blocking(OperatorOptions(
+        namespaces=namespaces, metrics_port=metrics_port, metrics_address=metrics_address,
+        liveness_port=liveness_port, log_format=log_format, log_level=log_level,  # type: ignore[arg-type]
+        knowledge_base=not no_knowledge_base))
+
+
+@main.command()
+@click.option("--write", "write_dir", type=click.Path(file_okay=False, path_type=pathlib.Path),
+              help="Write one file per CRD into this directory instead of printing.")
+def crds(write_dir: pathlib.Path | None) -> None:
+    """Print the CustomResourceDefinitions generated from the API types."""
+    rendered = crdgen.render_all()
+    if write_dir is None:
+        click.echo("---\n".join(rendered.values()), nl=False)
+        return
+    write_dir.mkdir(parents=True, exist_ok=True)
+    for fname, text in rendered.items():
+        (write_dir / fname).write_text(text)
+        click.echo(f"wrote {write_dir / fname}")
+
+
+@main.command()
+@click.option("--workdir", type=click.Path(file_okay=False, path_type=pathlib.Path), default=pathlib.Path(".dev"),
+              show_default=True, help="Where the local control plane and libvirt host keep their state.")
+@click.option("--libvirt", "libvirt_mode", type=click.Choice(["auto", "daemon", "test"]), default="auto",
+              show_default=True, help="auto: a real libvirtd where it can run, else libvirt's test driver.")
+@click.option("--metrics-port", default=8080, show_default=True, type=int, help="Port of /metrics.")
+def dev(workdir: pathlib.Path, libvirt_mode: str, metrics_port: int) -> None:
+    """The embedded default: local control plane + local libvirt host + samples + the operator."""
+    from .dev import run_dev
+
+    sys.exit(run_dev(workdir.resolve(), libvirt_mode, metrics_port))
+
+
+try:  # the knowledge-base commands need the rag extra
+    from .rag import explain, rag
+except ImportError:  # pragma: no cover - exercised only without the extra
+    pass
+else:
+    main.add_command(rag)
+    main.add_command(explain)

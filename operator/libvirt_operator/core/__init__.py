@@ -1,0 +1,1 @@
+"""Core: API types, the error catalog, conditions and observability primitives. Imports nothing above it."""

@@ -1,0 +1,61 @@
+"""structlog setup: JSON in production, readable console on a TTY; stdlib logging (kopf's) is routed
+through the same processors so every line has one shape."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Literal
+
+import structlog
+
+LogFormat = Literal["auto", "json", "console"]
+
+
+def configure(fmt: LogFormat = "auto", level: str = "INFO") -> None:
+    if fmt == "auto":
+        fmt = "console" if sys.stderr.isatty() else "json"
+    shared: list[structlog.typing.Processor] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.stdlib.add_log_level,
+        structlog.stdlib.add_logger_name,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        structlog.processors.StackInfoRenderer(),
+    ]
+    renderer: structlog.typing.Processor = (
+        structlog.processors.JSONRenderer() if fmt == "json"
+        else structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty()))
+    structlog.configure(
+        processors=[*shared, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
+        logger_factory=structlog.stdlib.LoggerFactory(),
+        wrapper_class=structlog.stdlib.BoundLogger,
+        cache_logger_on_first_use=True,
+    )
+    formatter = structlog.stdlib.ProcessorFormatter(
+        foreign_pre_chain=[*shared, _kopf_object_fields, structlog.processors.format_exc_info],
+        processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+                    structlog.processors.format_exc_info, renderer],
+    )
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(formatter)
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    for noisy in ("aiohttp.access", "asyncio", "httpx", "httpcore"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _kopf_object_fields(_logger: object, _name: str, event: dict) -> dict:
+    """kopf's per-object loggers carry `k8s_ref` in the record: lift it to kind/namespace/name."""
+    record = event.get("_record")
+    ref = getattr(record, "k8s_ref", None)
+    if isinstance(ref, dict):
+        event.setdefault("kind", ref.get("kind"))
+        if ref.get("namespace"):
+            event.setdefault("namespace", ref.get("namespace"))
+        event.setdefault("name", ref.get("name"))
+    return event
+
+
+def get_logger(name: str = "libvirt_operator", **bound: object) -> structlog.stdlib.BoundLogger:
+    return structlog.get_logger(name).bind(**bound)

@@ -1,0 +1,6 @@
+"""kopf handler registration: the thin layer between kopf events and reconcile.
+
+Importing this package registers every handler with kopf's default registry.
+"""
+
+from . import host, startup  # noqa: F401  (registration side effects)

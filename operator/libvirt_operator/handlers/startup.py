@@ -1,0 +1,55 @@
+"""Operator start-up and clean-up: settings, the libvirt event loop bridge, shared collaborators."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from typing import Any
+
+import kopf
+
+from ..adapters.kube import KubeClient
+from ..adapters.libvirt import HostPool
+from ..adapters.libvirt.events import register_event_loop
+from ..core.api.common import FINALIZER, GROUP
+from ..core.logs import get_logger
+from ..core.settings import Settings
+from ..reconcile.runtime import Runtime
+
+log = get_logger(__name__)
+RUNTIME_KEY = "runtime"
+
+
+def runtime_of(memo: Any) -> Runtime:
+    return memo[RUNTIME_KEY]
+
+
+@kopf.on.startup()
+async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
+    settings.persistence.finalizer = FINALIZER
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix=GROUP)
+    settings.posting.level = 20  # INFO and above become Kubernetes Events
+    settings.watching.server_timeout = 300
+    settings.watching.client_timeout = 330
+    settings.batching.worker_limit = int(os.environ.get("LIBVIRT_OPERATOR_WORKER_LIMIT", "200"))
+    register_event_loop(asyncio.get_running_loop())
+    op_settings: Settings = memo.get("settings") or Settings()
+    kube = await KubeClient.create(os.environ.get("KUBECONFIG"))
+    remediator = None
+    if op_settings.knowledge_base_enabled:
+        try:
+            from ..adapters.rag import KnowledgeBase  # the extra may be absent
+            remediator = KnowledgeBase.from_settings(op_settings)
+        except ImportError as err:
+            log.warning("knowledge base disabled: the rag extra is not installed", error=str(err))
+    memo[RUNTIME_KEY] = Runtime(settings=op_settings, pool=HostPool(), kube=kube, remediator=remediator)
+
+
+@kopf.on.cleanup()
+async def cleanup(memo: kopf.Memo, **_: Any) -> None:
+    rt: Runtime | None = memo.get(RUNTIME_KEY)
+    if rt is None:
+        return
+    await rt.pool.close_all()
+    await rt.kube.close()

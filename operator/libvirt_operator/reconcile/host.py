@@ -1,0 +1,86 @@
+"""LibvirtHost: connect, probe, report. The probe also refreshes the connection pool entry."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from ..adapters.libvirt import ConnectOptions
+from ..adapters.libvirt.host_facts import HostFacts, probe_host
+from ..core.api.host import LibvirtHostSpec
+from ..core.conditions import set_condition, summarize, timestamp
+from ..core.errors import AppError, ErrorCode
+from ..core.quantity import format_bytes
+from .failures import error_status, human_message
+from .runtime import Runtime
+
+REACHABLE = "Reachable"
+_UNREACHABLE_CODES = {ErrorCode.HOST_UNREACHABLE, ErrorCode.HOST_AUTH_FAILED, ErrorCode.LIBVIRT_TIMEOUT,
+                      ErrorCode.CREDENTIALS_NOT_FOUND}
+
+
+@dataclasses.dataclass
+class HostOutcome:
+    status: dict[str, Any]
+    error: AppError | None
+    facts: HostFacts | None
+
+
+async def connect_options(spec: LibvirtHostSpec, rt: Runtime) -> ConnectOptions:
+    credentials: dict[str, bytes] = {}
+    ref = spec.credentials_secret_ref
+    if ref is not None:
+        data = await rt.kube.read_secret(ref.namespace, ref.name)
+        if data is None:
+            raise AppError(ErrorCode.CREDENTIALS_NOT_FOUND,
+                           f"Secret {ref.namespace}/{ref.name} named by credentialsSecretRef does not exist",
+                           {"secret": f"{ref.namespace}/{ref.name}"})
+        credentials = data
+    return ConnectOptions(uri=spec.uri, max_concurrent_calls=spec.max_concurrent_calls,
+                          credentials=credentials, call_timeout=rt.settings.libvirt_call_timeout)
+
+
+def status_from_facts(facts: HostFacts, conditions: list[dict[str, Any]], generation: int) -> dict[str, Any]:
+    conditions = set_condition(conditions, REACHABLE, True, "Connected", "libvirt answered the probe", generation)
+    conditions = summarize(conditions, ready=True, reason="HostReady",
+                           message=f"{facts.hypervisor} on {facts.hostname}, {facts.cpus} CPUs, "
+                                   f"{format_bytes(facts.memory_bytes)}",
+                           generation=generation)
+    return {
+        "observedGeneration": generation,
+        "conditions": conditions,
+        "hostname": facts.hostname,
+        "arch": facts.arch,
+        "hypervisor": facts.hypervisor,
+        "libvirtVersion": facts.libvirt_version,
+        "domainTypes": list(facts.domain_types),
+        "capacity": {"cpus": facts.cpus, "memory": format_bytes(facts.memory_bytes)},
+        "allocated": {"cpus": facts.allocated_cpus, "memory": format_bytes(facts.allocated_memory_bytes)},
+        "domains": facts.domains,
+        "lastProbeTime": timestamp(),
+    }
+
+
+async def reconcile_host(name: str, spec_body: dict[str, Any], status: dict[str, Any] | None,
+                         generation: int, rt: Runtime) -> HostOutcome:
+    status = dict(status or {})
+    conditions = list(status.get("conditions") or [])
+    try:
+        spec = LibvirtHostSpec.model_validate(spec_body)
+        options = await connect_options(spec, rt)
+        conn = await rt.pool.ensure(name, options)
+        facts = await conn.call("probe", probe_host, timeout=rt.settings.connect_timeout)
+    except AppError as err:
+        err_status = await error_status(err, status.get("error"), "LibvirtHost", rt.remediator)
+        message = human_message(err, err_status)
+        reachable = err.code not in _UNREACHABLE_CODES
+        conditions = set_condition(conditions, REACHABLE, reachable, "Connected" if reachable else err.reason,
+                                   message, generation)
+        conditions = summarize(conditions, ready=False, reason=err.reason, message=message,
+                               generation=generation, stalled=not err.retryable, reconciling=err.retryable)
+        new = {k: v for k, v in status.items() if k in ("capacity", "hostname", "arch", "hypervisor",
+                                                         "libvirtVersion", "domainTypes")}
+        new.update({"observedGeneration": generation, "conditions": conditions, "error": err_status,
+                    "lastProbeTime": timestamp()})
+        return HostOutcome(new, err, None)
+    return HostOutcome(status_from_facts(facts, conditions, generation), None, facts)
