@@ -18,10 +18,22 @@ from ..reconcile.runtime import Runtime
 
 log = get_logger(__name__)
 RUNTIME_KEY = "runtime"
+_current_memo: Any = None
+
+
+def current_memo() -> Any:
+    """The memo of the operator running in this process (for in-process tests and the dev command)."""
+    return _current_memo
 
 
 def runtime_of(memo: Any) -> Runtime:
     return memo[RUNTIME_KEY]
+
+
+@kopf.on.login()
+def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
+    """In-cluster service account first, else KUBECONFIG — whatever client libraries are installed."""
+    return kopf.login_with_service_account(**kwargs) or kopf.login_with_kubeconfig(**kwargs)
 
 
 @kopf.on.startup()
@@ -32,7 +44,7 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
     settings.posting.level = 20  # INFO and above become Kubernetes Events
     settings.watching.server_timeout = 300
     settings.watching.client_timeout = 330
-    settings.batching.worker_limit = int(os.environ.get("LIBVIRT_OPERATOR_WORKER_LIMIT", "200"))
+    settings.queueing.worker_limit = int(os.environ.get("LIBVIRT_OPERATOR_WORKER_LIMIT", "200"))
     register_event_loop(asyncio.get_running_loop())
     op_settings: Settings = memo.get("settings") or Settings()
     kube = await KubeClient.create(os.environ.get("KUBECONFIG"))
@@ -43,6 +55,8 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
             remediator = KnowledgeBase.from_settings(op_settings)
         except ImportError as err:
             log.warning("knowledge base disabled: the rag extra is not installed", error=str(err))
+    global _current_memo
+    _current_memo = memo
     memo[RUNTIME_KEY] = Runtime(settings=op_settings, pool=HostPool(), kube=kube, remediator=remediator)
 
 

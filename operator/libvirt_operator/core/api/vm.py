@@ -5,7 +5,7 @@ from __future__ import annotations
 import datetime as dt
 from typing import ClassVar, Literal
 
-from pydantic import Field
+from pydantic import ConfigDict, Field
 
 from ..quantity import QUANTITY_PATTERN
 from .common import (
@@ -45,6 +45,10 @@ class CdromSource(ApiModel):
 class Disk(ApiModel):
     """A disk of the VM: exactly one of volume or cdrom."""
 
+    model_config = ConfigDict(json_schema_extra={"x-kubernetes-validations": [
+        {"rule": "has(self.volume) != has(self.cdrom)", "message": "each disk needs exactly one of volume or cdrom"},
+    ]})
+
     name: str = Field(description="Disk name, unique within the VM.", pattern=NAME_PATTERN, max_length=40)
     boot_order: int | None = Field(default=None, ge=1, le=64,
                                    description="Boot priority, 1 first. Disks without one are not bootable.")
@@ -54,6 +58,11 @@ class Disk(ApiModel):
 
 class Interface(ApiModel):
     """A network interface."""
+
+    model_config = ConfigDict(json_schema_extra={"x-kubernetes-validations": [
+        {"rule": "self.type == 'user' || has(self.source)",
+         "message": "interfaces of type network or bridge need a source"},
+    ]})
 
     name: str = Field(description="Interface name, unique within the VM.", pattern=NAME_PATTERN, max_length=40)
     type: Literal["user", "network", "bridge"] = Field(
@@ -89,6 +98,10 @@ class VirtualMachineSpec(ApiModel):
     interfaces: list[Interface] = Field(default_factory=list, max_length=16, description="Network interfaces.",
                                         json_schema_extra={"x-kubernetes-list-type": "map",
                                                            "x-kubernetes-list-map-keys": ["name"]})
+    termination_grace_period_seconds: int = Field(
+        default=60, ge=0, le=3600,
+        description=("When the VM must stop (runStrategy Halted), the guest is asked to shut down (ACPI) and "
+                     "is powered off after this many seconds. Deletion powers off immediately."))
     install_media_policy: Literal["Keep", "EjectAfterFirstBoot"] = Field(
         default="Keep",
         description="EjectAfterFirstBoot: empty the cdroms once the guest has booted successfully once.")
@@ -132,6 +145,11 @@ class VirtualMachineStatus(ApiModel):
     interfaces: list[InterfaceStatus] = Field(default_factory=list, description="Interfaces as libvirt sees them.")
     volumes: list[VolumeStatus] = Field(default_factory=list, description="Volumes the operator created.")
     first_boot_time: dt.datetime | None = Field(default=None, description="When the guest first ran.")
+    last_start_time: dt.datetime | None = Field(
+        default=None, description=("When the current run started (set on start, cleared once the operator has "
+                                   "seen the domain stop); used to tell crash loops from long runs."))
+    stop_requested_time: dt.datetime | None = Field(
+        default=None, description="When a graceful shutdown was requested; cleared once the domain is off.")
     media_ejected: bool | None = Field(default=None, description="Install media was ejected after first boot.")
     error: ErrorStatus | None = Field(default=None, description="The last failure; cleared once healthy.")
 
@@ -155,11 +173,13 @@ class VirtualMachine(Resource):
          "message": "set hostRef or hostSelector, not both"},
         {"rule": "has(self.hostRef) == has(oldSelf.hostRef) && (!has(self.hostRef) || self.hostRef == oldSelf.hostRef)",
          "message": "hostRef is immutable: a VM never moves; delete and recreate it to place it elsewhere"},
-        {"rule": "self.disks.all(d, has(d.volume) != has(d.cdrom))",
-         "message": "each disk needs exactly one of volume or cdrom"},
-        {"rule": "self.interfaces.all(i, i.type == 'user' || has(i.source))",
-         "message": "interfaces of type network or bridge need a source"},
     ]
 
     spec: VirtualMachineSpec = Field(description="Desired state of the VM.")
-    status: VirtualMachineStatus | None = Field(default=None, description="Observed state of the VM.")
+    status: VirtualMachineStatus | None = Field(default=None, description=(
+        "Observed state of the VM. Ready=True means the VM is in the power state its runStrategy asks for: "
+        "running (reason Running), or stopped on purpose (reason Stopped: runStrategy Halted, a finished Once "
+        "run, a clean guest shutdown under RerunOnFailure, a stopped Manual VM) — a VM halted on purpose is "
+        "healthy. Ready=False while starting, stopping, waiting for placement or media, or crash-looping. "
+        "Scheduled: placement on a host. RestartRequired: the definition changed while running and takes "
+        "effect at the next boot."))

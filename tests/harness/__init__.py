@@ -1,0 +1,1 @@
+"""Test harness helpers (control plane for integration tests, libvirtd sandboxes, ...)."""

@@ -1,0 +1,117 @@
+"""A small synchronous Kubernetes client for tests (the `kubernetes` package), with polling helpers."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import yaml
+from kubernetes import client, config, utils
+from kubernetes.client.exceptions import ApiException
+
+GROUP, VERSION = "virt.libvirt-operator.io", "v1alpha1"
+KINDS = {"libvirthosts": "LibvirtHost", "virtualmachines": "VirtualMachine", "isoimages": "ISOImage"}
+REPO = Path(__file__).resolve().parents[2]
+
+
+class Kube:
+    def __init__(self, kubeconfig: str | Path) -> None:
+        self.api = config.new_client_from_config(config_file=str(kubeconfig))
+        self.core = client.CoreV1Api(self.api)
+        self.custom = client.CustomObjectsApi(self.api)
+        self.ext = client.ApiextensionsV1Api(self.api)
+
+    # --- CRDs and namespaces ---
+    def apply_crds(self, crd_dir: Path = REPO / "crds") -> list[str]:
+        names = []
+        for path in sorted(crd_dir.glob("*.yaml")):
+            doc = yaml.safe_load(path.read_text())
+            name = doc["metadata"]["name"]
+            try:
+                current = self.ext.read_custom_resource_definition(name)
+                doc["metadata"]["resourceVersion"] = current.metadata.resource_version
+                self.ext.replace_custom_resource_definition(name, doc)
+            except ApiException as err:
+                if err.status != 404:
+                    raise
+                self.ext.create_custom_resource_definition(doc)
+            names.append(name)
+        for name in names:
+            self.wait_for(lambda n=name: _established(self.ext.read_custom_resource_definition(n)),
+                          timeout=30, what=f"CRD {name} established")
+        return names
+
+    def new_namespace(self, prefix: str = "t") -> str:
+        name = f"{prefix}-{uuid.uuid4().hex[:8]}"
+        self.core.create_namespace({"metadata": {"name": name}})
+        return name
+
+    # --- custom objects ---
+    def create(self, plural: str, body: dict[str, Any], namespace: str | None = None) -> dict[str, Any]:
+        body = {"apiVersion": f"{GROUP}/{VERSION}", "kind": KINDS[plural], **body}
+        if namespace:
+            return self.custom.create_namespaced_custom_object(GROUP, VERSION, namespace, plural, body)
+        return self.custom.create_cluster_custom_object(GROUP, VERSION, plural, body)
+
+    def get(self, plural: str, name: str, namespace: str | None = None) -> dict[str, Any] | None:
+        try:
+            if namespace:
+                return self.custom.get_namespaced_custom_object(GROUP, VERSION, namespace, plural, name)
+            return self.custom.get_cluster_custom_object(GROUP, VERSION, plural, name)
+        except ApiException as err:
+            if err.status == 404:
+                return None
+            raise
+
+    def patch(self, plural: str, name: str, body: dict[str, Any], namespace: str | None = None) -> dict[str, Any]:
+        if namespace:
+            return self.custom.patch_namespaced_custom_object(GROUP, VERSION, namespace, plural, name, body)
+        return self.custom.patch_cluster_custom_object(GROUP, VERSION, plural, name, body)
+
+    def delete(self, plural: str, name: str, namespace: str | None = None) -> None:
+        try:
+            if namespace:
+                self.custom.delete_namespaced_custom_object(GROUP, VERSION, namespace, plural, name)
+            else:
+                self.custom.delete_cluster_custom_object(GROUP, VERSION, plural, name)
+        except ApiException as err:
+            if err.status != 404:
+                raise
+
+    def events_for(self, namespace: str, name: str) -> list[Any]:
+        events = self.core.list_namespaced_event(namespace, field_selector=f"involvedObject.name={name}")
+        return list(events.items)
+
+    # --- waiting ---
+    @staticmethod
+    def wait_for(predicate: Callable[[], Any], *, timeout: float = 30, interval: float = 0.2,
+                 what: str = "condition") -> Any:
+        deadline = time.monotonic() + timeout
+        last: Any = None
+        while time.monotonic() < deadline:
+            last = predicate()
+            if last:
+                return last
+            time.sleep(interval)
+        raise AssertionError(f"timed out after {timeout}s waiting for {what}; last value: {last!r}")
+
+    def wait_condition(self, plural: str, name: str, ctype: str, status: str, *, namespace: str | None = None,
+                       timeout: float = 30) -> dict[str, Any]:
+        def check() -> dict[str, Any] | None:
+            obj = self.get(plural, name, namespace)
+            for cond in ((obj or {}).get("status") or {}).get("conditions") or []:
+                if cond["type"] == ctype and cond["status"] == status:
+                    return obj
+            return None
+        return self.wait_for(check, timeout=timeout, what=f"{plural}/{name} {ctype}={status}")
+
+
+def condition(obj: dict[str, Any], ctype: str) -> dict[str, Any] | None:
+    return next((c for c in (obj.get("status") or {}).get("conditions") or [] if c["type"] == ctype), None)
+
+
+def _established(crd: Any) -> bool:
+    return any(c.type == "Established" and c.status == "True" for c in (crd.status.conditions or []))

@@ -1,0 +1,747 @@
+"""Simulated libvirt hosts for tests.
+
+Two kinds:
+
+* **File hosts** for libvirt's built-in test driver (:func:`write_test_host`): a ``<node>`` XML
+  file opened as ``test:///abs/path.xml``. In-process, no daemon, calls take < 1 ms.
+  Facts verified with libvirt 9.0 / libvirt-python 12.8 (see ``tests/integration``):
+
+  - ``getInfo()`` returns ``[arch, memory_mib, cpus, mhz, nodes, sockets, cores, threads]``
+    straight from the file (``<memory>`` is in KiB; ``cpus`` is ``<active>``), but the model is
+    always reported as ``x86_64``-ish text from the file, the capabilities say ``i686``.
+  - ``getCapabilities()`` is a fixed document: host arch ``i686``, secmodel ``testSecurity``,
+    two guests (``hvm`` and ``xen``) that each offer **only** ``<domain type='test'/>`` — no
+    ``qemu``/``kvm``. ``getDomainCapabilities()`` is not supported (VIR_ERR_NO_SUPPORT).
+    Yet ``defineXML`` accepts any domain type (``qemu``, ``kvm``, ``test``).
+  - ``listAllStoragePools()`` returns the file's pools, active, autostart 0, with the
+    ``<capacity>``/``<available>`` written here; volumes created on them live in memory only.
+  - ``getHostname()`` is the real machine's hostname, not the file's ``name``.
+  - ``getFreeMemory()`` returns 0; each ``open()`` gets a private copy of the file's state.
+  - Domains listed in the file are *running* unless they carry ``<test:runstate>5</...>``.
+
+* **Real daemons** (:class:`LibvirtDaemon`): ``libvirtd`` + its own ``virtlogd`` with QEMU (TCG),
+  each in a private mount namespace with its state under its own directory, listening on
+  ``qemu+tcp://127.0.0.1:PORT/system``. Needs root, ``unshare``, ``taskset`` and the Debian
+  packages installed by ``hack/install-system-deps.sh``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+from xml.sax.saxutils import escape
+
+__all__ = [
+    "LibvirtDaemon",
+    "boot_domain_xml",
+    "LibvirtDaemonError",
+    "libvirtd_available",
+    "start_all",
+    "start_daemons",
+    "write_test_host",
+]
+
+HERE = Path(__file__).resolve().parent
+NAMESPACE_SCRIPT = HERE / "libvirtd-in-namespace.sh"
+
+# Directories of a real daemon, relative to its root, and what they hide inside its namespace.
+BIND_DIRS = {
+    "etc": "/etc/libvirt",
+    "run": "/run/libvirt",
+    "lib": "/var/lib/libvirt",
+    "cache": "/var/cache/libvirt",
+    "log": "/var/log/libvirt",
+}
+
+_TEST_NS = "http://libvirt.org/schemas/domain/test/1.0"
+
+
+def _quiet_libvirt() -> Any:
+    import libvirt
+
+    libvirt.registerErrorHandler(lambda *_a: None, None)
+    return libvirt
+
+
+# --------------------------------------------------------------------------------------------
+# File hosts for the test driver
+# --------------------------------------------------------------------------------------------
+
+
+def _pool_xml(name: str, path: Path, capacity_gib: int) -> str:
+    return f"""  <pool type='dir'>
+    <name>{escape(name)}</name>
+    <uuid>{uuid.uuid5(uuid.NAMESPACE_URL, str(path))}</uuid>
+    <capacity unit='GiB'>{capacity_gib}</capacity>
+    <allocation unit='bytes'>0</allocation>
+    <available unit='GiB'>{capacity_gib}</available>
+    <target><path>{escape(str(path))}</path></target>
+  </pool>
+"""
+
+
+_NETWORK_XML = """  <network>
+    <name>default</name>
+    <bridge name='virbr0'/>
+    <forward mode='nat'/>
+    <ip address='192.168.122.1' netmask='255.255.255.0'>
+      <dhcp><range start='192.168.122.2' end='192.168.122.254'/></dhcp>
+    </ip>
+  </network>
+"""
+
+
+def _domain_xml(spec: str | Mapping[str, Any]) -> str:
+    if isinstance(spec, str):
+        return "  " + spec.strip() + "\n"
+    name = spec["name"]
+    memory_mib = int(spec.get("memory_mib", 128))
+    vcpus = int(spec.get("vcpus", 1))
+    dtype = spec.get("type", "test")
+    running = bool(spec.get("running", True))
+    runstate = "" if running else "\n    <test:runstate>5</test:runstate>"
+    metadata = spec.get("metadata_xml", "")
+    metadata = f"\n    <metadata>{metadata}</metadata>" if metadata else ""
+    return f"""  <domain type='{escape(dtype)}' xmlns:test='{_TEST_NS}'>
+    <name>{escape(name)}</name>
+    <uuid>{spec.get("uuid") or uuid.uuid4()}</uuid>
+    <memory unit='MiB'>{memory_mib}</memory>
+    <currentMemory unit='MiB'>{memory_mib}</currentMemory>
+    <vcpu>{vcpus}</vcpu>
+    <os><type arch='x86_64'>hvm</type></os>{metadata}{runstate}
+  </domain>
+"""
+
+
+def write_test_host(
+    path: str | os.PathLike[str],
+    *,
+    name: str,
+    cpus: int,
+    memory_mib: int,
+    pools: Sequence[str] = ("default",),
+    domains: Iterable[str | Mapping[str, Any]] = (),
+    network: bool = False,
+    pool_root: str | os.PathLike[str] | None = None,
+    pool_capacity_gib: int = 100,
+    mhz: int = 2000,
+) -> str:
+    """Write a libvirt test-driver host file and return its ``test:///abs/path.xml`` URI.
+
+    ``cpus`` and ``memory_mib`` are what ``getInfo()`` reports (``[1]`` = memory MiB,
+    ``[2]`` = cpus). Each name in ``pools`` becomes an active dir pool whose target is
+    ``<pool_root>/<name>`` (``pool_root`` defaults to ``<file stem>-pools`` beside the file;
+    the directories are created, though the test driver never writes to them).
+    ``network=True`` adds an active NAT network ``default``. ``domains`` are either raw
+    ``<domain>`` XML strings or mappings with ``name`` and optional ``memory_mib`` (128),
+    ``vcpus`` (1), ``type`` (``test``), ``running`` (True), ``uuid``, ``metadata_xml``.
+    ``name`` is recorded in a comment only: the test driver has no host name of its own.
+    """
+    path = Path(path).resolve()
+    if cpus < 1 or memory_mib < 1:
+        raise ValueError("cpus and memory_mib must be positive")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    root = Path(pool_root).resolve() if pool_root else path.parent / f"{path.stem}-pools"
+    parts = [
+        "<node>\n",
+        f"  <!-- libvirt-operator test host: {escape(name).replace('--', '- -')} -->\n",
+        f"""  <cpu>
+    <mhz>{mhz}</mhz>
+    <model>x86_64</model>
+    <active>{cpus}</active>
+    <nodes>1</nodes>
+    <sockets>1</sockets>
+    <cores>{cpus}</cores>
+    <threads>1</threads>
+  </cpu>
+  <memory>{memory_mib * 1024}</memory>
+""",
+    ]
+    for pool in pools:
+        pool_path = root / pool
+        pool_path.mkdir(parents=True, exist_ok=True)
+        parts.append(_pool_xml(pool, pool_path, pool_capacity_gib))
+    if network:
+        parts.append(_NETWORK_XML)
+    parts.extend(_domain_xml(d) for d in domains)
+    parts.append("</node>\n")
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(parts))
+    os.replace(tmp, path)
+    return f"test://{path}"
+
+
+def boot_domain_xml(
+    name: str,
+    *,
+    cdrom: str | os.PathLike[str] | None = None,
+    serial_log: str | os.PathLike[str] | None = None,
+    memory_mib: int = 64,
+    vcpus: int = 1,
+    domain_type: str = "qemu",
+    user_network: bool = False,
+) -> str:
+    """A minimal x86_64 domain that boots from ``cdrom`` (a file path, e.g. a pool volume's
+    ``path()``), with its first serial port written to ``serial_log`` (created by QEMU, via
+    virtlogd). ``domain_type='qemu'`` is TCG, the only one that works on these machines."""
+    devices = ["<emulator>/usr/bin/qemu-system-x86_64</emulator>"]
+    if cdrom is not None:
+        devices.append(
+            "<disk type='file' device='cdrom'><driver name='qemu' type='raw'/>"
+            f"<source file='{escape(str(cdrom))}'/><target dev='hda' bus='ide'/><readonly/></disk>"
+        )
+    if serial_log is not None:
+        devices.append(
+            f"<serial type='file'><source path='{escape(str(serial_log))}'/>"
+            "<target port='0'/></serial>"
+        )
+    if user_network:
+        devices.append("<interface type='user'><model type='e1000'/></interface>")
+    devices.append("<memballoon model='none'/>")
+    body = "\n    ".join(devices)
+    return f"""<domain type='{escape(domain_type)}'>
+  <name>{escape(name)}</name>
+  <memory unit='MiB'>{memory_mib}</memory>
+  <vcpu>{vcpus}</vcpu>
+  <os><type arch='x86_64' machine='pc'>hvm</type><boot dev='cdrom'/></os>
+  <on_poweroff>destroy</on_poweroff>
+  <on_reboot>destroy</on_reboot>
+  <on_crash>destroy</on_crash>
+  <devices>
+    {body}
+  </devices>
+</domain>
+"""
+
+
+# --------------------------------------------------------------------------------------------
+# Real daemons
+# --------------------------------------------------------------------------------------------
+
+
+class LibvirtDaemonError(RuntimeError):
+    """A daemon failed to start or to become ready; the message carries its log tails."""
+
+
+_REQUIRED_TOOLS = ("libvirtd", "virtlogd", "unshare", "taskset", "mount", "qemu-system-x86_64")
+_available_cache: tuple[bool, str] | None = None
+_available_lock = threading.Lock()
+
+
+def libvirtd_available() -> tuple[bool, str]:
+    """Whether :class:`LibvirtDaemon` can run here: ``(True, "")`` or ``(False, reason)``."""
+    global _available_cache
+    with _available_lock:
+        if _available_cache is None:
+            _available_cache = _check_available()
+        return _available_cache
+
+
+def _check_available() -> tuple[bool, str]:
+    if os.geteuid() != 0:
+        return False, "real libvirtd hosts need root (mount namespaces, QEMU as root)"
+    try:
+        _quiet_libvirt()
+    except ImportError as exc:
+        return False, f"libvirt-python is not installed ({exc})"
+    missing = [t for t in _REQUIRED_TOOLS if shutil.which(t) is None]
+    if missing:
+        return False, (
+            f"missing programs: {', '.join(missing)} (run hack/install-system-deps.sh)"
+        )
+    try:
+        import grp
+        import pwd
+
+        pwd.getpwnam("libvirt-qemu")
+        grp.getgrnam("libvirt-qemu")
+    except KeyError:
+        return False, "no libvirt-qemu user/group (run hack/install-system-deps.sh)"
+    try:
+        res = subprocess.run(
+            ["unshare", "--mount", "--propagation", "private", "true"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return False, f"unshare --mount failed: {exc}"
+    if res.returncode != 0:
+        return False, f"unshare --mount failed: {res.stderr.strip()}"
+    return True, ""
+
+
+_ports_lock = threading.Lock()
+_ports_given: set[int] = set()
+
+
+def _free_port() -> int:
+    with _ports_lock:
+        for _ in range(50):
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+                s.bind(("127.0.0.1", 0))
+                port = s.getsockname()[1]
+            if port not in _ports_given:
+                _ports_given.add(port)
+                return port
+    raise LibvirtDaemonError("no free TCP port found")
+
+
+def _tail(path: Path, lines: int = 40) -> str:
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return f"(no {path.name})"
+    return "\n".join(text.splitlines()[-lines:]) or f"({path.name} is empty)"
+
+
+def _pid_from_file(path: Path) -> int | None:
+    try:
+        return int(path.read_text().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            state = f.read().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state not in ("Z", "X")
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def _kill_and_wait(pid: int, timeout: float, first: int = signal.SIGTERM) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, first)
+    deadline = time.monotonic() + timeout
+    while _alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if _alive(pid):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 5
+        while _alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+
+
+class LibvirtDaemon:
+    """One real ``libvirtd`` (+ ``virtlogd``) on loopback TCP, in its own mount namespace.
+
+    Use as a context manager (or :meth:`start` / :meth:`stop`)::
+
+        with LibvirtDaemon(name="host-a") as d:
+            conn = libvirt.open(d.uri)   # qemu+tcp://127.0.0.1:PORT/system
+
+    Layout under :attr:`root`: ``etc/ run/ lib/ cache/ log/`` (bind-mounted over the
+    ``/etc/libvirt`` … ``/var/log/libvirt`` of the daemon's namespace), ``pool/`` (the dir
+    pool ``default``, defined, started and autostarted) and ``daemon.log`` (stdout/stderr of
+    the namespace script and libvirtd). libvirtd logs to ``log/libvirtd.log``, virtlogd to
+    ``log/virtlogd.log``, QEMU to ``log/qemu/<domain>.log``. The root and the pool are at
+    the same path inside and outside the namespace, so files placed there (ISOs, serial
+    logs) are visible to both.
+    """
+
+    def __init__(
+        self,
+        *,
+        name: str = "libvirtd",
+        root: str | os.PathLike[str] | None = None,
+        port: int | None = None,
+        ready_timeout: float = 30.0,
+        keep: bool | None = None,
+        cpu: str = "0",
+        log_level: int = 3,
+        share_qemu_caps: bool = True,
+    ) -> None:
+        self.name = name
+        self._root_given = root is not None
+        self.root = Path(root).resolve() if root else None  # created in start()
+        self.port = port
+        self.ready_timeout = ready_timeout
+        self.keep = (
+            keep if keep is not None else os.environ.get("LIBVIRT_OPERATOR_KEEP_HOSTS") == "1"
+        )
+        self.cpu = cpu
+        self.log_level = log_level
+        self.share_qemu_caps = share_qemu_caps
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.startup_seconds: float | None = None
+        self._daemon_log_fh: Any = None
+        self._spawned_at = 0.0
+
+    # ---- public properties -------------------------------------------------------------
+
+    @property
+    def uri(self) -> str:
+        if self.port is None:
+            raise LibvirtDaemonError("daemon not started")
+        return f"qemu+tcp://127.0.0.1:{self.port}/system"
+
+    @property
+    def pool_path(self) -> Path:
+        return self._root / "pool"
+
+    @property
+    def run_dir(self) -> Path:
+        return self._root / "run"
+
+    @property
+    def log_dir(self) -> Path:
+        return self._root / "log"
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc else None
+
+    @property
+    def virtlogd_pid(self) -> int | None:
+        return _pid_from_file(self.run_dir / "virtlogd.pid")
+
+    @property
+    def _root(self) -> Path:
+        if self.root is None:
+            raise LibvirtDaemonError("daemon not started")
+        return self.root
+
+    def connect(self) -> Any:
+        """A new ``libvirt.virConnect`` to this daemon (caller closes it)."""
+        return _quiet_libvirt().open(self.uri)
+
+    # ---- lifecycle ---------------------------------------------------------------------
+
+    def __enter__(self) -> LibvirtDaemon:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def start(self) -> LibvirtDaemon:
+        """Spawn and wait until ready (pool ``default`` included)."""
+        self.spawn()
+        self.wait_ready()
+        return self
+
+    def spawn(self) -> None:
+        """Write the config and launch the namespace script; does not wait."""
+        ok, reason = libvirtd_available()
+        if not ok:
+            raise LibvirtDaemonError(f"libvirtd cannot run here: {reason}")
+        if self.root is None:
+            self.root = Path(tempfile.mkdtemp(prefix=f"libvirtd-{self.name}-"))
+        for forbidden in BIND_DIRS.values():
+            if self.root == Path(forbidden) or Path(forbidden) in self.root.parents:
+                raise LibvirtDaemonError(f"root {self.root} must not be under {forbidden}")
+        if self.port is None:
+            self.port = _free_port()
+        self._write_config()
+        if self.share_qemu_caps:
+            self._import_qemu_caps()
+        self._launch()
+
+    # libvirtd probes QEMU (~8 s here) when its capabilities cache is empty or stale. The cache
+    # is valid for any daemon on the same machine with the same QEMU, libvirtd and CPU pinning
+    # (libvirt checks binary ctimes, kernel, microcode and CPUID itself and re-probes when it
+    # disagrees), so it is shared through the user cache: a seeded daemon is ready in ~0.2 s.
+    def _shared_caps_dir(self) -> Path:
+        base = os.environ.get("LIBVIRT_OPERATOR_CACHE") or str(
+            Path.home() / ".cache" / "libvirt-operator"
+        )
+        return Path(base) / "libvirtd-qemu-caps" / f"cpu{self.cpu.replace(',', '_')}"
+
+    def qemu_caps_cached(self) -> bool:
+        """Whether the shared QEMU capabilities cache has entries (a start will be fast)."""
+        return any(self._shared_caps_dir().glob("*.xml"))
+
+    def _import_qemu_caps(self) -> None:
+        src = self._shared_caps_dir()
+        dst = self._root / "cache" / "qemu" / "capabilities"
+        if not src.is_dir():
+            return
+        dst.mkdir(parents=True, exist_ok=True)
+        for f in src.glob("*.xml"):
+            if not (dst / f.name).exists():
+                with contextlib.suppress(OSError):
+                    shutil.copyfile(f, dst / f.name)
+                    os.chmod(dst / f.name, 0o600)
+
+    def _export_qemu_caps(self) -> None:
+        src = self._root / "cache" / "qemu" / "capabilities"
+        dst = self._shared_caps_dir()
+        try:
+            files = {f.name: f.read_bytes() for f in src.glob("*.xml")}
+            if not files:
+                return
+            dst.mkdir(parents=True, exist_ok=True)
+            for name, data in files.items():
+                target = dst / name
+                if target.is_file() and target.read_bytes() == data:
+                    continue
+                tmp = dst / f".{name}.{os.getpid()}.{threading.get_ident()}.tmp"
+                tmp.write_bytes(data)
+                os.replace(tmp, target)
+            for old in dst.glob("*.xml"):
+                if old.name not in files:
+                    old.unlink(missing_ok=True)
+        except OSError:
+            pass
+
+    def _write_config(self) -> None:
+        root = self._root
+        for sub in (*BIND_DIRS, "pool"):
+            (root / sub).mkdir(parents=True, exist_ok=True)
+        etc = root / "etc"
+        (etc / "libvirtd.conf").write_text(
+            f"""# generated by tests/harness/libvirt_hosts.py for {self.name}
+listen_tls = 0
+listen_tcp = 1
+listen_addr = "127.0.0.1"
+tcp_port = "{self.port}"
+auth_tcp = "none"
+auth_unix_rw = "none"
+auth_unix_ro = "none"
+log_outputs = "{self.log_level}:file:/var/log/libvirt/libvirtd.log"
+"""
+        )
+        (etc / "virtlogd.conf").write_text(
+            'log_outputs = "3:file:/var/log/libvirt/virtlogd.log"\n'
+        )
+        (etc / "qemu.conf").write_text(
+            """# generated by tests/harness/libvirt_hosts.py
+user = "root"
+group = "root"
+# cgroups are not namespaced: two hosts with a domain of the same name and id would share one.
+cgroup_controllers = [ ]
+"""
+        )
+
+    def _launch(self) -> None:
+        root = self._root
+        if self._daemon_log_fh is None:
+            self._daemon_log_fh = open(root / "daemon.log", "ab")  # noqa: SIM115
+        self._daemon_log_fh.write(f"--- start on port {self.port} ---\n".encode())
+        self._daemon_log_fh.flush()
+        cmd = [
+            "unshare", "--mount", "--propagation", "private", "--",
+            "taskset", "-c", self.cpu,
+            "bash", str(NAMESPACE_SCRIPT), str(root),
+        ]  # fmt: skip
+        self._spawned_at = time.monotonic()
+        self.proc = subprocess.Popen(
+            cmd,
+            stdin=subprocess.DEVNULL,
+            stdout=self._daemon_log_fh,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            close_fds=True,
+        )
+
+    def _failure(self, what: str) -> LibvirtDaemonError:
+        root = self._root
+        return LibvirtDaemonError(
+            f"libvirtd {self.name!r} (root {root}, port {self.port}): {what}\n"
+            f"--- daemon.log ---\n{_tail(root / 'daemon.log')}\n"
+            f"--- log/libvirtd.log ---\n{_tail(root / 'log' / 'libvirtd.log')}\n"
+            f"--- log/virtlogd.log ---\n{_tail(root / 'log' / 'virtlogd.log', 10)}"
+        )
+
+    def wait_ready(self, timeout: float | None = None) -> None:
+        """Poll ``getCapabilities()`` until it answers, then set up the pool ``default``.
+
+        Retries once on a new port when the first one was taken meanwhile. Raises
+        :class:`LibvirtDaemonError` with the log tails on failure (and stops the daemon).
+        """
+        libvirt = _quiet_libvirt()
+        timeout = self.ready_timeout if timeout is None else timeout
+        attempts = 0
+        while True:
+            deadline = self._spawned_at + timeout
+            last_err = "no attempt"
+            while time.monotonic() < deadline:
+                assert self.proc is not None
+                if self.proc.poll() is not None:
+                    break
+                try:
+                    conn = libvirt.open(self.uri)
+                    try:
+                        conn.getCapabilities()
+                    finally:
+                        conn.close()
+                except libvirt.libvirtError as exc:
+                    last_err = str(exc)
+                    time.sleep(0.05)
+                    continue
+                self.startup_seconds = time.monotonic() - self._spawned_at
+                if self.share_qemu_caps:
+                    self._export_qemu_caps()
+                try:
+                    self._setup_pool()
+                except libvirt.libvirtError as exc:
+                    err = self._failure(f"setting up pool 'default' failed: {exc}")
+                    self.stop()
+                    raise err from exc
+                return
+            exited = self.proc is not None and self.proc.poll() is not None
+            log = _tail(self._root / "daemon.log", 200) + _tail(
+                self._root / "log" / "libvirtd.log", 200
+            )
+            if exited and "Address already in use" in log and attempts < 2:
+                attempts += 1
+                self._kill_processes()
+                self.port = _free_port()
+                self._write_config()
+                self._launch()
+                continue
+            what = (
+                f"exited with code {self.proc.returncode}"
+                if exited and self.proc is not None
+                else f"not ready after {timeout:.0f}s (last error: {last_err})"
+            )
+            err = self._failure(what)
+            self.stop()
+            raise err
+
+    def _setup_pool(self) -> None:
+        libvirt = _quiet_libvirt()
+        conn = libvirt.open(self.uri)
+        try:
+            try:
+                pool = conn.storagePoolLookupByName("default")
+            except libvirt.libvirtError:
+                pool = conn.storagePoolDefineXML(
+                    f"<pool type='dir'><name>default</name>"
+                    f"<target><path>{escape(str(self.pool_path))}</path></target></pool>",
+                    0,
+                )
+            if not pool.isActive():
+                pool.create(0)
+            pool.setAutostart(1)
+        finally:
+            conn.close()
+
+    def stop(self) -> None:
+        """Destroy and undefine all domains, stop QEMU, libvirtd, virtlogd; remove the root."""
+        if self.proc is None and self.root is None:
+            return
+        try:
+            if self.proc is not None and self.proc.poll() is None:
+                self._destroy_domains()
+            self._kill_processes()
+        finally:
+            if self._daemon_log_fh is not None:
+                self._daemon_log_fh.close()
+                self._daemon_log_fh = None
+            self.proc = None
+            if self.root is not None and not self.keep:
+                shutil.rmtree(self.root, ignore_errors=True)
+                if not self._root_given:
+                    self.root = None
+
+    def _destroy_domains(self) -> None:
+        libvirt = _quiet_libvirt()
+        try:
+            conn = libvirt.open(self.uri)
+        except libvirt.libvirtError:
+            return
+        flags = (
+            libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE
+            | libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA
+            | libvirt.VIR_DOMAIN_UNDEFINE_NVRAM
+            | getattr(libvirt, "VIR_DOMAIN_UNDEFINE_CHECKPOINTS_METADATA", 0)
+        )
+        try:
+            for dom in conn.listAllDomains():
+                with contextlib.suppress(libvirt.libvirtError):
+                    if dom.isActive():
+                        dom.destroy()
+                with contextlib.suppress(libvirt.libvirtError):
+                    if dom.isPersistent():
+                        try:
+                            dom.undefineFlags(flags)
+                        except libvirt.libvirtError:
+                            dom.undefine()
+        finally:
+            with contextlib.suppress(libvirt.libvirtError):
+                conn.close()
+
+    def _qemu_pids(self) -> list[int]:
+        pids = []
+        for pidfile in (self.run_dir / "qemu").glob("*.pid"):
+            pid = _pid_from_file(pidfile)
+            if pid and _alive(pid) and "qemu" in _cmdline(pid):
+                pids.append(pid)
+        return pids
+
+    def _kill_processes(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        if self.root is None:
+            return
+        for pid in self._qemu_pids():
+            _kill_and_wait(pid, 5)
+        vpid = self.virtlogd_pid
+        if vpid and _alive(vpid) and "virtlogd" in _cmdline(vpid):
+            _kill_and_wait(vpid, 5)
+        for stale in ("virtlogd.pid", "libvirtd.pid"):
+            with contextlib.suppress(OSError):
+                (self.run_dir / stale).unlink()
+
+    def __repr__(self) -> str:
+        return f"LibvirtDaemon(name={self.name!r}, uri={self.port and self.uri!r}, root={self.root})"
+
+
+def start_all(daemons: Sequence[LibvirtDaemon]) -> None:
+    """Start several daemons concurrently: spawn all, then wait for each.
+
+    With a cold QEMU capabilities cache the first daemon is started alone (its ~8 s probe
+    fills the shared cache; probes running side by side on the pinned CPU only queue up),
+    then the rest start from the cache. On failure the daemons already started are stopped.
+    """
+    try:
+        rest = list(daemons)
+        if rest and rest[0].share_qemu_caps and not rest[0].qemu_caps_cached():
+            rest.pop(0).start()
+        for d in rest:
+            d.spawn()
+        for d in rest:
+            d.wait_ready()
+    except BaseException:
+        for d in daemons:
+            with contextlib.suppress(Exception):
+                d.stop()
+        raise
+
+
+def start_daemons(
+    count: int, *, names: Sequence[str] | None = None, **kwargs: Any
+) -> list[LibvirtDaemon]:
+    """Create and start ``count`` daemons concurrently (see :func:`start_all`)."""
+    names = list(names) if names else [f"host{i}" for i in range(count)]
+    daemons = [LibvirtDaemon(name=n, **kwargs) for n in names[:count]]
+    start_all(daemons)
+    return daemons
