@@ -1,0 +1,151 @@
+"""The embedded default: a local control plane, a local libvirt host, the samples and the operator.
+
+It reuses the test harness (tests/harness) that starts the same real parts for the test suite, so
+it needs a source checkout: `make run` from the repository.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import http.server
+import os
+import pathlib
+import string
+import sys
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import yaml
+
+
+def _repo_root() -> pathlib.Path:
+    for parent in pathlib.Path(__file__).resolve().parents:
+        if (parent / "hack" / "ensure-controlplane.sh").exists() and (parent / "tests" / "harness").is_dir():
+            return parent
+    raise SystemExit("`libvirt-operator dev` needs a source checkout (it reuses tests/harness): run `make run` there")
+
+
+def _say(text: str) -> None:
+    print(f"\033[1m==> {text}\033[0m" if sys.stdout.isatty() else f"==> {text}", flush=True)
+
+
+@contextlib.contextmanager
+def _serve_directory(directory: pathlib.Path) -> Iterator[str]:
+    handler = lambda *a, **kw: http.server.SimpleHTTPRequestHandler(*a, directory=str(directory), **kw)  # noqa: E731
+    http.server.SimpleHTTPRequestHandler.log_message = lambda *a, **kw: None  # type: ignore[method-assign]
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+
+
+def _render(path: pathlib.Path, values: dict[str, str]) -> dict[str, Any]:
+    return yaml.safe_load(string.Template(path.read_text()).substitute(values))
+
+
+def _apply_samples(kubeconfig: pathlib.Path, samples: list[dict[str, Any]]) -> None:
+    from kubernetes import client, config
+    from kubernetes.client.exceptions import ApiException
+
+    api = config.new_client_from_config(config_file=str(kubeconfig))
+    custom = client.CustomObjectsApi(api)
+    for doc in samples:
+        group, version = doc["apiVersion"].split("/")
+        plural = doc["kind"].lower() + "s"
+        ns = doc["metadata"].get("namespace")
+        try:
+            if ns:
+                custom.create_namespaced_custom_object(group, version, ns, plural, doc)
+            else:
+                custom.create_cluster_custom_object(group, version, plural, doc)
+        except ApiException as err:
+            if err.status != 409:  # already there from an earlier run
+                raise
+        print(f"    {doc['kind']}/{doc['metadata']['name']}")
+
+
+def run_dev(workdir: pathlib.Path, libvirt_mode: str, metrics_port: int) -> int:
+    root = _repo_root()
+    sys.path.insert(0, str(root))
+    from tests.harness.controlplane import ControlPlane
+    from tests.harness.kube import Kube
+    from tests.harness.libvirt_hosts import LibvirtDaemon, libvirtd_available, write_test_host
+
+    from ..core.logs import configure
+    from .operator_main import OperatorOptions, run_blocking
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    configure("console", "INFO")
+    with contextlib.ExitStack() as stack:
+        _say("starting the local control plane (etcd + kube-apiserver; the first run builds them from Go modules)")
+        cp = stack.enter_context(ControlPlane(workdir / "controlplane"))
+        kubeconfig = cp.kubeconfig_path
+        os.environ["KUBECONFIG"] = str(kubeconfig)
+        kube = Kube(kubeconfig)
+        kube.apply_crds(root / "crds")
+
+        use_daemon = libvirt_mode == "daemon"
+        if libvirt_mode == "auto":
+            use_daemon, why = libvirtd_available()
+            if not use_daemon:
+                _say(f"no real libvirtd here ({why}); using libvirt's test driver instead")
+        values = {"LIBVIRT_INSECURE": "true"}
+        samples_dir = root / "manifests" / "examples"
+        sample_files = ["libvirthost.yaml", "vm-blank.yaml"]
+        if use_daemon:
+            _say("starting a local libvirtd (QEMU/TCG) on loopback")
+            daemon = stack.enter_context(LibvirtDaemon(name="local", root=workdir / "libvirt"))
+            values["LIBVIRT_URI"] = daemon.uri
+            iso = _build_boot_iso(root, workdir)
+            if iso is not None:
+                url = stack.enter_context(_serve_directory(iso.parent))
+                values["ISO_URL"] = f"{url}/{iso.name}"
+                values["ISO_CHECKSUM"] = "sha256:" + hashlib.sha256(iso.read_bytes()).hexdigest()
+                sample_files += ["isoimage.yaml", "vm-from-iso.yaml"]
+        else:
+            values["LIBVIRT_URI"] = write_test_host(workdir / "test-host.xml", name="local", cpus=8, memory_mib=16384)
+
+        _build_knowledge_base()
+        _say("creating the sample resources from manifests/examples/")
+        _apply_samples(kubeconfig, [_render(samples_dir / f, values) for f in sample_files])
+
+        _say(f"export KUBECONFIG={kubeconfig}")
+        _say("kubectl get libvirthosts,virtualmachines,isoimages -A")
+        if metrics_port:
+            _say(f"metrics: curl http://127.0.0.1:{metrics_port}/metrics")
+        _say("running the operator in the foreground; Ctrl-C stops everything")
+        try:
+            run_blocking(OperatorOptions(metrics_port=metrics_port, metrics_address="127.0.0.1",
+                                         liveness_port=0, log_format="console"))
+        except KeyboardInterrupt:
+            pass
+        _say("stopping: operator stopped; removing local domains, libvirtd and the control plane")
+    return 0
+
+
+def _build_boot_iso(root: pathlib.Path, workdir: pathlib.Path) -> pathlib.Path | None:
+    try:
+        from tests.harness.test_iso import build_test_iso
+
+        path, _markers = build_test_iso(workdir / "iso")
+        return pathlib.Path(path)
+    except Exception as err:  # the ISO sample is optional: the VM sample still runs
+        _say(f"skipping the ISO sample: cannot build the test ISO ({err})")
+        return None
+
+
+def _build_knowledge_base() -> None:
+    try:
+        from ..adapters.rag import build_index, default_paths
+    except ImportError:
+        _say("knowledge base skipped (install the rag extra for runbook links in status)")
+        return
+    _say("indexing the runbooks in rag/ into the knowledge base (incremental)")
+    rag_dir, db_dir = default_paths()
+    stats = build_index(rag_dir, db_dir)
+    print(f"    {stats}")
