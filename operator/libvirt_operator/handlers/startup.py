@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import os
 from typing import Any
 
@@ -10,7 +9,7 @@ import kopf
 
 from ..adapters.kube import KubeClient
 from ..adapters.libvirt import HostPool
-from ..adapters.libvirt.events import register_event_loop
+from ..adapters.libvirt.events import ensure_event_thread
 from ..core.api.common import FINALIZER, GROUP
 from ..core.logs import get_logger
 from ..core.settings import Settings
@@ -45,7 +44,7 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
     settings.watching.server_timeout = 300
     settings.watching.client_timeout = 330
     settings.queueing.worker_limit = int(os.environ.get("LIBVIRT_OPERATOR_WORKER_LIMIT", "200"))
-    register_event_loop(asyncio.get_running_loop())
+    ensure_event_thread()
     op_settings: Settings = memo.get("settings") or Settings()
     kube = await KubeClient.create(os.environ.get("KUBECONFIG"))
     remediator = None
@@ -55,6 +54,8 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
             remediator = KnowledgeBase.from_settings(op_settings)
         except ImportError as err:
             log.warning("knowledge base disabled: the rag extra is not installed", error=str(err))
+        except Exception as err:  # a broken knowledge base never stops the operator
+            log.error("knowledge base unavailable; using fixed runbook links", error=str(err))
     global _current_memo
     _current_memo = memo
     memo[RUNTIME_KEY] = Runtime(settings=op_settings, pool=HostPool(), kube=kube, remediator=remediator)
