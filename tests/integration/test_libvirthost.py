@@ -76,3 +76,20 @@ def test_reconcile_metrics_use_controller_runtime_names(kube, operator, test_hos
     assert "controller_runtime_reconcile_errors_total" in text
     assert f'libvirt_operator_libvirt_call_duration_seconds_count{{host="{name}",operation="probe"}}' in text
     kube.delete("libvirthosts", name)
+
+
+def test_dropped_connection_is_detected_and_reopened(kube, operator, libvirtd_factory) -> None:
+    from tests.harness.libvirt_hosts import LibvirtDaemon
+
+    daemon = libvirtd_factory("flaky")
+    name = _host_name("flaky")
+    kube.create("libvirthosts", {"metadata": {"name": name},
+                                 "spec": {"uri": daemon.uri, "insecure": True, "probeIntervalSeconds": 5}})
+    kube.wait_condition("libvirthosts", name, "Ready", "True", timeout=60)
+    port, root = daemon.port, daemon.root
+    daemon.stop()
+    host = kube.wait_condition("libvirthosts", name, "Ready", "False", timeout=60)
+    assert condition(host, "Ready")["reason"] in ("HostUnreachable", "LibvirtTimeout")
+    with LibvirtDaemon(name="flaky-again", root=root, port=port):
+        kube.wait_condition("libvirthosts", name, "Ready", "True", timeout=60)
+    kube.delete("libvirthosts", name)

@@ -140,6 +140,8 @@ def _build_boot_iso(root: pathlib.Path, workdir: pathlib.Path) -> pathlib.Path |
 
 
 def _build_knowledge_base() -> None:
+    if os.environ.get("LIBVIRT_OPERATOR_SKIP_RAG_INDEX") == "1":
+        return
     try:
         from ..adapters.rag import build_index, default_paths
     except ImportError:
