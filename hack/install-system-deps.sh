@@ -34,7 +34,7 @@ PACKAGES=(
 
 if [ "$(id -u)" -ne 0 ]; then
     if command -v sudo >/dev/null 2>&1; then
-        exec sudo -n -- "$0" "$@"
+        exec sudo -n -- bash "$0" "$@"
     fi
     echo "install-system-deps: must run as root (and sudo is not available)" >&2
     exit 1

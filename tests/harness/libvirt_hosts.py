@@ -6,9 +6,10 @@ Two kinds:
   file opened as ``test:///abs/path.xml``. In-process, no daemon, calls take < 1 ms.
   Facts verified with libvirt 9.0 / libvirt-python 12.8 (see ``tests/integration``):
 
-  - ``getInfo()`` returns ``[arch, memory_mib, cpus, mhz, nodes, sockets, cores, threads]``
-    straight from the file (``<memory>`` is in KiB; ``cpus`` is ``<active>``), but the model is
-    always reported as ``x86_64``-ish text from the file, the capabilities say ``i686``.
+  - ``getInfo()`` returns ``[model, memory_mib, cpus, mhz, nodes, sockets, cores, threads]``
+    straight from the file (``<memory>`` is in KiB, reported in MiB; ``cpus`` is ``<active>``;
+    ``[0]`` is the file's ``<model>`` text, ``x86_64`` here), while the capabilities say
+    ``i686`` whatever the file says.
   - ``getCapabilities()`` is a fixed document: host arch ``i686``, secmodel ``testSecurity``,
     two guests (``hvm`` and ``xen``) that each offer **only** ``<domain type='test'/>`` — no
     ``qemu``/``kvm``. ``getDomainCapabilities()`` is not supported (VIR_ERR_NO_SUPPORT).
@@ -22,7 +23,12 @@ Two kinds:
 * **Real daemons** (:class:`LibvirtDaemon`): ``libvirtd`` + its own ``virtlogd`` with QEMU (TCG),
   each in a private mount namespace with its state under its own directory, listening on
   ``qemu+tcp://127.0.0.1:PORT/system``. Needs root, ``unshare``, ``taskset`` and the Debian
-  packages installed by ``hack/install-system-deps.sh``.
+  packages installed by ``hack/install-system-deps.sh``. On these machines such a daemon
+  advertises both ``qemu`` and ``kvm`` in ``getCapabilities()`` and answers
+  ``getDomainCapabilities(virttype='kvm')`` (``/dev/kvm`` exists), yet a KVM guest dies at
+  start (no vmx/svm): capabilities alone do not prove KVM works; use ``type='qemu'`` here.
+  A daemon is ready ~8 s after launch the first time (QEMU capability probe), ~0.2-0.3 s
+  once the probe result is cached (shared under ``$LIBVIRT_OPERATOR_CACHE``, see below).
 """
 
 from __future__ import annotations
@@ -329,6 +335,52 @@ def _cmdline(pid: int) -> str:
         return ""
 
 
+def _listening_inodes(port: int) -> set[str]:
+    """Socket inodes listening on ``port`` (IPv4/IPv6, this network namespace)."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            if len(fields) > 9 and fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:
+                inodes.add(fields[9])
+    return inodes
+
+
+def _owns_listening_port(pid: int, port: int) -> bool | None:
+    """True if ``pid`` listens on ``port``, False if another process does, None if nobody."""
+    inodes = _listening_inodes(port)
+    if not inodes:
+        return None
+    try:
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return False
+    for fd in fds:
+        try:
+            link = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if link.startswith("socket:[") and link[8:-1] in inodes:
+            return True
+    return False
+
+
+def _pids_in_mount_ns(ns: str) -> list[int]:
+    pids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                if os.readlink(f"/proc/{entry}/ns/mnt") == ns:
+                    pids.append(int(entry))
+            except OSError:
+                continue
+    return [p for p in pids if _alive(p)]
+
+
 def _kill_and_wait(pid: int, timeout: float, first: int = signal.SIGTERM) -> None:
     with contextlib.suppress(ProcessLookupError):
         os.kill(pid, first)
@@ -386,6 +438,7 @@ class LibvirtDaemon:
         self.proc: subprocess.Popen[bytes] | None = None
         self.startup_seconds: float | None = None
         self._daemon_log_fh: Any = None
+        self._mnt_ns: str | None = None
         self._spawned_at = 0.0
 
     # ---- public properties -------------------------------------------------------------
@@ -580,6 +633,12 @@ cgroup_controllers = [ ]
                 assert self.proc is not None
                 if self.proc.poll() is not None:
                     break
+                # Only talk to the port once our libvirtd listens on it: a client connecting
+                # to someone else's listener could block forever.
+                if not _owns_listening_port(self.proc.pid, self.port or 0):
+                    last_err = f"libvirtd not (yet) listening on port {self.port}"
+                    time.sleep(0.05)
+                    continue
                 try:
                     conn = libvirt.open(self.uri)
                     try:
@@ -591,6 +650,8 @@ cgroup_controllers = [ ]
                     time.sleep(0.05)
                     continue
                 self.startup_seconds = time.monotonic() - self._spawned_at
+                with contextlib.suppress(OSError):
+                    self._mnt_ns = os.readlink(f"/proc/{self.proc.pid}/ns/mnt")
                 if self.share_qemu_caps:
                     self._export_qemu_caps()
                 try:
@@ -707,6 +768,16 @@ cgroup_controllers = [ ]
         vpid = self.virtlogd_pid
         if vpid and _alive(vpid) and "virtlogd" in _cmdline(vpid):
             _kill_and_wait(vpid, 5)
+        # Last sweep: whatever still lives in the host's private mount namespace (the script's
+        # watchdog exits within 0.5 s of libvirtd) is ours; once it is empty, the namespace and
+        # its bind mounts are gone.
+        if self._mnt_ns and self._mnt_ns != os.readlink("/proc/self/ns/mnt"):
+            deadline = time.monotonic() + 3
+            while _pids_in_mount_ns(self._mnt_ns) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            for pid in _pids_in_mount_ns(self._mnt_ns):
+                _kill_and_wait(pid, 2, signal.SIGKILL)
+            self._mnt_ns = None
         for stale in ("virtlogd.pid", "libvirtd.pid"):
             with contextlib.suppress(OSError):
                 (self.run_dir / stale).unlink()

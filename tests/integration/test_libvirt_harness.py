@@ -4,11 +4,10 @@ test ISO and prints both markers on its serial log."""
 
 from __future__ import annotations
 
+import os
 import re
 import time
 from pathlib import Path
-
-import pytest
 
 from tests.harness.libvirt_hosts import LibvirtDaemon, boot_domain_xml
 
@@ -186,7 +185,19 @@ def test_daemon_exit_tears_everything_down(tmp_path: Path, libvirtd_factory) -> 
         qemu_pid = int((d.run_dir / "qemu" / "left-running.pid").read_text())
         libvirtd_pid, virtlogd_pid = d.pid, d.virtlogd_pid
         assert libvirtd_pid and virtlogd_pid
+        host_ns = os.readlink(f"/proc/{libvirtd_pid}/ns/mnt")
+        assert host_ns != os.readlink("/proc/self/ns/mnt")
     for pid in (qemu_pid, libvirtd_pid, virtlogd_pid):
         assert _gone(pid), pid
+    # Nothing is left in the host's mount namespace, so it (and its bind mounts) is gone.
+    left = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and not _gone(int(entry.name)):
+            try:
+                if os.readlink(entry / "ns" / "mnt") == host_ns:
+                    left.append(int(entry.name))
+            except OSError:
+                pass
+    assert left == []
     assert not root.exists()
     assert str(root) not in Path("/proc/self/mountinfo").read_text()

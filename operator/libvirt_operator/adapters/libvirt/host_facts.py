@@ -27,8 +27,16 @@ def _version(number: int) -> str:
 
 
 def domain_types_from_capabilities(caps_xml: str) -> tuple[str, ...]:
+    """Domain types the host can really run. libvirt lists kvm whenever /dev/kvm exists, even where
+    the CPU lacks hardware virtualisation (a VM without nested virtualisation): on x86 kvm counts
+    only when the host CPU shows vmx or svm."""
     root = ET.fromstring(caps_xml)
     found = {d.get("type") for d in root.iterfind("./guest/arch/domain") if d.get("type")}
+    cpu = root.find("./host/cpu")
+    if cpu is not None and (cpu.findtext("arch") or "") in ("x86_64", "i686"):
+        features = {f.get("name") for f in cpu.iterfind("feature")}
+        if not features & {"vmx", "svm"}:
+            found.discard("kvm")
     order = ("kvm", "qemu", "test")
     return tuple(t for t in order if t in found)
 
