@@ -61,8 +61,8 @@ fi
 mkdir -p "${cache_root}"
 # Serialise concurrent builders (e.g. parallel test workers); re-check after locking.
 exec 9>"${cache_root}/.lock"
-if command -v flock >/dev/null 2>&1; then
-  echo "ensure-controlplane: waiting for build lock ${cache_root}/.lock" >&2
+if command -v flock >/dev/null 2>&1 && ! flock -n 9; then
+  echo "ensure-controlplane: another build is running; waiting for ${cache_root}/.lock" >&2
   flock 9
 fi
 if have_binaries; then
