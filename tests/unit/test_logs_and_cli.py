@@ -13,7 +13,16 @@ from libvirt_operator.core.errors import AppError, ErrorCode, redact
 from libvirt_operator.core.logs import configure
 
 
-def test_json_logs_carry_the_resource_of_kopf_records(capsys) -> None:
+@pytest.fixture
+def restore_logging():
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
+
+
+def test_json_logs_carry_the_resource_of_kopf_records(capsys, restore_logging) -> None:
     configure("json", "INFO")
     logger = logging.getLogger("kopf.objects")
     logger.info("Handler succeeded", extra={"k8s_ref": {"kind": "VirtualMachine", "namespace": "prod", "name": "db"}})

@@ -103,11 +103,12 @@ def redact(text: str) -> str:
 
 
 def safe_context(context: Mapping[str, Any]) -> dict[str, str]:
-    """Context fit for status: string values, secrets dropped, URLs without credentials."""
+    """Context fit for status: string values, secrets dropped, URLs without credentials.
+    Keys ending in `Ref` name an object (e.g. secretRef: ns/name), never its content, and stay."""
     return {
         str(k): redact(str(v))[:256]
         for k, v in context.items()
-        if v is not None and not _SECRET_KEY.search(str(k))
+        if v is not None and (str(k).endswith("Ref") or not _SECRET_KEY.search(str(k)))
     }
 
 
@@ -143,3 +144,7 @@ class AppError(Exception):
 
     def __repr__(self) -> str:
         return f"AppError({self.code.value}, {self.message!r})"
+
+
+class OperationAborted(Exception):
+    """A long transfer stopped on request (the resource is being deleted, the operator is exiting)."""

@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 from typing import Any
 
+import asyncio
+
 import kopf
 
 from ..adapters.kube import KubeClient
@@ -52,6 +54,9 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
         try:
             from ..adapters.rag import KnowledgeBase  # the extra may be absent
             remediator = KnowledgeBase.from_settings(op_settings)
+            # Load the model and open the index now, in a worker thread, so the first failing
+            # reconcile does not pay for it; failures only mark the knowledge base unhealthy.
+            memo["kb_warmup"] = asyncio.create_task(remediator.warm_up())
         except ImportError as err:
             log.warning("knowledge base disabled: the rag extra is not installed", error=str(err))
         except Exception as err:  # a broken knowledge base never stops the operator
@@ -59,6 +64,18 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
     global _current_memo
     _current_memo = memo
     memo[RUNTIME_KEY] = Runtime(settings=op_settings, pool=HostPool(), kube=kube, remediator=remediator)
+
+
+@kopf.on.probe(id="knowledgeBase")
+def knowledge_base_health(memo: kopf.Memo, **_: Any) -> dict[str, Any]:
+    """Shown in /healthz: DATABASE_ERROR when runbook links fall back to fixed per-code links."""
+    rt: Runtime | None = memo.get(RUNTIME_KEY)
+    kb = rt.remediator if rt else None
+    if kb is None:
+        return {"enabled": False}
+    if kb.healthy:
+        return {"enabled": True, "healthy": True}
+    return {"enabled": True, "healthy": False, "code": "DATABASE_ERROR", "error": str(kb.last_error or "")[:200]}
 
 
 @kopf.on.cleanup()

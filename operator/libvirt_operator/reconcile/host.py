@@ -34,7 +34,7 @@ async def connect_options(spec: LibvirtHostSpec, rt: Runtime) -> ConnectOptions:
         if data is None:
             raise AppError(ErrorCode.CREDENTIALS_NOT_FOUND,
                            f"Secret {ref.namespace}/{ref.name} named by credentialsSecretRef does not exist",
-                           {"secret": f"{ref.namespace}/{ref.name}"})
+                           {"secretRef": f"{ref.namespace}/{ref.name}"})
         credentials = data
     return ConnectOptions(uri=spec.uri, max_concurrent_calls=spec.max_concurrent_calls,
                           credentials=credentials, call_timeout=rt.settings.libvirt_call_timeout)

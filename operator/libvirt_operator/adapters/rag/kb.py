@@ -1,0 +1,286 @@
+"""KnowledgeBase: runbook links for a classified error, safe to call from a reconcile.
+
+* Lazy: nothing heavy is imported or loaded until the first lookup, and then in a worker thread
+  (``asyncio.to_thread``), never on the event loop. Lookups from one event loop are serialised by
+  an asyncio lock, so the model loads once and a burst of failing VMs occupies one worker thread,
+  not the whole default executor; a threading lock does the same for synchronous callers.
+* Cached per (code, normalised message, limit): digits, UUIDs, hex ids and paths are stripped, so
+  "VM web-1 on kvm-01 ..." and "VM web-2 on kvm-07 ..." share an entry.
+* Never raises (except cancellation): on any failure (no index, LanceDB error, model missing, the
+  rag extra not installed) it returns the fixed runbook link for the code, sets ``healthy=False``
+  and ``last_error``, and retries the index only after ``retry_after`` seconds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import dataclasses
+import logging
+import re
+import threading
+import time
+import weakref
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+from libvirt_operator.adapters.rag.settings import DEFAULT_BASE_URL, RagSettings
+from libvirt_operator.core.errors import CATALOG, ErrorCode, redact
+from libvirt_operator.core.metrics import KNOWLEDGE_BASE_HEALTHY
+
+__all__ = [
+    "KnowledgeBase",
+    "Remediation",
+    "fallback_path",
+    "fallback_remediation",
+    "normalise_message",
+]
+
+# stdlib logging: the operator routes it through structlog (core.logs); a bare CLI gets stderr.
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class Remediation:
+    title: str
+    url: str
+    score: float
+    codes: tuple[str, ...] = ()
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"title": self.title, "url": self.url, "score": self.score, "codes": list(self.codes)}
+
+    def as_status(self) -> dict[str, Any]:
+        """The shape of ``status.error.remediation[]``."""
+        return {"title": self.title, "url": self.url, "score": self.score}
+
+
+def _coerce_code(code: Any) -> ErrorCode:
+    try:
+        return ErrorCode(getattr(code, "value", code))
+    except ValueError:
+        return ErrorCode.LIBVIRT_ERROR
+
+
+def fallback_path(code: ErrorCode | str) -> str:
+    """The runbook every code has: ``runbooks/<code in kebab case>.md``."""
+    return f"runbooks/{_coerce_code(code).value.lower().replace('_', '-')}.md"
+
+
+def fallback_remediation(code: ErrorCode | str, base_url: str = DEFAULT_BASE_URL) -> Remediation:
+    c = _coerce_code(code)
+    return Remediation(
+        title=f"{c.value}: {CATALOG[c].summary}",
+        url=f"{base_url.rstrip('/')}/{fallback_path(c)}",
+        score=0.0,
+        codes=(c.value,),
+    )
+
+
+_UUID = re.compile(r"\b[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}\b", re.I)
+_HEX = re.compile(r"\b(0x)?[0-9a-f]*\d[0-9a-f]*[a-f][0-9a-f]*\b|\b[0-9a-f]*[a-f][0-9a-f]*\d[0-9a-f]*\b", re.I)
+_PATH = re.compile(r"(?<![\w.])(~|\.{1,2})?/[^\s'\",;:)]*")
+_DIGITS = re.compile(r"\d+")
+_SPACE = re.compile(r"\s+")
+
+
+def normalise_message(message: str) -> str:
+    """Cache key text: lower case, UUIDs/paths/hex ids/digits stripped, whitespace collapsed."""
+    s = redact(message or "").lower()
+    s = _UUID.sub(" ", s)
+    s = _PATH.sub(" ", s)
+    s = _HEX.sub(lambda m: m.group(0) if len(m.group(0)) < 8 else " ", s)
+    s = _DIGITS.sub("", s)
+    return _SPACE.sub(" ", s).strip()[:500]
+
+
+class KnowledgeBase:
+    """Remediation links for errors, from the runbook index (see module docstring)."""
+
+    def __init__(
+        self,
+        db_dir: str | Path | None = None,
+        *,
+        base_url: str | None = None,
+        settings: RagSettings | None = None,
+        cache_size: int = 1024,
+        retry_after: float = 300.0,
+        index_factory: Callable[[Path], Any] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.settings = settings or RagSettings.from_env(db_dir=db_dir, base_url=base_url)
+        self.retry_after = retry_after
+        self._index_factory = index_factory
+        self._clock = clock
+        self._index: Any = None
+        self._lock = threading.Lock()  # blocking side: open/load once, one search at a time
+        self._cache: collections.OrderedDict[tuple[str, str, int], tuple[Remediation, ...]] = (
+            collections.OrderedDict())
+        self._cache_size = cache_size
+        self._cache_lock = threading.Lock()
+        self._async_locks: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Lock] = (
+            weakref.WeakKeyDictionary())
+        self._retry_at = 0.0
+        self.healthy = True  # until something fails; see .loaded for "has answered once"
+        self.last_error: str | None = None
+        self.loaded = False
+        self.hits = 0
+        self.misses = 0
+
+    @classmethod
+    def from_settings(cls, settings: Any, **kwargs: Any) -> KnowledgeBase:
+        """From the operator's core.settings.Settings (duck-typed): ``remediation_base_url`` and,
+        if present, ``rag_db_dir``; the rest from the environment (see adapters.rag.settings)."""
+        return cls(
+            db_dir=getattr(settings, "rag_db_dir", None),
+            base_url=getattr(settings, "remediation_base_url", None),
+            **kwargs,
+        )
+
+    # -- public -----------------------------------------------------------------------------
+
+    @property
+    def base_url(self) -> str:
+        return self.settings.base_url
+
+    def fallback(self, code: ErrorCode | str) -> list[Remediation]:
+        return [fallback_remediation(code, self.base_url)]
+
+    async def remediation(self, code: ErrorCode | str, message: str, limit: int = 3) -> list[Remediation]:
+        """Best runbook links for this error; never raises (the fallback link on any failure)."""
+        try:
+            c = _coerce_code(code)
+            key = self._key(c, message, limit)
+            cached = self._cache_get(key)
+            if cached is not None:
+                return cached
+            if not self._may_try():
+                return self.fallback(c)
+            async with self._async_lock():
+                cached = self._cache_get(key)  # filled while we waited?
+                if cached is not None:
+                    return cached
+                return await asyncio.to_thread(self._lookup, c, message, limit, key)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - must never break a reconcile
+            self._mark_unhealthy(exc)
+            return self.fallback(code)
+
+    def remediation_sync(self, code: ErrorCode | str, message: str, limit: int = 3) -> list[Remediation]:
+        """Blocking variant for the CLI and threads; never raises."""
+        try:
+            c = _coerce_code(code)
+            key = self._key(c, message, limit)
+            cached = self._cache_get(key)
+            if cached is not None:
+                return cached
+            if not self._may_try():
+                return self.fallback(c)
+            return self._lookup(c, message, limit, key)
+        except Exception as exc:  # noqa: BLE001
+            self._mark_unhealthy(exc)
+            return self.fallback(code)
+
+    async def warm_up(self) -> bool:
+        """Open the index and load the model in a worker thread; returns healthy."""
+        try:
+            await asyncio.to_thread(self._ensure_index)
+            self._mark_healthy()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001
+            self._mark_unhealthy(exc)
+        return self.healthy
+
+    def search(self, query: str, limit: int = 5, codes: Iterable[Any] | None = None, **kw: Any) -> list[Any]:
+        """Blocking document search (raises on failure; for the CLI and benchmarks)."""
+        with self._lock:
+            return list(self._ensure_index().search(query, limit, codes, **kw))
+
+    def cache_clear(self) -> None:
+        with self._cache_lock:
+            self._cache.clear()
+
+    # -- internals --------------------------------------------------------------------------
+
+    def _async_lock(self) -> asyncio.Lock:
+        loop = asyncio.get_running_loop()
+        lock = self._async_locks.get(loop)
+        if lock is None:
+            lock = self._async_locks[loop] = asyncio.Lock()
+        return lock
+
+    @staticmethod
+    def _key(code: ErrorCode, message: str, limit: int) -> tuple[str, str, int]:
+        return (code.value, normalise_message(message), int(limit))
+
+    def _cache_get(self, key: tuple[str, str, int]) -> list[Remediation] | None:
+        with self._cache_lock:
+            got = self._cache.get(key)
+            if got is None:
+                self.misses += 1
+                return None
+            self._cache.move_to_end(key)
+            self.hits += 1
+            return list(got)
+
+    def _cache_put(self, key: tuple[str, str, int], value: list[Remediation]) -> None:
+        with self._cache_lock:
+            self._cache[key] = tuple(value)
+            self._cache.move_to_end(key)
+            while len(self._cache) > self._cache_size:
+                self._cache.popitem(last=False)
+
+    def _may_try(self) -> bool:
+        return self.healthy or self._clock() >= self._retry_at
+
+    def _ensure_index(self) -> Any:
+        if self._index is None:
+            if self._index_factory is not None:
+                index = self._index_factory(self.settings.db_dir)
+            else:
+                from libvirt_operator.adapters.rag.index import Index
+
+                index = Index(self.settings.db_dir, table=self.settings.table)
+            index.open()
+            self._index = index
+            self.loaded = True
+        return self._index
+
+    def _lookup(self, code: ErrorCode, message: str, limit: int, key: tuple[str, str, int]) -> list[Remediation]:
+        """Blocking: runs in a worker thread when called from remediation()."""
+        try:
+            query = redact(message or "").strip() or CATALOG[code].summary
+            with self._lock:
+                hits = self._ensure_index().search(query, limit, [code.value])
+            out = [
+                Remediation(title=h.title, url=self.settings.link(h.path), score=float(h.score),
+                            codes=tuple(h.codes))
+                for h in hits[:limit]
+            ] or self.fallback(code)
+        except Exception as exc:  # noqa: BLE001
+            self._mark_unhealthy(exc)
+            return self.fallback(code)
+        self._mark_healthy()
+        self._cache_put(key, out)
+        return list(out)
+
+    def _mark_healthy(self) -> None:
+        if not self.healthy:
+            log.info("knowledge base available again (db_dir=%s)", self.settings.db_dir)
+        self.healthy = True
+        self.last_error = None
+        KNOWLEDGE_BASE_HEALTHY.set(1)
+
+    def _mark_unhealthy(self, exc: BaseException) -> None:
+        message = redact(f"{type(exc).__name__}: {exc}")[:500]
+        if self.healthy or message != self.last_error:
+            log.warning("knowledge base unavailable, serving fixed runbook links (db_dir=%s, "
+                        "retry in %.0fs): %s", self.settings.db_dir, self.retry_after, message)
+        KNOWLEDGE_BASE_HEALTHY.set(0)
+        self.healthy = False
+        self.last_error = message
+        self._retry_at = self._clock() + self.retry_after
+        self._index = None  # reopen from scratch on the next try
