@@ -44,3 +44,16 @@ ISO_IMPORT_SECONDS = Histogram(
     "libvirt_operator_iso_import_duration_seconds", "Duration of ISO imports (download + uploads)",
     buckets=(1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600))
 ISO_FAILURES = Counter("libvirt_operator_iso_import_failures_total", "Failed ISO imports", ["reason"])
+ISO_DOWNLOAD_SECONDS = Histogram(
+    "libvirt_operator_iso_download_duration_seconds", "Duration of successful ISO downloads",
+    buckets=(0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600))
+ISO_UPLOAD_SECONDS = Histogram(
+    "libvirt_operator_iso_upload_duration_seconds", "Duration of successful ISO uploads to one host",
+    ["host"], buckets=(0.05, 0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800))
+
+VM_RESYNC_SECONDS = Histogram(
+    "libvirt_operator_vm_resync_duration_seconds",
+    "Duration of a host's VM resync (one bulk libvirt call + status refreshes)", ["host"],
+    buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
+DOMAIN_EVENTS = Counter(
+    "libvirt_operator_domain_events_total", "libvirt domain lifecycle events received", ["host"])

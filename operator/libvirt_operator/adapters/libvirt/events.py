@@ -18,6 +18,7 @@ import libvirtaio
 
 _lock = threading.Lock()
 _loop: asyncio.AbstractEventLoop | None = None
+TICK_SECONDS = 0.1
 
 
 def ensure_event_thread() -> asyncio.AbstractEventLoop:
@@ -29,10 +30,17 @@ def ensure_event_thread() -> asyncio.AbstractEventLoop:
         ready = threading.Event()
         loop = asyncio.new_event_loop()
 
+        def tick() -> None:
+            # libvirtaio schedules timers from whichever thread calls libvirt, which does not wake a
+            # loop running on another thread; the test driver dispatches domain events from such a
+            # timer. A cheap periodic wake-up bounds that delay to TICK_SECONDS.
+            loop.call_later(TICK_SECONDS, tick)
+
         def run() -> None:
             asyncio.set_event_loop(loop)
             libvirtaio.virEventRegisterAsyncIOImpl(loop=loop)
             loop.call_soon(ready.set)
+            loop.call_soon(tick)
             loop.run_forever()
 
         threading.Thread(target=run, name="libvirt-events", daemon=True).start()

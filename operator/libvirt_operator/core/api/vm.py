@@ -78,7 +78,8 @@ class VirtualMachineSpec(ApiModel):
     """The desired VM. Placement is decided once and recorded in status.host."""
 
     host_ref: str | None = Field(default=None, max_length=253,
-                                 description="Name of the LibvirtHost to run on. Immutable.")
+                                 description=("Name of the LibvirtHost to run on. Immutable. The host must be "
+                                              "Ready; its free capacity is not checked (an explicit pin)."))
     host_selector: HostSelector | None = Field(
         default=None, description="Pick a Ready host with these labels and enough free capacity.")
     cpu: int = Field(default=1, ge=1, le=512, description="Virtual CPUs.")
@@ -104,7 +105,9 @@ class VirtualMachineSpec(ApiModel):
                      "is powered off after this many seconds. Deletion powers off immediately."))
     install_media_policy: Literal["Keep", "EjectAfterFirstBoot"] = Field(
         default="Keep",
-        description="EjectAfterFirstBoot: empty the cdroms once the guest has booted successfully once.")
+        description=("EjectAfterFirstBoot: empty the cdroms once the first run has ended (the guest powered off "
+                     "after booting, e.g. at the end of an install); never while it runs, and an in-guest "
+                     "reboot does not count. status.mediaEjected records it."))
 
 
 class StartFailure(ApiModel):
@@ -138,7 +141,8 @@ class VirtualMachineStatus(ApiModel):
     printable_status: PrintableStatus | None = Field(default=None, description="One-word state for humans.")
     host: str | None = Field(default=None, description="The LibvirtHost the VM was placed on. Never changes.")
     domain_name: str | None = Field(default=None, description="libvirt domain name.")
-    domain_uuid: str | None = Field(default=None, description="libvirt domain UUID (= metadata.uid).")
+    domain_uuid: str | None = Field(default=None, alias="domainUUID",
+                                    description="libvirt domain UUID (= metadata.uid).")
     run_strategy: RunStrategy | None = Field(default=None, description="The run strategy last acted on.")
     domain_type: Literal["kvm", "qemu"] | None = Field(default=None, description="Domain type in use.")
     start_failure: StartFailure | None = Field(default=None, description="Restart backoff (RerunOnFailure).")

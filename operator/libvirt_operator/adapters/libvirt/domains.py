@@ -1,0 +1,287 @@
+"""Thin blocking domain and volume operations: each takes a virConnect and runs in the host's
+thread pool via ``HostConnection.call``. libvirt errors propagate (the connection classifies
+them); "not found" is an answer (None/False), not an error."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import xml.etree.ElementTree as ET
+from collections.abc import Callable, Iterable
+
+import libvirt
+
+from ...core.errors import AppError, ErrorCode
+from ...core.domain import ABSENT, DomainObservation, PowerState, StopCause
+from .domain_xml import DomainMetadata, interface_macs, parse_metadata
+
+_STATES = {
+    libvirt.VIR_DOMAIN_NOSTATE: PowerState.UNKNOWN,
+    libvirt.VIR_DOMAIN_RUNNING: PowerState.RUNNING,
+    libvirt.VIR_DOMAIN_BLOCKED: PowerState.RUNNING,
+    libvirt.VIR_DOMAIN_PAUSED: PowerState.PAUSED,
+    libvirt.VIR_DOMAIN_SHUTDOWN: PowerState.SHUTTING_DOWN,
+    libvirt.VIR_DOMAIN_SHUTOFF: PowerState.SHUTOFF,
+    libvirt.VIR_DOMAIN_CRASHED: PowerState.CRASHED,
+    libvirt.VIR_DOMAIN_PMSUSPENDED: PowerState.PAUSED,
+}
+_SHUTOFF_CAUSES = {
+    libvirt.VIR_DOMAIN_SHUTOFF_SHUTDOWN: StopCause.CLEAN,
+    libvirt.VIR_DOMAIN_SHUTOFF_DESTROYED: StopCause.DESTROYED,
+    libvirt.VIR_DOMAIN_SHUTOFF_CRASHED: StopCause.FAILURE,
+    libvirt.VIR_DOMAIN_SHUTOFF_FAILED: StopCause.FAILURE,
+}
+_NOT_FOUND = {libvirt.VIR_ERR_NO_DOMAIN}
+_VOL_NOT_FOUND = {libvirt.VIR_ERR_NO_STORAGE_VOL}
+
+
+def observation(state: int, reason: int, name: str | None = None, uuid: str | None = None) -> DomainObservation:
+    power = _STATES.get(state, PowerState.UNKNOWN)
+    cause = StopCause.NONE
+    if power is PowerState.SHUTOFF:
+        cause = _SHUTOFF_CAUSES.get(reason, StopCause.UNKNOWN if reason else StopCause.NONE)
+    elif power is PowerState.CRASHED:
+        cause = StopCause.FAILURE
+    return DomainObservation(power, cause, name, uuid)
+
+
+def _lookup(conn: libvirt.virConnect, uuid: str) -> libvirt.virDomain | None:
+    try:
+        return conn.lookupByUUIDString(uuid)
+    except libvirt.libvirtError as err:
+        if err.get_error_code() in _NOT_FOUND:
+            return None
+        raise
+
+
+def list_domains(conn: libvirt.virConnect) -> dict[str, DomainObservation]:
+    """Every domain on the host with its state, in ONE bulk call (getAllDomainStats state group);
+    keyed by UUID. This is the steady-state resync: never one lookup per VM."""
+    result: dict[str, DomainObservation] = {}
+    for dom, stats in conn.getAllDomainStats(libvirt.VIR_DOMAIN_STATS_STATE, 0):
+        uuid = dom.UUIDString()
+        result[uuid] = observation(int(stats.get("state.state", 0)), int(stats.get("state.reason", 0)),
+                                   dom.name(), uuid)
+    return result
+
+
+@dataclasses.dataclass(frozen=True)
+class DomainDetails:
+    observation: DomainObservation
+    defined: DomainMetadata          # from the persistent definition
+    live: DomainMetadata | None      # from the running definition (None when not running)
+    macs: dict[str, str]
+
+
+def get_domain(conn: libvirt.virConnect, uuid: str) -> DomainDetails | None:
+    """State plus our metadata of one domain (used after spec changes, not in steady state)."""
+    dom = _lookup(conn, uuid)
+    if dom is None:
+        return None
+    state, reason = dom.state()
+    obs = observation(state, reason, dom.name(), uuid)
+    persistent = dom.isPersistent()
+    inactive_xml = dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE) if persistent else None
+    live_xml = dom.XMLDesc(0) if dom.isActive() else None
+    defined = parse_metadata(inactive_xml) if inactive_xml else DomainMetadata(None, None)
+    live = parse_metadata(live_xml) if live_xml else None
+    return DomainDetails(obs, defined, live, interface_macs(live_xml or inactive_xml or "<domain/>"))
+
+
+def find_by_name(conn: libvirt.virConnect, name: str) -> tuple[str, DomainMetadata] | None:
+    """UUID and metadata of a domain with this name (to detect a name taken by a foreign domain)."""
+    try:
+        dom = conn.lookupByName(name)
+    except libvirt.libvirtError as err:
+        if err.get_error_code() in _NOT_FOUND:
+            return None
+        raise
+    return dom.UUIDString(), parse_metadata(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE))
+
+
+def define(conn: libvirt.virConnect, xml: str) -> str:
+    return conn.defineXML(xml).UUIDString()
+
+
+def start(conn: libvirt.virConnect, uuid: str) -> DomainObservation:
+    dom = conn.lookupByUUIDString(uuid)
+    if not dom.isActive():
+        dom.create()
+    return observation(*dom.state(), dom.name(), uuid)
+
+
+def shutdown(conn: libvirt.virConnect, uuid: str) -> DomainObservation:
+    dom = conn.lookupByUUIDString(uuid)
+    if dom.isActive():
+        dom.shutdown()
+    return observation(*dom.state(), dom.name(), uuid)
+
+
+def destroy(conn: libvirt.virConnect, uuid: str) -> DomainObservation:
+    dom = _lookup(conn, uuid)
+    if dom is None:
+        return ABSENT
+    if dom.isActive():
+        try:
+            dom.destroy()
+        except libvirt.libvirtError as err:
+            if err.get_error_code() != libvirt.VIR_ERR_OPERATION_INVALID:  # stopped meanwhile
+                raise
+    return observation(*dom.state(), dom.name(), uuid)
+
+
+_UNDEFINE_FLAGS = (libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE | libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA
+                   | getattr(libvirt, "VIR_DOMAIN_UNDEFINE_CHECKPOINTS_METADATA", 0))
+
+
+def undefine(conn: libvirt.virConnect, uuid: str) -> bool:
+    """Remove the definition, UEFI NVRAM included. False when it was already gone."""
+    dom = _lookup(conn, uuid)
+    if dom is None:
+        return False
+    if not dom.isPersistent():
+        return False
+    for flags in (_UNDEFINE_FLAGS | libvirt.VIR_DOMAIN_UNDEFINE_NVRAM, _UNDEFINE_FLAGS, None):
+        try:
+            if flags is None:
+                dom.undefine()
+            else:
+                dom.undefineFlags(flags)
+            return True
+        except libvirt.libvirtError as err:
+            # Drivers without NVRAM/snapshot support reject the flags: retry with fewer.
+            if flags is None or err.get_error_code() not in (
+                    libvirt.VIR_ERR_INVALID_ARG, libvirt.VIR_ERR_NO_SUPPORT, libvirt.VIR_ERR_ARGUMENT_UNSUPPORTED):
+                raise
+    return True
+
+
+@dataclasses.dataclass(frozen=True)
+class VolumeRequest:
+    pool: str
+    name: str
+    size_bytes: int
+
+
+@dataclasses.dataclass(frozen=True)
+class VolumeResult:
+    pool: str
+    name: str
+    path: str
+    created: bool
+
+
+def _pool(conn: libvirt.virConnect, name: str) -> libvirt.virStoragePool:
+    pool = conn.storagePoolLookupByName(name)
+    if not pool.isActive():
+        raise AppError(ErrorCode.STORAGE_POOL_NOT_FOUND, f"storage pool {name} is not active", {"pool": name})
+    return pool
+
+
+def _volume(pool: libvirt.virStoragePool, name: str) -> libvirt.virStorageVol | None:
+    try:
+        return pool.storageVolLookupByName(name)
+    except libvirt.libvirtError as err:
+        if err.get_error_code() in _VOL_NOT_FOUND:
+            return None
+        raise
+
+
+def ensure_volumes(conn: libvirt.virConnect, requests: Iterable[VolumeRequest]) -> list[VolumeResult]:
+    """Create the qcow2 volumes that do not exist yet; existing ones (same deterministic name) are kept."""
+    results = []
+    for req in requests:
+        pool = _pool(conn, req.pool)
+        vol = _volume(pool, req.name)
+        created = False
+        if vol is None:
+            root = ET.Element("volume")
+            ET.SubElement(root, "name").text = req.name
+            ET.SubElement(root, "capacity", unit="bytes").text = str(req.size_bytes)
+            ET.SubElement(root, "allocation", unit="bytes").text = "0"
+            target = ET.SubElement(root, "target")
+            ET.SubElement(target, "format", type="qcow2")
+            vol = pool.createXML(ET.tostring(root, encoding="unicode"), 0)
+            created = True
+        results.append(VolumeResult(req.pool, req.name, vol.path(), created))
+    return results
+
+
+def volume_path(conn: libvirt.virConnect, pool: str, name: str) -> str | None:
+    """Path of a volume (e.g. an ISOImage's) or None when the pool or volume does not exist."""
+    try:
+        p = conn.storagePoolLookupByName(pool)
+    except libvirt.libvirtError as err:
+        if err.get_error_code() == libvirt.VIR_ERR_NO_STORAGE_POOL:
+            return None
+        raise
+    vol = _volume(p, name)
+    return vol.path() if vol is not None else None
+
+
+def delete_volumes(conn: libvirt.virConnect, volumes: Iterable[tuple[str, str]]) -> list[str]:
+    """Delete (pool, name) volumes; missing pools/volumes are fine. Returns the names deleted."""
+    deleted = []
+    for pool_name, name in volumes:
+        try:
+            pool = conn.storagePoolLookupByName(pool_name)
+        except libvirt.libvirtError as err:
+            if err.get_error_code() == libvirt.VIR_ERR_NO_STORAGE_POOL:
+                continue
+            raise
+        vol = _volume(pool, name)
+        if vol is not None:
+            vol.delete(0)
+            deleted.append(name)
+    return deleted
+
+
+def teardown(conn: libvirt.virConnect, uuid: str, volumes: Iterable[tuple[str, str]]) -> list[str]:
+    """Delete path in one call: power off, undefine (with NVRAM), delete the operator's volumes."""
+    destroy(conn, uuid)
+    undefine(conn, uuid)
+    return delete_volumes(conn, volumes)
+
+
+def eject_cdroms(conn: libvirt.virConnect, uuid: str) -> int:
+    """Empty every cdrom of a domain (live and persistent). Needs a real daemon
+    (the test driver has no updateDeviceFlags). Returns how many were ejected."""
+    dom = conn.lookupByUUIDString(uuid)
+    root = ET.fromstring(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE))
+    count = 0
+    flags = libvirt.VIR_DOMAIN_AFFECT_CONFIG | (libvirt.VIR_DOMAIN_AFFECT_LIVE if dom.isActive() else 0)
+    for disk in root.iterfind("./devices/disk[@device='cdrom']"):
+        source = disk.find("source")
+        if source is None:
+            continue
+        disk.remove(source)
+        with contextlib.suppress(libvirt.libvirtError):
+            dom.updateDeviceFlags(ET.tostring(disk, encoding="unicode"), flags)
+            count += 1
+    return count
+
+
+_SUBSCRIBED_ATTR = "_libvirt_operator_lifecycle"
+
+
+def subscribe_lifecycle(conn: libvirt.virConnect, callback: Callable[[str, int, int], None]) -> bool:
+    """Register callback(uuid, event, detail) for domain lifecycle events on this connection, once
+    per connection object. Needs libvirtaio registered before the connection was opened; callbacks
+    then arrive on the asyncio loop. Returns False when this connection was already subscribed."""
+    if getattr(conn, _SUBSCRIBED_ATTR, False):
+        return False
+
+    def on_event(_conn: libvirt.virConnect, dom: libvirt.virDomain, event: int, detail: int, _opaque: object) -> None:
+        try:
+            uuid = dom.UUIDString()
+        except libvirt.libvirtError:
+            uuid = ""
+        callback(uuid, event, detail)
+
+    conn.domainEventRegisterAny(None, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, on_event, None)
+    setattr(conn, _SUBSCRIBED_ATTR, True)
+    return True
+
+
+
+

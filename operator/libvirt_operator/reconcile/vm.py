@@ -1,0 +1,474 @@
+"""VirtualMachine orchestration: place, provision volumes, define the domain, drive its power state
+per the plan, and tear everything down on deletion. Decisions live in reconcile.plan; this module
+only gathers inputs, calls libvirt through the pool and turns the result into status + events.
+
+The operator never writes spec: every result is a status (and Events)."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import pydantic
+
+from ..adapters.libvirt import domains
+from ..adapters.libvirt.domain_xml import DomainXMLError, build_domain_xml, definition_hash
+from ..core.api.common import FORCE_RELEASE_ANNOTATION
+from ..core.api.host import LibvirtHostSpec
+from ..core.api.vm import StartFailure, VirtualMachineSpec
+from ..core.conditions import get_condition, now as utcnow, remove_condition, set_condition, summarize, timestamp
+from ..core.domain import (
+    ABSENT, DiskDefinition, DomainDefinition, DomainObservation, InterfaceDefinition, Owner, PowerState,
+    domain_name, volume_name,
+)
+from ..core.errors import AppError, ErrorCode
+from ..core.logs import get_logger
+from ..core.metrics import VM_OPERATIONS
+from ..core.quantity import parse_quantity
+from . import plan
+from .host import connect_options
+from .failures import error_status, human_message, parse_time
+from .runtime import Runtime
+
+log = get_logger(__name__)
+
+SCHEDULED, RESTART_REQUIRED = "Scheduled", "RestartRequired"
+SCHEDULING_CODES = {ErrorCode.NO_SCHEDULABLE_HOST, ErrorCode.INSUFFICIENT_RESOURCES}
+_NOT_GUEST_FAULT = {ErrorCode.HOST_UNREACHABLE, ErrorCode.HOST_AUTH_FAILED, ErrorCode.LIBVIRT_TIMEOUT,
+                    ErrorCode.HOST_NOT_FOUND}
+_OPERATION = {plan.Action.START: "start", plan.Action.SHUTDOWN: "stop", plan.Action.DESTROY: "stop"}
+
+Event = tuple[str, str, str]  # type, reason, message
+
+
+@dataclasses.dataclass
+class ClusterView:
+    """The operator's in-memory view of the objects a VM reconcile needs (filled by handlers)."""
+
+    hosts: Mapping[str, Mapping[str, Any]]                        # LibvirtHost name → object
+    vms: Callable[[], list[Mapping[str, Any]]] = lambda: []       # all VirtualMachines (reservations)
+    iso: Callable[[str, str], Mapping[str, Any] | None] = lambda _ns, _name: None
+
+
+@dataclasses.dataclass
+class VmOutcome:
+    status: dict[str, Any]
+    events: list[Event]
+    error: AppError | None = None
+    requeue_after: float | None = None
+
+    @property
+    def retry(self) -> bool:
+        return self.error is not None and self.error.retryable
+
+
+@dataclasses.dataclass
+class DeleteOutcome:
+    released: bool
+    status: dict[str, Any] | None
+    events: list[Event]
+    error: AppError | None = None
+
+
+def _time(value: Any) -> dt.datetime | None:
+    if isinstance(value, dt.datetime):
+        return value
+    if not value:
+        return None
+    try:
+        return parse_time(value)
+    except ValueError:
+        parsed = dt.datetime.fromisoformat(str(value).replace("Z", "+00:00"))
+        return parsed if parsed.tzinfo else parsed.replace(tzinfo=dt.timezone.utc)
+
+
+def _power_status(status: Mapping[str, Any]) -> plan.PowerStatus:
+    failure = status.get("startFailure")
+    return plan.PowerStatus(
+        first_boot_time=_time(status.get("firstBootTime")),
+        last_start_time=_time(status.get("lastStartTime")),
+        stop_requested_time=_time(status.get("stopRequestedTime")),
+        start_failure=StartFailure.model_validate(failure) if failure else None,
+    )
+
+
+def _put_power_status(status: dict[str, Any], power: plan.PowerStatus) -> None:
+    for key, value in (("firstBootTime", power.first_boot_time), ("lastStartTime", power.last_start_time),
+                       ("stopRequestedTime", power.stop_requested_time)):
+        if value is None:
+            status.pop(key, None)
+        else:
+            status[key] = timestamp(value)
+    if power.start_failure is None:
+        status.pop("startFailure", None)
+    else:
+        status["startFailure"] = power.start_failure.to_wire()
+
+
+class _Stage:
+    """Where a reconcile got to, so an error maps to the right printable status and conditions."""
+
+    def __init__(self) -> None:
+        self.placed = False
+        self.waiting_media = False
+        self.start_failed = False
+
+
+async def sync_vm(body: Mapping[str, Any], rt: Runtime, view: ClusterView, *,
+                  observed: DomainObservation | None = None, now: dt.datetime | None = None) -> VmOutcome:
+    """Reconcile one VM. With `observed` (from a host's bulk resync) only the power state and status
+    are refreshed; without it, the full path runs: placement, media, volumes, (re)definition, power."""
+    now = now or utcnow()
+    meta = body.get("metadata") or {}
+    namespace, name, uid = meta.get("namespace", ""), meta.get("name", ""), meta.get("uid", "")
+    generation = int(meta.get("generation") or 0)
+    old_status = dict(body.get("status") or {})
+    status = dict(old_status)
+    events: list[Event] = []
+    stage = _Stage()
+    full = observed is None or not observed.exists
+    try:
+        try:
+            spec = VirtualMachineSpec.model_validate(body.get("spec") or {})
+        except pydantic.ValidationError as err:
+            raise AppError(ErrorCode.INVALID_SPEC, f"invalid spec: {err.errors()[0].get('msg')}") from err
+        if observed is not None and plan.eject_media_now(
+                spec.install_media_policy, _time(status.get("firstBootTime")), bool(status.get("mediaEjected")),
+                observed):
+            _eject(status, events)
+            full = True  # redefine without the media before the next start
+        host = status.get("host")
+        if not host:
+            placement = plan.choose_host(
+                spec, [plan.HostView.from_object(h) for h in view.hosts.values()],
+                plan.reservations(view.vms(), exclude_uid=uid))
+            if placement.error is not None:
+                raise placement.error
+            host = placement.host
+            status["host"] = host
+            events.append(("Normal", "Scheduled", f"placed on LibvirtHost {host}"))
+        stage.placed = True
+        conditions = set_condition(status.get("conditions") or [], SCHEDULED, True, "Scheduled",
+                                   f"placed on LibvirtHost {host}", generation)
+        status["conditions"] = conditions
+        assert host is not None
+        host_obj = view.hosts.get(host)
+        if host_obj is None:
+            raise AppError(ErrorCode.HOST_NOT_FOUND, f"LibvirtHost {host} the VM is placed on does not exist",
+                           {"host": host})
+        conn = await host_connection(rt, host, host_obj)
+        if conn is None:
+            raise AppError(ErrorCode.HOST_UNREACHABLE, f"the operator has no connection to LibvirtHost {host} yet",
+                           {"host": host})
+        hv = plan.HostView.from_object(host_obj)
+        dname = domain_name(namespace, name, uid)
+        status.update({"domainName": dname, "domainUUID": uid, "runStrategy": spec.run_strategy})
+
+        redefine = plan.RedefinePlan(False, False)
+        macs: dict[str, str] | None = None
+        if full:
+            dtype = plan.domain_type_for(spec.domain_type, hv.domain_types, status.get("domainType"))
+            status["domainType"] = dtype
+            details = await conn.call("get_domain", lambda c: domains.get_domain(c, uid))
+            if details is not None and not status.get("mediaEjected") and plan.eject_media_now(
+                    spec.install_media_policy, _time(status.get("firstBootTime")), False, details.observation):
+                _eject(status, events)
+            disks = await _resolve_media(spec, namespace, host, conn, view, stage,
+                                         ejected=bool(status.get("mediaEjected")))
+            volumes, disks = await _ensure_volumes(spec, dname, hv, conn, disks, events)
+            status["volumes"] = volumes
+            defn = DomainDefinition(
+                name=dname, uuid=uid, vcpus=spec.cpu, memory_bytes=parse_quantity(spec.memory), type=dtype,
+                firmware=spec.firmware, owner=Owner(namespace, name, uid), disks=tuple(disks),
+                interfaces=tuple(InterfaceDefinition(i.name, i.type, i.source, i.model, i.mac_address)
+                                 for i in spec.interfaces))
+            try:
+                xml, desired = build_domain_xml(defn), definition_hash(defn)
+            except DomainXMLError as err:
+                raise AppError(ErrorCode.INVALID_SPEC, str(err)) from err
+            observed = details.observation if details else ABSENT
+            redefine = plan.plan_redefine(desired, details.defined.definition_hash if details else None,
+                                          details.live.definition_hash if details and details.live else None,
+                                          observed.active)
+            if details is None:
+                taken = await conn.call("find_by_name", lambda c: domains.find_by_name(c, dname))
+                if taken is not None and taken[0] != uid:
+                    owner = taken[1].owner
+                    whose = (f"left behind by a deleted VirtualMachine {owner.namespace}/{owner.name} (uid {owner.uid})"
+                             if owner else "not managed by this operator")
+                    raise AppError(ErrorCode.LIBVIRT_ERROR,
+                                   f"a domain named {dname} with UUID {taken[0]} already exists on {host}, {whose}; "
+                                   "remove it from the host (virsh undefine) and the VM will be created",
+                                   {"host": host, "domain": dname, "uuid": taken[0]})
+            if redefine.define:
+                await conn.call("define", lambda c: domains.define(c, xml))
+                VM_OPERATIONS.labels("create" if details is None else "redefine").inc()
+                events.append(("Normal", "Defined" if details is None else "Redefined",
+                               f"domain {dname} {'defined' if details is None else 'redefined'} on {host}"))
+                details = await conn.call("get_domain", lambda c: domains.get_domain(c, uid))  # MACs libvirt chose
+                observed = details.observation if details else DomainObservation(PowerState.SHUTOFF, name=dname, uuid=uid)
+            macs = details.macs if details else {}
+        assert observed is not None
+
+        booted_fresh = not observed.active  # a (re)start uses the current persistent definition
+        power = _power_status(status)
+        grace = float(spec.termination_grace_period_seconds)
+        pp = plan.plan_power(spec.run_strategy, observed, power, now, grace)
+        requeue = pp.requeue_after
+        start_error: AppError | None = None
+        if pp.action is not plan.Action.NONE:
+            after = pp.status
+            try:
+                observed = await _act(pp.action, conn, uid)
+                VM_OPERATIONS.labels(_OPERATION[pp.action]).inc()
+                if pp.action is plan.Action.START:
+                    after = dataclasses.replace(after, last_start_time=now, first_boot_time=after.first_boot_time or now)
+                    events.append(("Normal", "Started", f"domain {dname} started on {host}"))
+                elif pp.action is plan.Action.SHUTDOWN:
+                    events.append(("Normal", "ShuttingDown", f"asked the guest of {dname} to shut down"))
+                else:
+                    events.append(("Normal", "Stopped", f"domain {dname} powered off"))
+            except AppError as err:
+                if pp.action is not plan.Action.START or err.code in _NOT_GUEST_FAULT:
+                    raise
+                # A failed start counts like a crash: back off before the next attempt.
+                failure = plan.record_start_failure(after.start_failure, now, None)
+                after = dataclasses.replace(after, start_failure=failure)
+                start_error = err
+                stage.start_failed = True
+                events.append(("Warning", "FailedStart", human_message(err)))
+            pp2 = plan.plan_power(spec.run_strategy, observed, after, now, grace)
+            if pp2.action is not plan.Action.NONE:
+                requeue = 0.5 if pp2.action is not pp.action else requeue
+            pp = pp2
+            if pp2.requeue_after is not None:
+                requeue = min(requeue, pp2.requeue_after) if requeue is not None else pp2.requeue_after
+        _put_power_status(status, pp.status)
+
+        if start_error is not None:
+            raise start_error
+
+        status["printableStatus"] = plan.printable_status(power=pp)
+        conditions = status["conditions"]
+        if full:
+            if redefine.restart_required:
+                conditions = set_condition(conditions, RESTART_REQUIRED, True, "DefinitionChanged",
+                                           "the spec changed while the domain runs; it applies at the next boot",
+                                           generation)
+                if get_condition(old_status.get("conditions"), RESTART_REQUIRED) is None or \
+                        (get_condition(old_status.get("conditions"), RESTART_REQUIRED) or {}).get("status") != "True":
+                    events.append(("Normal", "RestartRequired", "the spec changed; restart the VM to apply it"))
+            else:
+                conditions = remove_condition(conditions, RESTART_REQUIRED)
+        elif booted_fresh or not observed.active:
+            conditions = remove_condition(conditions, RESTART_REQUIRED)  # the next boot uses the new definition
+        conditions = summarize(conditions, ready=pp.ready, reason=pp.reason, message=pp.message,
+                               generation=generation, reconciling=not pp.ready and pp.reason != "Paused")
+        status["conditions"] = conditions
+        if full:
+            status["observedGeneration"] = generation
+        if macs is not None:
+            status["interfaces"] = [{"name": i.name, **({"mac": macs[i.name]} if i.name in macs else {})}
+                                    for i in spec.interfaces]
+        status.pop("error", None)
+        if observed.state is PowerState.RUNNING and not status.get("firstBootTime"):
+            status["firstBootTime"] = timestamp(now)
+        _transition_events(old_status, status, events)
+        return VmOutcome(status, events, None, requeue)
+    except AppError as err:
+        return await _failed(err, old_status, status, generation, stage, rt, events)
+
+
+async def host_connection(rt: Runtime, name: str, host_obj: Mapping[str, Any] | None) -> Any:
+    """The pooled connection to a host; opened here (same options as the host probe would use) when
+    the probe has not run yet, e.g. right after an operator restart."""
+    conn = rt.pool.get(name)
+    if conn is not None or host_obj is None:
+        return conn
+    spec = LibvirtHostSpec.model_validate(host_obj.get("spec") or {})
+    return await rt.pool.ensure(name, await connect_options(spec, rt))
+
+
+def _eject(status: dict[str, Any], events: list[Event]) -> None:
+    status["mediaEjected"] = True
+    events.append(("Normal", "MediaEjected", "the first run ended: install media removed from the cdroms"))
+
+
+async def _act(action: plan.Action, conn: Any, uid: str) -> DomainObservation:
+    if action is plan.Action.START:
+        return await conn.call("start", lambda c: domains.start(c, uid))
+    if action is plan.Action.SHUTDOWN:
+        return await conn.call("shutdown", lambda c: domains.shutdown(c, uid))
+    return await conn.call("destroy", lambda c: domains.destroy(c, uid))
+
+
+async def _resolve_media(spec: VirtualMachineSpec, namespace: str, host: str, conn: Any, view: ClusterView,
+                         stage: _Stage, ejected: bool = False) -> list[DiskDefinition]:
+    """Disk definitions; cdroms point at the ISOImage volume's path on this host (empty once ejected)."""
+    disks: list[DiskDefinition] = []
+    for disk in spec.disks:
+        if disk.cdrom is None:
+            disks.append(DiskDefinition(disk.name, "disk", None, "qcow2", disk.boot_order))
+            continue
+        if ejected:
+            disks.append(DiskDefinition(disk.name, "cdrom", None, "raw", disk.boot_order))
+            continue
+        ref = disk.cdrom.iso_image_ref.name
+        iso = view.iso(namespace, ref)
+        entry = None
+        if iso is not None:
+            entry = next((h for h in (iso.get("status") or {}).get("hosts") or []
+                          if h.get("host") == host and h.get("phase") == "Ready" and h.get("volume")), None)
+        if entry is None:
+            stage.waiting_media = True
+            why = "does not exist" if iso is None else f"is not Ready on LibvirtHost {host}"
+            raise AppError(ErrorCode.ISO_NOT_FOUND, f"ISOImage {namespace}/{ref} for disk {disk.name} {why}",
+                           {"isoImage": ref, "host": host, "disk": disk.name})
+        pool = entry.get("pool") or "default"
+        vol = entry["volume"]
+        path = await conn.call("volume_path", lambda c, p=pool, v=vol: domains.volume_path(c, p, v))
+        if path is None:
+            stage.waiting_media = True
+            raise AppError(ErrorCode.ISO_NOT_FOUND,
+                           f"volume {vol} of ISOImage {namespace}/{ref} is missing from pool {pool} on {host}",
+                           {"isoImage": ref, "host": host, "pool": pool, "volume": vol})
+        disks.append(DiskDefinition(disk.name, "cdrom", path, "raw", disk.boot_order, pool, vol))
+    return disks
+
+
+async def _ensure_volumes(spec: VirtualMachineSpec, dname: str, hv: plan.HostView, conn: Any,
+                          disks: list[DiskDefinition], events: list[Event]
+                          ) -> tuple[list[dict[str, str]], list[DiskDefinition]]:
+    requests = []
+    for disk in spec.disks:
+        if disk.volume is not None:
+            requests.append(domains.VolumeRequest(disk.volume.pool or hv.default_pool,
+                                                  volume_name(dname, disk.name), parse_quantity(disk.volume.size)))
+    if not requests:
+        return [], disks
+    results = await conn.call("ensure_volumes", lambda c: domains.ensure_volumes(c, requests))
+    by_name = {r.name: r for r in results}
+    out = []
+    for d in disks:
+        if d.device == "disk":
+            r = by_name[volume_name(dname, d.name)]
+            out.append(dataclasses.replace(d, path=r.path, pool=r.pool, volume=r.name))
+        else:
+            out.append(d)
+    created = [r.name for r in results if r.created]
+    if created:
+        VM_OPERATIONS.labels("create_volume").inc(len(created))
+        events.append(("Normal", "VolumesCreated", f"created volume(s) {', '.join(created)}"))
+    volumes = [{"disk": d.name, "pool": d.pool or "", "name": d.volume or ""} for d in out if d.device == "disk"]
+    return volumes, out
+
+
+def _transition_events(old: Mapping[str, Any], new: Mapping[str, Any], events: list[Event]) -> None:
+    before, after = old.get("printableStatus"), new.get("printableStatus")
+    if before == after:
+        return
+    if after == "CrashLoopBackOff":
+        events.append(("Warning", "CrashLoopBackOff",
+                       (get_condition(new.get("conditions"), "Ready") or {}).get("message", "")))
+    elif after in ("Running", "Stopped") and not any(e[1] in ("Started", "Stopped") for e in events):
+        events.append(("Normal", after, f"the domain is {after.lower()}"))
+
+
+async def _failed(err: AppError, old_status: Mapping[str, Any], status: dict[str, Any], generation: int,
+                  stage: _Stage, rt: Runtime, events: list[Event]) -> VmOutcome:
+    err_status = await error_status(err, old_status.get("error"), "VirtualMachine", rt.remediator)
+    message = human_message(err, err_status)
+    conditions = list(status.get("conditions") or [])
+    scheduling = not stage.placed
+    if scheduling:
+        conditions = set_condition(conditions, SCHEDULED, False, err.reason, message, generation)
+    conditions = summarize(conditions, ready=False, reason=err.reason, message=message, generation=generation,
+                           reconciling=err.retryable, stalled=not err.retryable)
+    status["conditions"] = conditions
+    status["error"] = err_status
+    status["observedGeneration"] = generation
+    requeue = None
+    if stage.start_failed:
+        status["printableStatus"] = "CrashLoopBackOff"
+        retry_after = _time((status.get("startFailure") or {}).get("retryAfter"))
+        if retry_after is not None:
+            requeue = max(0.5, (retry_after - utcnow()).total_seconds())
+    else:
+        status["printableStatus"] = plan.printable_status(
+            unschedulable=scheduling, waiting_for_media=stage.waiting_media,
+            host_unknown=err.code in (ErrorCode.HOST_UNREACHABLE, ErrorCode.HOST_NOT_FOUND, ErrorCode.LIBVIRT_TIMEOUT),
+            provisioning=True)
+    previous_code = (old_status.get("error") or {}).get("code")
+    if previous_code != err.code.value and not stage.start_failed:
+        events.append(("Warning", err.reason, message))
+    return VmOutcome(status, events, err, requeue)
+
+
+# --------------------------------------------------------------------------------------------
+# Deletion
+# --------------------------------------------------------------------------------------------
+
+async def delete_vm(body: Mapping[str, Any], rt: Runtime, view: ClusterView) -> DeleteOutcome:
+    """Destroy, undefine (NVRAM too) and delete the operator's volumes. A host that is gone or
+    unreachable blocks release with a condition until it returns, or until the VM carries the
+    annotation virt.libvirt-operator.io/force-release: "true" (then the finalizer is released and
+    whatever is left on the host is abandoned)."""
+    meta = body.get("metadata") or {}
+    uid = meta.get("uid", "")
+    generation = int(meta.get("generation") or 0)
+    status = dict(body.get("status") or {})
+    force = (meta.get("annotations") or {}).get(FORCE_RELEASE_ANNOTATION) == "true"
+    host = status.get("host")
+    if not host:
+        return DeleteOutcome(True, None, [])
+    volumes = {(v["pool"], v["name"]) for v in status.get("volumes") or [] if v.get("pool") and v.get("name")}
+    host_obj = view.hosts.get(host)
+    try:
+        spec = VirtualMachineSpec.model_validate(body.get("spec") or {})
+        dname = status.get("domainName") or domain_name(meta.get("namespace", ""), meta.get("name", ""), uid)
+        default_pool = plan.HostView.from_object(host_obj).default_pool if host_obj else "default"
+        for disk in spec.disks:  # deterministic names: ours even if status lost them
+            if disk.volume is not None:
+                volumes.add((disk.volume.pool or default_pool, volume_name(dname, disk.name)))
+    except pydantic.ValidationError:
+        pass
+    try:
+        conn = await host_connection(rt, host, host_obj)
+        if conn is None:
+            raise AppError(ErrorCode.HOST_NOT_FOUND,
+                           f"LibvirtHost {host} is gone: the domain and its volumes cannot be removed; set the "
+                           f'annotation {FORCE_RELEASE_ANNOTATION}: "true" to release the VM anyway',
+                           {"host": host})
+        deleted = await conn.call("teardown", lambda c: domains.teardown(c, uid, sorted(volumes)))
+    except AppError as err:
+        if force:
+            return DeleteOutcome(True, None, [("Warning", "ForceReleased",
+                                               f"released without cleaning up host {host}: {err.message}")], None)
+        err_status = await error_status(err, status.get("error"), "VirtualMachine", rt.remediator)
+        message = human_message(err, err_status)
+        conditions = summarize(status.get("conditions") or [], ready=False, reason=err.reason, message=message,
+                               generation=generation, reconciling=True, stalled=err.code is ErrorCode.HOST_NOT_FOUND)
+        conditions = set_condition(conditions, "DeletionBlocked", True, err.reason, message, generation)
+        new = {**status, "conditions": conditions, "error": err_status, "printableStatus": "Terminating"}
+        events = [] if (status.get("error") or {}).get("code") == err.code.value else [
+            ("Warning", "DeletionBlocked", message)]
+        return DeleteOutcome(False, new, events, err)
+    VM_OPERATIONS.labels("delete").inc()
+    return DeleteOutcome(True, None, [("Normal", "Deleted",
+                                       f"domain removed from {host}; volumes deleted: {', '.join(deleted) or 'none'}")])
+
+
+def host_lost_status(body: Mapping[str, Any], err: AppError, error_state: dict[str, Any]) -> dict[str, Any]:
+    """Status of a VM whose host cannot be asked (resync failed): power state Unknown, Ready=False.
+    The placement and run bookkeeping stay as they were."""
+    meta = body.get("metadata") or {}
+    generation = int(meta.get("generation") or 0)
+    status = dict(body.get("status") or {})
+    message = human_message(err, error_state)
+    status["conditions"] = summarize(status.get("conditions") or [], ready=False, reason=err.reason,
+                                     message=message, generation=generation, reconciling=True)
+    status["printableStatus"] = "Unknown"
+    status["error"] = error_state
+    return status

@@ -1,0 +1,359 @@
+"""VirtualMachine lifecycle on the real apiserver with libvirt test-driver hosts, driven by the real
+operator in-process: run strategies, placement, deletion, adoption after a restart, spec never written."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any
+
+import pytest
+
+from tests.harness.kube import Kube, condition
+
+try:
+    import libvirt
+except ImportError:  # the fixtures skip with the reason
+    libvirt = None
+else:
+    libvirt.registerErrorHandler(lambda *_a: None, None)
+
+VM = "virtualmachines"
+HOST = "libvirthosts"
+RUNNING, SHUTOFF = 1, 5
+
+
+def uniq(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:6]}"
+
+
+def make_host(kube: Kube, uri: str, name: str | None = None, labels: dict[str, str] | None = None) -> str:
+    name = name or uniq("hv")
+    kube.create(HOST, {"metadata": {"name": name, "labels": labels or {}}, "spec": {"uri": uri}})
+    kube.wait_condition(HOST, name, "Ready", "True", timeout=30)
+    return name
+
+
+def make_vm(kube: Kube, namespace: str, name: str, **spec: Any) -> dict[str, Any]:
+    spec.setdefault("memory", "128Mi")
+    return kube.create(VM, {"metadata": {"name": name}, "spec": spec}, namespace)
+
+
+def status(kube: Kube, namespace: str, name: str) -> dict[str, Any]:
+    return (kube.get(VM, name, namespace) or {}).get("status") or {}
+
+
+def wait_printable(kube: Kube, namespace: str, name: str, value: str, timeout: float = 30) -> dict[str, Any]:
+    return kube.wait_for(lambda: (obj := kube.get(VM, name, namespace)) and
+                         (obj.get("status") or {}).get("printableStatus") == value and obj,
+                         timeout=timeout, what=f"{name} printableStatus={value}")
+
+
+def on_host(operator: Any, host: str, fn: Any) -> Any:
+    """Run fn(virConnect) on the operator's own connection (test:///file hosts are per connection)."""
+    return operator.call(lambda: operator.runtime.pool.get(host).call("test-inspect", fn))
+
+
+def domains(operator: Any, host: str) -> dict[str, tuple[str, int]]:
+    return on_host(operator, host, lambda c: {d.name(): (d.UUIDString(), d.state()[0]) for d in c.listAllDomains()})
+
+
+def volumes(operator: Any, host: str, pool: str = "default") -> list[str]:
+    return on_host(operator, host, lambda c: sorted(v.name() for v in c.storagePoolLookupByName(pool).listAllVolumes()))
+
+
+def domain_action(operator: Any, host: str, uid: str, action: str) -> None:
+    on_host(operator, host, lambda c: getattr(c.lookupByUUIDString(uid), action)())
+
+
+def event_reasons(kube: Kube, namespace: str, name: str) -> list[str]:
+    return [e.reason for e in kube.events_for(namespace, name)]
+
+
+def delete_and_wait(kube: Kube, namespace: str, name: str, timeout: float = 30) -> None:
+    kube.delete(VM, name, namespace)
+    kube.wait_for(lambda: kube.get(VM, name, namespace) is None, timeout=timeout, what=f"{name} deleted")
+
+
+@pytest.fixture
+def host(kube, operator, test_host_factory) -> str:
+    name = uniq("hv")
+    return make_host(kube, test_host_factory(name, cpus=8, memory_mib=8192), name)
+
+
+def test_always_vm_runs_then_delete_removes_domain_and_volumes(kube, operator, namespace, host) -> None:
+    vm = make_vm(kube, namespace, "web", hostRef=host, cpu=2,
+                 disks=[{"name": "root", "bootOrder": 1, "volume": {"size": "1Gi"}},
+                        {"name": "data", "volume": {"size": "256Mi"}}],
+                 interfaces=[{"name": "nic0"}])
+    uid = vm["metadata"]["uid"]
+    obj = kube.wait_condition(VM, "web", "Ready", "True", namespace=namespace)
+    st = obj["status"]
+    dname = f"{namespace}_web"
+    assert st["printableStatus"] == "Running"
+    assert st["host"] == host and st["domainUUID"] == uid and st["domainName"] == dname
+    assert st["domainType"] == "qemu"  # the test driver offers no kvm
+    assert condition(obj, "Scheduled")["status"] == "True"
+    assert condition(obj, "Ready")["reason"] == "Running"
+    assert condition(obj, "Reconciling") is None and condition(obj, "Stalled") is None
+    assert st["observedGeneration"] == obj["metadata"]["generation"]
+    assert {(v["disk"], v["name"]) for v in st["volumes"]} == {("root", f"{dname}-root"), ("data", f"{dname}-data")}
+    assert st.get("firstBootTime") and "error" not in st
+    assert domains(operator, host) == {dname: (uid, RUNNING)}
+    assert volumes(operator, host) == sorted([f"{dname}-root", f"{dname}-data"])
+    kube.wait_for(lambda: {"Scheduled", "Started"} <= set(event_reasons(kube, namespace, "web")),
+                  what="Scheduled and Started events")
+
+    delete_and_wait(kube, namespace, "web")
+    assert domains(operator, host) == {}
+    assert volumes(operator, host) == []
+
+
+def test_halted_keeps_stopped_and_switching_strategy_starts_and_stops(kube, operator, namespace, host) -> None:
+    vm = make_vm(kube, namespace, "cold", hostRef=host, runStrategy="Halted")
+    uid = vm["metadata"]["uid"]
+    obj = wait_printable(kube, namespace, "cold", "Stopped")
+    ready = condition(obj, "Ready")
+    assert ready["status"] == "True" and ready["reason"] == "Stopped"  # halted on purpose is healthy
+    assert domains(operator, host)[f"{namespace}_cold"] == (uid, SHUTOFF)
+    assert "firstBootTime" not in obj["status"]
+
+    kube.patch(VM, "cold", {"spec": {"runStrategy": "Always"}}, namespace)
+    wait_printable(kube, namespace, "cold", "Running")
+    assert domains(operator, host)[f"{namespace}_cold"] == (uid, RUNNING)
+
+    kube.patch(VM, "cold", {"spec": {"runStrategy": "Halted"}}, namespace)
+    obj = wait_printable(kube, namespace, "cold", "Stopped")
+    assert condition(obj, "Ready")["status"] == "True"
+    assert domains(operator, host)[f"{namespace}_cold"] == (uid, SHUTOFF)
+    assert "stopRequestedTime" not in obj["status"]
+    delete_and_wait(kube, namespace, "cold")
+
+
+def test_always_restarts_after_clean_shutdown_and_backs_off_after_crash(kube, operator, namespace, host) -> None:
+    uid = make_vm(kube, namespace, "hard", hostRef=host)["metadata"]["uid"]
+    wait_printable(kube, namespace, "hard", "Running")
+
+    domain_action(operator, host, uid, "shutdown")  # clean guest shutdown: restart at once, no backoff
+    kube.wait_for(lambda: domains(operator, host)[f"{namespace}_hard"][1] == RUNNING
+                  and status(kube, namespace, "hard").get("printableStatus") == "Running", timeout=10,
+                  what="restart after a clean shutdown")
+    assert "startFailure" not in status(kube, namespace, "hard")
+
+    t0 = time.monotonic()
+    domain_action(operator, host, uid, "destroy")  # powered off from outside: a failure → backoff
+    obj = wait_printable(kube, namespace, "hard", "CrashLoopBackOff", timeout=5)
+    # The lifecycle event refreshed the status, not the periodic resync (every 10 s).
+    assert time.monotonic() - t0 < 2.0
+    assert obj["status"]["startFailure"]["consecutiveFailCount"] == 1
+    assert condition(obj, "Ready")["status"] == "False"
+    assert domains(operator, host)[f"{namespace}_hard"][1] == SHUTOFF
+    wait_printable(kube, namespace, "hard", "Running", timeout=20)  # first backoff: 10 s
+    kube.wait_for(lambda: "CrashLoopBackOff" in event_reasons(kube, namespace, "hard"), what="backoff event")
+    delete_and_wait(kube, namespace, "hard")
+
+
+def test_rerun_on_failure_restarts_after_failure_not_after_clean_shutdown(kube, operator, namespace, host) -> None:
+    uid = make_vm(kube, namespace, "rerun", hostRef=host, runStrategy="RerunOnFailure")["metadata"]["uid"]
+    wait_printable(kube, namespace, "rerun", "Running")
+    domain_action(operator, host, uid, "destroy")
+    obj = wait_printable(kube, namespace, "rerun", "CrashLoopBackOff", timeout=5)
+    assert obj["status"]["startFailure"]["consecutiveFailCount"] == 1
+    wait_printable(kube, namespace, "rerun", "Running", timeout=20)
+
+    domain_action(operator, host, uid, "shutdown")  # clean: stays stopped, and that is Ready
+    obj = wait_printable(kube, namespace, "rerun", "Stopped", timeout=5)
+    assert condition(obj, "Ready")["status"] == "True"
+    time.sleep(2)
+    assert domains(operator, host)[f"{namespace}_rerun"][1] == SHUTOFF
+    delete_and_wait(kube, namespace, "rerun")
+
+
+@pytest.mark.parametrize("strategy", ["Once", "Manual"])
+def test_once_and_manual_start_once_and_never_restart(kube, operator, namespace, host, strategy) -> None:
+    name = strategy.lower()
+    uid = make_vm(kube, namespace, name, hostRef=host, runStrategy=strategy)["metadata"]["uid"]
+    wait_printable(kube, namespace, name, "Running")
+    domain_action(operator, host, uid, "destroy" if strategy == "Once" else "shutdown")
+    obj = wait_printable(kube, namespace, name, "Stopped", timeout=5)
+    assert condition(obj, "Ready")["status"] == "True"
+    time.sleep(2)
+    assert domains(operator, host)[f"{namespace}_{name}"][1] == SHUTOFF
+    assert status(kube, namespace, name)["printableStatus"] == "Stopped"
+    if strategy == "Manual":  # the user starts it by other means: reported, never fought
+        domain_action(operator, host, uid, "create")
+        wait_printable(kube, namespace, name, "Running", timeout=5)
+    delete_and_wait(kube, namespace, name)
+
+
+def test_placement_by_selector_and_capacity(kube, operator, namespace, test_host_factory) -> None:
+    zone = uniq("zone")
+    small = make_host(kube, test_host_factory("small", cpus=1, memory_mib=1024), uniq("small"), {"zone": zone})
+    big = make_host(kube, test_host_factory("big", cpus=8, memory_mib=2048), uniq("big"), {"zone": zone})
+    other = make_host(kube, test_host_factory("other", cpus=64, memory_mib=65536), uniq("other"))
+    # Needs 2 CPUs: only `big` in the zone fits (the much larger `other` is not selected).
+    make_vm(kube, namespace, "two-cpu", cpu=2, hostSelector={"matchLabels": {"zone": zone}})
+    obj = wait_printable(kube, namespace, "two-cpu", "Running")
+    assert obj["status"]["host"] == big
+    # Fits on either by CPU; most free memory wins: `big` (2048 - 128 MiB) over `small` (1024).
+    # Reservations: a VM placed but not yet running still counts against the host.
+    make_vm(kube, namespace, "fill", cpu=1, memory="1536Mi", hostSelector={"matchLabels": {"zone": zone}},
+            runStrategy="Always")
+    assert wait_printable(kube, namespace, "fill", "Running")["status"]["host"] == big
+    # big now has 2048-128-1536 = 384 MiB free; small 1024 MiB: a 512 MiB VM goes to small.
+    make_vm(kube, namespace, "third", cpu=1, memory="512Mi", hostSelector={"matchLabels": {"zone": zone}})
+    assert wait_printable(kube, namespace, "third", "Running")["status"]["host"] == small
+    assert other not in {status(kube, namespace, n)["host"] for n in ("two-cpu", "fill", "third")}
+    for n in ("two-cpu", "fill", "third"):
+        delete_and_wait(kube, namespace, n)
+
+
+def test_no_fit_then_fits_when_a_host_appears(kube, operator, namespace, test_host_factory) -> None:
+    zone = uniq("zone")
+    make_vm(kube, namespace, "waiting", cpu=4, hostSelector={"matchLabels": {"zone": zone}})
+    obj = wait_printable(kube, namespace, "waiting", "ErrorUnschedulable")
+    sched = condition(obj, "Scheduled")
+    assert sched["status"] == "False" and sched["reason"] == "NoSchedulableHost"
+    assert obj["status"]["error"]["code"] == "NO_SCHEDULABLE_HOST"
+    assert condition(obj, "Reconciling")["status"] == "True" and condition(obj, "Stalled") is None
+
+    make_host(kube, test_host_factory("tiny", cpus=2, memory_mib=1024), uniq("tiny"), {"zone": zone})
+    obj = kube.wait_for(lambda: (o := kube.get(VM, "waiting", namespace)) and
+                        (condition(o, "Scheduled") or {}).get("reason") == "InsufficientResources" and o,
+                        what="InsufficientResources")
+    assert obj["status"]["printableStatus"] == "ErrorUnschedulable"
+    assert obj["status"]["error"]["code"] == "INSUFFICIENT_RESOURCES"
+
+    roomy = make_host(kube, test_host_factory("roomy", cpus=8, memory_mib=8192), uniq("roomy"), {"zone": zone})
+    t0 = time.monotonic()
+    obj = wait_printable(kube, namespace, "waiting", "Running", timeout=20)
+    took = time.monotonic() - t0
+    assert obj["status"]["host"] == roomy and "error" not in obj["status"]
+    assert condition(obj, "Scheduled")["status"] == "True"
+    assert took < 10, f"placement after the host appeared took {took:.1f}s"  # woken, not a slow backoff
+    delete_and_wait(kube, namespace, "waiting")
+
+
+def test_missing_iso_waits_for_media(kube, operator, namespace, host) -> None:
+    make_vm(kube, namespace, "installer", hostRef=host,
+            disks=[{"name": "root", "volume": {"size": "1Gi"}},
+                   {"name": "media", "bootOrder": 1, "cdrom": {"isoImageRef": {"name": "nope"}}}])
+    obj = wait_printable(kube, namespace, "installer", "WaitingForMedia")
+    ready = condition(obj, "Ready")
+    assert ready["status"] == "False" and ready["reason"] == "ISONotFound"
+    assert obj["status"]["error"]["code"] == "ISO_NOT_FOUND"
+    assert condition(obj, "Scheduled")["status"] == "True"
+    assert f"{namespace}_installer" not in domains(operator, host)
+    delete_and_wait(kube, namespace, "installer")
+
+
+def test_spec_change_while_running_requires_restart(kube, operator, namespace, host) -> None:
+    uid = make_vm(kube, namespace, "grow", hostRef=host)["metadata"]["uid"]
+    wait_printable(kube, namespace, "grow", "Running")
+    kube.patch(VM, "grow", {"spec": {"cpu": 2}}, namespace)
+    obj = kube.wait_condition(VM, "grow", "RestartRequired", "True", namespace=namespace)
+    assert obj["status"]["printableStatus"] == "Running"
+    vcpus = on_host(operator, host, lambda c: c.lookupByUUIDString(uid).XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE))
+    assert "<vcpu placement='static'>2</vcpu>" in vcpus
+    domain_action(operator, host, uid, "shutdown")  # Always restarts it with the new definition
+    kube.wait_for(lambda: condition(kube.get(VM, "grow", namespace), "RestartRequired") is None
+                  and status(kube, namespace, "grow").get("printableStatus") == "Running",
+                  timeout=15, what="RestartRequired cleared after a restart")
+    delete_and_wait(kube, namespace, "grow")
+
+
+def test_operator_never_writes_spec(kube, operator, namespace, host) -> None:
+    make_vm(kube, namespace, "ro", hostRef=host, runStrategy="Halted",
+            disks=[{"name": "root", "volume": {"size": "64Mi"}}])
+    wait_printable(kube, namespace, "ro", "Stopped")
+    kube.patch(VM, "ro", {"spec": {"runStrategy": "Always"}}, namespace)  # generation 2
+    wait_printable(kube, namespace, "ro", "Running")
+    time.sleep(2)  # let resyncs happen
+    obj = kube.get(VM, "ro", namespace)
+    assert obj["metadata"]["generation"] == 2
+    assert obj["status"]["observedGeneration"] == 2
+    assert obj["spec"]["runStrategy"] == "Always"
+    managed = {(e["manager"], e.get("subresource")): e.get("fieldsV1") or {} for e in obj["metadata"]["managedFields"]}
+    # The operator's writes: status through its own client, finalizer/annotations through kopf.
+    assert ("libvirt-operator", "status") in managed and ("kopf", None) in managed
+    for (manager, _sub), fields in managed.items():
+        if manager in ("libvirt-operator", "kopf"):
+            assert "f:spec" not in fields, (manager, fields)
+    spec_owners = {m for (m, _sub), fields in managed.items() if "f:spec" in fields}
+    assert len(spec_owners) == 1 and not spec_owners & {"libvirt-operator", "kopf"}  # only this test's client
+    delete_and_wait(kube, namespace, "ro")
+
+
+def test_deletion_with_host_gone_blocks_until_force_release(kube, operator, namespace, test_host_factory) -> None:
+    hv = make_host(kube, test_host_factory("doomed", cpus=4, memory_mib=4096), uniq("doomed"))
+    make_vm(kube, namespace, "orphan", hostRef=hv)
+    wait_printable(kube, namespace, "orphan", "Running")
+    kube.delete(HOST, hv)
+    kube.wait_for(lambda: kube.get(HOST, hv) is None, what="host deleted")
+    kube.delete(VM, "orphan", namespace)
+    obj = kube.wait_condition(VM, "orphan", "DeletionBlocked", "True", namespace=namespace)
+    assert obj["status"]["printableStatus"] == "Terminating"
+    assert condition(obj, "DeletionBlocked")["reason"] == "HostNotFound"
+    assert "force-release" in condition(obj, "DeletionBlocked")["message"]
+    time.sleep(2)
+    assert kube.get(VM, "orphan", namespace) is not None  # not released by itself
+    kube.patch(VM, "orphan", {"metadata": {"annotations": {"virt.libvirt-operator.io/force-release": "true"}}},
+               namespace)
+    kube.wait_for(lambda: kube.get(VM, "orphan", namespace) is None, timeout=30, what="force-released")
+
+
+def test_operator_restart_adopts_domains_without_duplicates(kube, operator, namespace) -> None:
+    # test:///default is shared by every connection in this process (a file host would be a fresh
+    # copy for the new operator); hold one connection so its state survives the restart.
+    keep = libvirt.open("test:///default")
+    try:
+        hv = make_host(kube, "test:///default", uniq("shared"))
+        uid = make_vm(kube, namespace, "survivor", hostRef=hv,
+                      disks=[{"name": "root", "volume": {"size": "64Mi", "pool": "default-pool"}}])["metadata"]["uid"]
+        wait_printable(kube, namespace, "survivor", "Running")
+        dname = f"{namespace}_survivor"
+        defined_before = event_reasons(kube, namespace, "survivor").count("Defined")
+        assert defined_before == 1
+        rv_before = status(kube, namespace, "survivor")
+
+        operator.stop()
+        assert keep.lookupByUUIDString(uid).state()[0] == RUNNING
+        operator.start()
+        time.sleep(3)  # resume handlers + a resync
+        obj = kube.wait_condition(VM, "survivor", "Ready", "True", namespace=namespace)
+        same = [d for d in keep.listAllDomains() if d.name() == dname]
+        assert len(same) == 1 and same[0].UUIDString() == uid and same[0].state()[0] == RUNNING
+        assert event_reasons(kube, namespace, "survivor").count("Defined") == 1
+        assert event_reasons(kube, namespace, "survivor").count("Started") == 1
+        assert obj["status"]["firstBootTime"] == rv_before["firstBootTime"]
+        vols = [v.name() for v in keep.storagePoolLookupByName("default-pool").listAllVolumes()] \
+            if "default-pool" in keep.listStoragePools() else []
+        assert vols.count(f"{dname}-root") <= 1
+        delete_and_wait(kube, namespace, "survivor")
+        assert dname not in [d.name() for d in keep.listAllDomains()]
+        kube.delete(HOST, hv)
+    finally:
+        keep.close()
+
+
+def test_steady_state_uses_one_bulk_call_per_host(kube, operator, namespace, host) -> None:
+    from prometheus_client import REGISTRY
+
+    def calls(operation: str) -> float:
+        return REGISTRY.get_sample_value("libvirt_operator_libvirt_calls_total",
+                                         {"host": host, "operation": operation, "outcome": "ok"}) or 0.0
+
+    uids = [make_vm(kube, namespace, f"vm{i}", hostRef=host)["metadata"]["uid"] for i in range(3)]
+    for i in range(3):
+        wait_printable(kube, namespace, f"vm{i}", "Running")
+    time.sleep(0.5)
+    lookups, bulk = calls("get_domain"), calls("list_domains")
+    domain_action(operator, host, uids[1], "suspend")  # an event: the host's VMs are refreshed in bulk
+    obj = wait_printable(kube, namespace, "vm1", "Paused", timeout=5)
+    assert condition(obj, "Ready")["status"] == "False"
+    domain_action(operator, host, uids[1], "resume")
+    wait_printable(kube, namespace, "vm1", "Running", timeout=5)
+    assert calls("list_domains") > bulk
+    assert calls("get_domain") == lookups  # no per-VM lookups in steady state
+    for i in range(3):
+        delete_and_wait(kube, namespace, f"vm{i}")

@@ -1,0 +1,169 @@
+"""reconcile.vm against a libvirt test-driver host, without Kubernetes: install media resolution,
+idempotence, redefinition, and a teardown that keeps what the operator did not create."""
+
+from __future__ import annotations
+
+import uuid
+import xml.etree.ElementTree as ET
+from typing import Any
+
+import pytest
+
+from libvirt_operator.adapters.libvirt import ConnectOptions, HostPool
+from libvirt_operator.core.errors import ErrorCode
+from libvirt_operator.core.settings import Settings
+from libvirt_operator.reconcile.runtime import Runtime
+from libvirt_operator.reconcile.vm import ClusterView, delete_vm, sync_vm
+
+try:
+    import libvirt
+except ImportError:
+    libvirt = None
+
+
+def host_obj(name: str, uri: str) -> dict[str, Any]:
+    return {"metadata": {"name": name}, "spec": {"uri": uri},
+            "status": {"conditions": [{"type": "Ready", "status": "True"}], "capacity": {"cpus": 8, "memory": "8Gi"},
+                       "allocated": {"cpus": 0, "memory": "0"}, "domainTypes": ["test"]}}
+
+
+def iso_obj(phase: str) -> dict[str, Any]:
+    return {"metadata": {"name": "debian"},
+            "status": {"hosts": [{"host": "h", "phase": phase, "pool": "default", "volume": "debian.iso"}]}}
+
+
+@pytest.fixture
+async def setup(test_host_factory):
+    uri = test_host_factory("recon", cpus=8, memory_mib=8192)
+    pool = HostPool()
+    conn = await pool.ensure("h", ConnectOptions(uri=uri))
+    rt = Runtime(settings=Settings(knowledge_base_enabled=False), pool=pool, kube=None)  # type: ignore[arg-type]
+    yield rt, conn, uri
+    await pool.close_all()
+
+
+def vm_body(uid: str, status: dict[str, Any] | None = None, **spec: Any) -> dict[str, Any]:
+    spec = {"hostRef": "h", "memory": "128Mi",
+            "disks": [{"name": "root", "volume": {"size": "1Gi"}},
+                      {"name": "media", "bootOrder": 1, "cdrom": {"isoImageRef": {"name": "debian"}}}], **spec}
+    return {"metadata": {"namespace": "ns", "name": "inst", "uid": uid, "generation": 1}, "spec": spec,
+            "status": status or {}}
+
+
+async def test_media_wait_then_define_idempotently_then_teardown_keeps_the_iso(setup) -> None:
+    rt, conn, uri = setup
+    uid = str(uuid.uuid4())
+
+    def make_iso(c):
+        pool = c.storagePoolLookupByName("default")
+        return pool.createXML("<volume><name>debian.iso</name><capacity unit='bytes'>1048576</capacity>"
+                              "<target><format type='raw'/></target></volume>", 0).path()
+
+    iso_path = await conn.call("make-iso", make_iso)
+    isos: dict[str, Any] = {}
+    view = ClusterView(hosts={"h": host_obj("h", uri)}, iso=lambda ns, name: isos.get(name))
+
+    out = await sync_vm(vm_body(uid), rt, view)
+    assert out.error is not None and out.error.code is ErrorCode.ISO_NOT_FOUND and out.retry
+    assert out.status["printableStatus"] == "WaitingForMedia"
+    assert any(e[1] == "ISONotFound" for e in out.events)
+
+    isos["debian"] = iso_obj("Uploading")
+    out = await sync_vm(vm_body(uid, out.status), rt, view)
+    assert out.status["printableStatus"] == "WaitingForMedia" and "not Ready on LibvirtHost h" in out.error.message
+    assert not [e for e in out.events if e[1] == "ISONotFound"]  # same error: no second Event
+
+    isos["debian"] = iso_obj("Ready")
+    out = await sync_vm(vm_body(uid, out.status), rt, view)
+    assert out.error is None, out.error
+    assert out.status["printableStatus"] == "Running" and "error" not in out.status
+    assert {e[1] for e in out.events} >= {"Defined", "VolumesCreated", "Started"}
+    xml = await conn.call("xml", lambda c: c.lookupByUUIDString(uid).XMLDesc(0))
+    root = ET.fromstring(xml)
+    cdrom = root.find("devices/disk[@device='cdrom']")
+    assert cdrom.find("source").get("file") == iso_path and cdrom.find("boot").get("order") == "1"
+    disk = root.find("devices/disk[@device='disk']")
+    assert disk.find("source").get("file").endswith("/ns_inst-root")
+
+    # Nothing changed: no define, no start, no events, same status.
+    again = await sync_vm(vm_body(uid, out.status), rt, view)
+    assert again.events == [] and again.error is None
+    assert {k: v for k, v in again.status.items() if k != "conditions"} == \
+        {k: v for k, v in out.status.items() if k != "conditions"}
+
+    # A spec change while running: redefined, RestartRequired.
+    body = vm_body(uid, out.status, cpu=3)
+    body["metadata"]["generation"] = 2
+    changed = await sync_vm(body, rt, view)
+    assert "Redefined" in {e[1] for e in changed.events} and "RestartRequired" in {e[1] for e in changed.events}
+    cond = {c["type"]: c for c in changed.status["conditions"]}
+    assert cond["RestartRequired"]["status"] == "True" and changed.status["observedGeneration"] == 2
+    inactive = await conn.call("xml", lambda c: c.lookupByUUIDString(uid).XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE))
+    assert ET.fromstring(inactive).findtext("vcpu") == "3"
+
+    gone = await delete_vm(vm_body(uid, changed.status), rt, view)
+    assert gone.released and gone.error is None
+    left = await conn.call("list", lambda c: ([d.UUIDString() for d in c.listAllDomains()],
+                                              sorted(v.name() for v in c.storagePoolLookupByName("default").listAllVolumes())))
+    assert uid not in left[0]
+    assert left[1] == ["debian.iso"]  # the ISOImage's volume is not ours to delete
+
+
+async def test_foreign_domain_with_the_same_name_is_reported_not_overwritten(setup) -> None:
+    rt, conn, uri = setup
+    await conn.call("foreign", lambda c: c.defineXML(
+        "<domain type='test'><name>ns_inst</name><memory>65536</memory><os><type>hvm</type></os></domain>"))
+    view = ClusterView(hosts={"h": host_obj("h", uri)})
+    out = await sync_vm(vm_body(str(uuid.uuid4()), disks=[]), rt, view)
+    assert out.error is not None and "already exists" in out.error.message and "not managed" in out.error.message
+    assert out.status["printableStatus"] == "Provisioning"
+
+
+async def test_start_failure_backs_off(setup, monkeypatch) -> None:
+    rt, conn, uri = setup
+    from libvirt_operator.adapters.libvirt import domains
+
+    def broken_start(c, uid):
+        raise libvirt.libvirtError("internal error: qemu unexpectedly closed the monitor")
+
+    monkeypatch.setattr(domains, "start", broken_start)
+    view = ClusterView(hosts={"h": host_obj("h", uri)})
+    out = await sync_vm(vm_body(str(uuid.uuid4()), disks=[]), rt, view)
+    assert out.status["printableStatus"] == "CrashLoopBackOff"
+    assert out.status["startFailure"]["consecutiveFailCount"] == 1
+    assert out.error is not None and out.requeue_after is not None and 5 < out.requeue_after <= 10
+    assert "FailedStart" in {e[1] for e in out.events}
+
+
+async def test_eject_after_first_boot_empties_cdroms_once_the_first_run_ends(setup) -> None:
+    rt, conn, uri = setup
+    uid = str(uuid.uuid4())
+
+    def make_iso(c):
+        c.storagePoolLookupByName("default").createXML(
+            "<volume><name>debian.iso</name><capacity unit='bytes'>1048576</capacity></volume>", 0)
+
+    await conn.call("make-iso", make_iso)
+    view = ClusterView(hosts={"h": host_obj("h", uri)}, iso=lambda ns, name: iso_obj("Ready"))
+    out = await sync_vm(vm_body(uid, installMediaPolicy="EjectAfterFirstBoot"), rt, view)
+    assert out.status["printableStatus"] == "Running" and not out.status.get("mediaEjected")
+
+    def cdrom_source(c):
+        root = ET.fromstring(c.lookupByUUIDString(uid).XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE))
+        return root.find("devices/disk[@device='cdrom']/source")
+
+    assert await conn.call("src", cdrom_source) is not None  # the installer keeps its media while it runs
+    # The guest shuts down at the end of the install; the host resync observes it.
+    from libvirt_operator.adapters.libvirt import domains
+    await conn.call("shutdown", lambda c: c.lookupByUUIDString(uid).shutdown())
+    observed = (await conn.call("list", domains.list_domains))[uid]
+    out = await sync_vm(vm_body(uid, out.status, installMediaPolicy="EjectAfterFirstBoot"), rt, view,
+                        observed=observed)
+    assert out.error is None, out.error
+    assert out.status["mediaEjected"] is True and out.status["printableStatus"] == "Running"
+    assert {"MediaEjected", "Redefined", "Started"} <= {e[1] for e in out.events}
+    assert await conn.call("src", cdrom_source) is None
+    # ISOImage gone afterwards: no longer needed.
+    gone_view = ClusterView(hosts={"h": host_obj("h", uri)})
+    again = await sync_vm(vm_body(uid, out.status, installMediaPolicy="EjectAfterFirstBoot"), rt, gone_view)
+    assert again.error is None and again.events == []

@@ -1,0 +1,331 @@
+"""Pure VM planning: placement, run strategies, crash-loop backoff, redefinition, printable status."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+import pytest
+
+from libvirt_operator.core.api.vm import StartFailure, VirtualMachineSpec
+from libvirt_operator.core.domain import ABSENT, DomainObservation, PowerState, StopCause
+from libvirt_operator.core.errors import ErrorCode
+from libvirt_operator.reconcile import plan
+from libvirt_operator.reconcile.plan import Action, HostView, PowerStatus, Reservation
+
+NOW = dt.datetime(2026, 1, 1, 12, 0, 0, tzinfo=dt.timezone.utc)
+GiB = 2**30
+
+
+def ago(seconds: float) -> dt.datetime:
+    return NOW - dt.timedelta(seconds=seconds)
+
+
+def spec(**kw) -> VirtualMachineSpec:
+    return VirtualMachineSpec.model_validate(kw)
+
+
+def host(name: str, cpus: int = 8, mem_gib: int = 16, labels=None, ready=True, alloc_cpus=0, alloc_gib=0,
+         **kw) -> HostView:
+    return HostView(name=name, labels=labels or {}, ready=ready, cpus=cpus, memory_bytes=mem_gib * GiB,
+                    allocated_cpus=alloc_cpus, allocated_memory_bytes=alloc_gib * GiB, **kw)
+
+
+RUNNING = DomainObservation(PowerState.RUNNING)
+OFF_NEW = DomainObservation(PowerState.SHUTOFF)                      # defined, never ran
+OFF_CLEAN = DomainObservation(PowerState.SHUTOFF, StopCause.CLEAN)
+OFF_DESTROYED = DomainObservation(PowerState.SHUTOFF, StopCause.DESTROYED)
+OFF_CRASHED = DomainObservation(PowerState.SHUTOFF, StopCause.FAILURE)
+PAUSED = DomainObservation(PowerState.PAUSED)
+
+
+# ---------------------------------------------------------------------------- placement
+
+def test_host_view_from_object_parses_status():
+    obj = {"metadata": {"name": "h1", "labels": {"zone": "a"}},
+           "spec": {"uri": "test:///default", "defaultPool": "images"},
+           "status": {"conditions": [{"type": "Ready", "status": "True"}], "capacity": {"cpus": 4, "memory": "8Gi"},
+                      "allocated": {"cpus": 1, "memory": "1Gi"}, "domainTypes": ["kvm", "qemu"],
+                      "lastProbeTime": "2026-01-01T11:59:00Z"}}
+    hv = HostView.from_object(obj)
+    assert (hv.name, hv.ready, hv.cpus, hv.memory_bytes, hv.allocated_cpus, hv.allocated_memory_bytes) == \
+        ("h1", True, 4, 8 * GiB, 1, GiB)
+    assert hv.labels == {"zone": "a"} and hv.domain_types == ("kvm", "qemu") and hv.default_pool == "images"
+    assert hv.last_probe_time == ago(60)
+    assert not HostView.from_object({"metadata": {"name": "x"}}).ready
+
+
+def test_selector_picks_matching_host_with_most_free_memory():
+    hosts = [host("a", labels={"zone": "x"}, mem_gib=8), host("b", labels={"zone": "x"}, mem_gib=32),
+             host("c", labels={"zone": "y"}, mem_gib=256)]
+    p = plan.choose_host(spec(hostSelector={"matchLabels": {"zone": "x"}}), hosts)
+    assert p.host == "b" and p.error is None
+
+
+def test_no_selector_considers_every_ready_host_and_ties_break_by_name():
+    p = plan.choose_host(spec(), [host("zz"), host("aa"), host("down", mem_gib=999, ready=False)])
+    assert p.host == "aa"
+
+
+def test_capacity_counts_allocated_and_reservations():
+    hosts = [host("a", cpus=4, mem_gib=4, alloc_cpus=2, alloc_gib=2), host("b", cpus=4, mem_gib=4)]
+    vm = spec(cpu=2, memory="2Gi")
+    assert plan.choose_host(vm, hosts).host == "b"  # b has more free memory
+    # b already promised 3 GiB to a placed-but-not-running VM: only a fits now.
+    reserved = [Reservation("b", 1, 3 * GiB)]
+    assert plan.choose_host(vm, hosts, reserved).host == "a"
+    # both full → INSUFFICIENT_RESOURCES with a helpful message
+    p = plan.choose_host(spec(cpu=4, memory="2Gi"), hosts, reserved)
+    assert p.host is None and p.error.code is ErrorCode.INSUFFICIENT_RESOURCES
+    assert "4 CPUs" in p.error.message
+
+
+def test_running_vm_counts_until_the_host_probe_has_seen_it():
+    h = host("a", cpus=4, mem_gib=4, last_probe_time=ago(10))
+    fresh = Reservation("a", 2, 3 * GiB, started=ago(5))     # started after the probe: not in allocated
+    seen = Reservation("a", 2, 3 * GiB, started=ago(60))     # the probe counted it in allocated
+    assert plan.free_resources(h, [fresh]) == (2, GiB)
+    assert plan.free_resources(h, [seen]) == (4, 4 * GiB)
+
+
+def test_reservations_from_vm_objects():
+    def vm(uid, host_, printable=None, strategy="Always", deleting=False, started=None):
+        meta = {"uid": uid, **({"deletionTimestamp": "x"} if deleting else {})}
+        st = {"host": host_, **({"printableStatus": printable} if printable else {}),
+              **({"lastStartTime": started} if started else {})}
+        return {"metadata": meta, "spec": {"cpu": 2, "memory": "1Gi", "runStrategy": strategy}, "status": st}
+    vms = [vm("1", "a", "Provisioning"), vm("2", None), vm("3", "a", strategy="Halted"), vm("4", "a", deleting=True),
+           vm("5", "a", "Stopped", strategy="Once"), vm("6", "a", "Running", started="2026-01-01T11:59:55Z"),
+           vm("me", "a")]
+    res = plan.reservations(vms, exclude_uid="me")
+    assert [(r.uid, r.cpus, r.memory_bytes) for r in res] == [("1", 2, GiB), ("6", 2, GiB)]
+    assert res[0].started is None and res[1].started == ago(5)
+
+
+def test_no_matching_ready_host_is_no_schedulable_host():
+    p = plan.choose_host(spec(hostSelector={"matchLabels": {"gpu": "yes"}}),
+                         [host("a"), host("b", labels={"gpu": "yes"}, ready=False)])
+    assert p.host is None and p.error.code is ErrorCode.NO_SCHEDULABLE_HOST
+    assert "gpu=yes" in p.error.message and p.error.retryable
+    assert plan.choose_host(spec(), []).error.code is ErrorCode.NO_SCHEDULABLE_HOST
+
+
+def test_deleting_host_is_not_a_candidate():
+    assert plan.choose_host(spec(), [host("a", deleting=True)]).error.code is ErrorCode.NO_SCHEDULABLE_HOST
+
+
+def test_host_ref_pins_without_capacity_check_but_needs_existence_and_readiness():
+    hosts = [host("a", cpus=1, mem_gib=1), host("b", ready=False)]
+    assert plan.choose_host(spec(hostRef="a", cpu=8, memory="64Gi"), hosts).host == "a"
+    assert plan.choose_host(spec(hostRef="b"), hosts).error.code is ErrorCode.NO_SCHEDULABLE_HOST
+    missing = plan.choose_host(spec(hostRef="gone"), hosts)
+    assert missing.error.code is ErrorCode.HOST_NOT_FOUND
+
+
+@pytest.mark.parametrize("requested,types,previous,expected", [
+    ("auto", ("kvm", "qemu"), None, "kvm"),
+    ("auto", ("qemu",), None, "qemu"),
+    ("auto", ("test",), None, "qemu"),
+    ("auto", ("kvm", "qemu"), "qemu", "qemu"),  # sticky once chosen
+    ("qemu", ("kvm", "qemu"), None, "qemu"),
+    ("kvm", (), None, "kvm"),                   # unknown host facts: trust the user
+])
+def test_domain_type(requested, types, previous, expected):
+    assert plan.domain_type_for(requested, types, previous) == expected
+
+
+def test_kvm_on_a_host_without_kvm_is_permanent():
+    with pytest.raises(plan.AppError) as err:
+        plan.domain_type_for("kvm", ("qemu",))
+    assert err.value.code is ErrorCode.HYPERVISOR_UNSUPPORTED and not err.value.retryable
+
+
+# ---------------------------------------------------------------------------- power
+
+def power(strategy, observed, status=PowerStatus(), grace=60.0, now=NOW):
+    return plan.plan_power(strategy, observed, status, now, grace)
+
+
+BOOTED = PowerStatus(first_boot_time=ago(3600), last_start_time=ago(3600))
+
+
+@pytest.mark.parametrize("strategy", ["Always", "Manual", "RerunOnFailure", "Once"])
+def test_new_domain_is_started_except_halted(strategy):
+    for obs in (OFF_NEW, ABSENT):
+        p = power(strategy, obs)
+        assert p.action is Action.START and p.printable == "Starting" and not p.ready
+        assert p.desired_running is True
+
+
+def test_halted_new_domain_stays_off_and_is_ready():
+    p = power("Halted", OFF_NEW)
+    assert p.action is Action.NONE and p.printable == "Stopped" and p.ready and p.reason == "Stopped"
+
+
+@pytest.mark.parametrize("strategy", ["Always", "Manual", "RerunOnFailure", "Once"])
+def test_running_is_ready(strategy):
+    p = power(strategy, RUNNING, BOOTED)
+    assert p.action is Action.NONE and p.ready and p.printable == "Running" and p.reason == "Running"
+
+
+def test_running_domain_records_boot_times_when_adopted():
+    p = power("Always", RUNNING, PowerStatus())
+    assert p.status.first_boot_time == NOW and p.status.last_start_time == NOW
+
+
+def test_halted_stops_gracefully_then_powers_off_after_grace():
+    p = power("Halted", RUNNING, BOOTED, grace=30)
+    assert p.action is Action.SHUTDOWN and p.status.stop_requested_time == NOW and p.requeue_after == 30
+    assert p.printable == "Stopping" and not p.ready
+    waiting = power("Halted", RUNNING, PowerStatus(ago(99), ago(99), stop_requested_time=ago(10)), grace=30)
+    assert waiting.action is Action.NONE and waiting.requeue_after == pytest.approx(20)
+    late = power("Halted", RUNNING, PowerStatus(ago(99), ago(99), stop_requested_time=ago(31)), grace=30)
+    assert late.action is Action.DESTROY
+    assert power("Halted", RUNNING, BOOTED, grace=0).action is Action.DESTROY
+    assert power("Halted", PAUSED, BOOTED).action is Action.DESTROY
+
+
+def test_stopped_on_purpose_forgets_the_crash_loop():
+    looping = PowerStatus(ago(99), None, start_failure=StartFailure(consecutive_fail_count=2, retry_after=ago(-5)))
+    assert power("Halted", OFF_CLEAN, looping).status.start_failure is None
+    assert power("Always", OFF_CRASHED, looping).status.start_failure is not None
+
+
+def test_halted_stop_by_the_operator_is_not_a_failure():
+    p = power("Halted", OFF_DESTROYED, PowerStatus(ago(99), ago(99), stop_requested_time=ago(40)))
+    assert p.action is Action.NONE and p.ready and p.status.start_failure is None
+    assert p.status.stop_requested_time is None and p.status.last_start_time is None
+
+
+def test_always_restarts_after_clean_shutdown_without_backoff():
+    p = power("Always", OFF_CLEAN, BOOTED)
+    assert p.action is Action.START and p.status.start_failure is None
+    assert p.status.last_start_time is None  # the run is accounted for
+
+
+def test_always_backs_off_after_a_crash():
+    p = power("Always", OFF_CRASHED, PowerStatus(ago(99), ago(5)))
+    assert p.action is Action.NONE and p.printable == "CrashLoopBackOff" and not p.ready
+    assert p.status.start_failure.consecutive_fail_count == 1
+    assert p.status.start_failure.retry_after == NOW + dt.timedelta(seconds=10)
+    assert p.requeue_after == pytest.approx(10)
+    # the same observation again does not count twice (lastStartTime was cleared)
+    again = power("Always", OFF_CRASHED, p.status, now=NOW + dt.timedelta(seconds=3))
+    assert again.status.start_failure.consecutive_fail_count == 1 and again.action is Action.NONE
+    # once the backoff has passed: start
+    due = power("Always", OFF_CRASHED, p.status, now=NOW + dt.timedelta(seconds=11))
+    assert due.action is Action.START and due.printable == "Starting"
+
+
+def test_backoff_grows_for_short_runs_and_resets_after_a_stable_run():
+    short = PowerStatus(ago(999), ago(5), start_failure=StartFailure(consecutive_fail_count=3, retry_after=ago(30)))
+    p = power("Always", OFF_CRASHED, short)
+    assert p.status.start_failure.consecutive_fail_count == 4
+    assert p.status.start_failure.retry_after == NOW + dt.timedelta(seconds=80)
+    stable = dataclass_replace(short, last_start_time=ago(600))
+    after_stable = power("Always", OFF_CRASHED, stable)  # not a crash loop: restart at once
+    assert after_stable.status.start_failure is None and after_stable.action is Action.START
+    # running long enough clears the failure record
+    running = power("Always", RUNNING, dataclass_replace(short, last_start_time=ago(61)))
+    assert running.status.start_failure is None
+    still = power("Always", RUNNING, dataclass_replace(short, last_start_time=ago(20)))
+    assert still.status.start_failure is not None and still.requeue_after == pytest.approx(40)
+
+
+def dataclass_replace(obj, **kw):
+    import dataclasses
+    return dataclasses.replace(obj, **kw)
+
+
+def test_start_backoff_caps_at_five_minutes():
+    assert [plan.start_backoff(n) for n in (1, 2, 3, 4, 5, 6, 10)] == [10, 20, 40, 80, 160, 300, 300]
+
+
+def test_record_start_failure():
+    f = plan.record_start_failure(None, NOW)
+    assert f.consecutive_fail_count == 1 and f.retry_after == NOW + dt.timedelta(seconds=10)
+    f2 = plan.record_start_failure(f, NOW)
+    assert f2.consecutive_fail_count == 2 and f2.retry_after == NOW + dt.timedelta(seconds=20)
+    assert plan.record_start_failure(f2, NOW, last_start=ago(120)).consecutive_fail_count == 1
+
+
+def test_rerun_on_failure():
+    assert power("RerunOnFailure", OFF_CLEAN, BOOTED).action is Action.NONE
+    clean = power("RerunOnFailure", OFF_CLEAN, BOOTED)
+    assert clean.ready and clean.printable == "Stopped"
+    crashed = power("RerunOnFailure", OFF_CRASHED, PowerStatus(ago(999), ago(600)))
+    assert crashed.action is Action.START and crashed.status.start_failure is None  # after a stable run
+
+
+def test_rerun_on_failure_after_crash_waits_for_backoff_then_starts():
+    p = power("RerunOnFailure", OFF_DESTROYED, PowerStatus(ago(999), ago(5)))
+    assert p.action is Action.NONE and p.printable == "CrashLoopBackOff"
+    later = power("RerunOnFailure", OFF_DESTROYED, p.status, now=NOW + dt.timedelta(seconds=10))
+    assert later.action is Action.START
+
+
+def test_once_never_restarts():
+    for obs in (OFF_CLEAN, OFF_CRASHED, OFF_DESTROYED):
+        p = power("Once", obs, BOOTED)
+        assert p.action is Action.NONE and p.printable == "Stopped" and p.ready
+        assert p.desired_running is False
+
+
+def test_manual_starts_once_then_leaves_power_alone():
+    assert power("Manual", OFF_NEW).action is Action.START
+    for obs, printable in ((OFF_CLEAN, "Stopped"), (OFF_CRASHED, "Stopped"), (RUNNING, "Running"),
+                           (PAUSED, "Paused")):
+        p = power("Manual", obs, BOOTED)
+        assert p.action is Action.NONE and p.desired_running is None and p.printable == printable and p.ready
+
+
+def test_paused_and_shutting_down_under_always():
+    p = power("Always", PAUSED, BOOTED)
+    assert p.action is Action.NONE and p.printable == "Paused" and not p.ready
+    s = power("Always", DomainObservation(PowerState.SHUTTING_DOWN), BOOTED)
+    assert s.action is Action.NONE and s.printable == "Stopping" and s.requeue_after == 1.0
+
+
+def test_crashed_state_is_powered_off_first():
+    p = power("Always", DomainObservation(PowerState.CRASHED, StopCause.FAILURE), PowerStatus(ago(99), ago(5)))
+    assert p.action is Action.DESTROY and p.status.start_failure.consecutive_fail_count == 1
+
+
+def test_unknown_state_does_nothing():
+    p = power("Always", DomainObservation(PowerState.UNKNOWN), BOOTED)
+    assert p.action is Action.NONE and p.printable == "Unknown" and not p.ready
+
+
+def test_unknown_run_strategy_is_rejected():
+    with pytest.raises(ValueError):
+        plan.desired_running("Sometimes", RUNNING, BOOTED)
+
+
+# ---------------------------------------------------------------------------- redefine, printable
+
+def test_redefine_decisions():
+    assert plan.plan_redefine("h1", None, None, False) == plan.RedefinePlan(True, False)   # new domain
+    assert plan.plan_redefine("h1", "h1", None, False) == plan.RedefinePlan(False, False)  # up to date
+    assert plan.plan_redefine("h1", "h1", "h1", True) == plan.RedefinePlan(False, False)
+    assert plan.plan_redefine("h2", "h1", None, False) == plan.RedefinePlan(True, False)   # off: just redefine
+    assert plan.plan_redefine("h2", "h1", "h1", True) == plan.RedefinePlan(True, True)     # running: restart
+    assert plan.plan_redefine("h2", "h2", "h1", True) == plan.RedefinePlan(False, True)    # defined, not booted
+
+
+def test_printable_status_priorities():
+    running = power("Always", RUNNING, BOOTED)
+    assert plan.printable_status(power=running) == "Running"
+    assert plan.printable_status(deleting=True, unschedulable=True, power=running) == "Terminating"
+    assert plan.printable_status(unschedulable=True) == "ErrorUnschedulable"
+    assert plan.printable_status(waiting_for_media=True, provisioning=True) == "WaitingForMedia"
+    assert plan.printable_status(host_unknown=True, power=running) == "Unknown"
+    assert plan.printable_status() == "Provisioning"
+
+
+def test_eject_media_only_after_the_first_run_ended():
+    eject = plan.eject_media_now
+    assert eject("EjectAfterFirstBoot", ago(60), False, OFF_CLEAN)
+    assert eject("EjectAfterFirstBoot", ago(60), False, OFF_CRASHED)
+    assert not eject("EjectAfterFirstBoot", ago(60), False, RUNNING)   # the installer still reads it
+    assert not eject("EjectAfterFirstBoot", None, False, OFF_NEW)       # never booted
+    assert not eject("EjectAfterFirstBoot", ago(60), True, OFF_CLEAN)   # already done
+    assert not eject("Keep", ago(60), False, OFF_CLEAN)
