@@ -15,8 +15,9 @@ from libvirt_operator.core.settings import Settings
 class InProcessOperator:
     def __init__(self, kubeconfig: Path, settings: Settings | None = None, namespaces: tuple[str, ...] = ()) -> None:
         self.kubeconfig = kubeconfig
+        settings = settings or Settings(knowledge_base_enabled=False)
         self.options = OperatorOptions(namespaces=namespaces, metrics_port=0, liveness_port=0,
-                                       knowledge_base=False, settings=settings or Settings(knowledge_base_enabled=False))
+                                       knowledge_base=settings.knowledge_base_enabled, settings=settings)
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop: threading.Event | None = None

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Iterator
 
 import pytest
+
+from libvirt_operator.core.settings import Settings
 
 from .kube import Kube
 from .operator import InProcessOperator
@@ -18,9 +21,12 @@ def kube(kubeconfig) -> Kube:
 
 
 @pytest.fixture(scope="session")
-def operator(kube, kubeconfig) -> Iterator[InProcessOperator]:
-    """One operator for the session (cluster-wide); tests isolate themselves by namespace and host names."""
-    op = InProcessOperator(kubeconfig)
+def operator(kube, kubeconfig, rag_index) -> Iterator[InProcessOperator]:
+    """One operator for the session (cluster-wide), with its knowledge base, as in production;
+    tests isolate themselves by namespace and host names."""
+    settings = Settings(knowledge_base_enabled=True, rag_db_dir=str(rag_index["db_dir"]),
+                        download_allowed_networks=(ipaddress.ip_network("127.0.0.0/8"),))
+    op = InProcessOperator(kubeconfig, settings=settings)
     op.start()
     yield op
     op.stop()

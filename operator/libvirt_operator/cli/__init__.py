@@ -26,15 +26,29 @@ def main() -> None:
               help="auto: console on a TTY, JSON otherwise.")
 @click.option("--log-level", default="INFO", show_default=True, help="Log level.")
 @click.option("--no-knowledge-base", is_flag=True, help="Skip the remediation knowledge base (fixed links only).")
+@click.option("--rag-db", type=click.Path(file_okay=False), default=None,
+              help="Knowledge-base index directory (default: $LIBVIRT_OPERATOR_RAG_DB or ~/.cache/libvirt-operator/rag-db).")
+@click.option("--remediation-base-url", default=None,
+              help="Prefix of runbook links in status (air-gapped sites: their mirror of rag/).")
+@click.option("--download-allow", "download_allow", multiple=True, metavar="CIDR",
+              help="Let ISO downloads reach this network even if denied by default (repeatable).")
+@click.option("--download-deny", "download_deny", multiple=True, metavar="CIDR",
+              help="Also refuse ISO downloads to this network (repeatable).")
+@click.option("--iso-cache-dir", default=None, help="Where ISO downloads are staged before upload.")
 def run(namespaces: tuple[str, ...], metrics_port: int, metrics_address: str, liveness_port: int,
-        log_format: str, log_level: str, no_knowledge_base: bool) -> None:
+        log_format: str, log_level: str, no_knowledge_base: bool, rag_db: str | None,
+        remediation_base_url: str | None, download_allow: tuple[str, ...], download_deny: tuple[str, ...],
+        iso_cache_dir: str | None) -> None:
     """Run the operator in the foreground against the cluster in KUBECONFIG (or in-cluster)."""
-    from .operator_main import OperatorOptions, run_blocking
+    from .operator_main import OperatorOptions, run_blocking, settings_from_options
 
+    settings = settings_from_options(
+        knowledge_base=not no_knowledge_base, rag_db=rag_db, remediation_base_url=remediation_base_url,
+        download_allow=download_allow, download_deny=download_deny, iso_cache_dir=iso_cache_dir)
     run_blocking(OperatorOptions(
         namespaces=namespaces, metrics_port=metrics_port, metrics_address=metrics_address,
         liveness_port=liveness_port, log_format=log_format, log_level=log_level,  # type: ignore[arg-type]
-        knowledge_base=not no_knowledge_base))
+        knowledge_base=not no_knowledge_base, settings=settings))
 
 
 @main.command()

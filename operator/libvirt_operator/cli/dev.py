@@ -77,7 +77,7 @@ def run_dev(workdir: pathlib.Path, libvirt_mode: str, metrics_port: int) -> int:
     from tests.harness.libvirt_hosts import LibvirtDaemon, libvirtd_available, write_test_host
 
     from ..core.logs import configure
-    from .operator_main import OperatorOptions, run_blocking
+    from .operator_main import OperatorOptions, run_blocking, settings_from_options
 
     workdir.mkdir(parents=True, exist_ok=True)
     configure("console", "INFO")
@@ -120,8 +120,11 @@ def run_dev(workdir: pathlib.Path, libvirt_mode: str, metrics_port: int) -> int:
             _say(f"metrics: curl http://127.0.0.1:{metrics_port}/metrics")
         _say("running the operator in the foreground; Ctrl-C stops everything")
         try:
+            # The sample ISO is served on loopback, which downloads may not reach by default.
+            settings = settings_from_options(download_allow=("127.0.0.0/8",),
+                                             iso_cache_dir=str(workdir / "iso-cache"))
             run_blocking(OperatorOptions(metrics_port=metrics_port, metrics_address="127.0.0.1",
-                                         liveness_port=0, log_format="console"))
+                                         liveness_port=0, log_format="console", settings=settings))
         except KeyboardInterrupt:
             pass
         _say("stopping: operator stopped; removing local domains, libvirtd and the control plane")

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import ipaddress
 import threading
 from typing import Literal
 
+import click
 import kopf
 from prometheus_client import start_http_server
 
@@ -24,6 +26,30 @@ class OperatorOptions:
     log_level: str = "INFO"
     knowledge_base: bool = True
     settings: Settings | None = None
+
+
+def settings_from_options(*, knowledge_base: bool = True, rag_db: str | None = None,
+                          remediation_base_url: str | None = None, download_allow: tuple[str, ...] = (),
+                          download_deny: tuple[str, ...] = (), iso_cache_dir: str | None = None) -> Settings:
+    """Settings from command-line values; unset values keep their defaults."""
+    defaults = Settings()
+    try:
+        allow = tuple(ipaddress.ip_network(n, strict=False) for n in download_allow)
+        deny = tuple(ipaddress.ip_network(n, strict=False) for n in download_deny)
+    except ValueError as err:
+        raise click.BadParameter(str(err)) from err
+    changes: dict[str, object] = {
+        "knowledge_base_enabled": knowledge_base,
+        "download_allowed_networks": allow,
+        "download_denied_networks": defaults.download_denied_networks + deny,
+    }
+    if rag_db:
+        changes["rag_db_dir"] = rag_db
+    if remediation_base_url:
+        changes["remediation_base_url"] = remediation_base_url.rstrip("/")
+    if iso_cache_dir:
+        changes["iso_cache_dir"] = iso_cache_dir
+    return dataclasses.replace(defaults, **changes)  # type: ignore[arg-type]
 
 
 def _load_handlers() -> None:

@@ -1,0 +1,460 @@
+"""ISOImage: download once into the cache, verify, upload to every target host's pool, report.
+
+One import attempt = resolve the target hosts → download (or reuse the verified cache file) →
+upload concurrently to each host still missing the volume → status. A failed attempt is retried with
+exponential backoff (status.retry); after `iso_retry_limit` attempts the image is Stalled=True (and
+still retried, at the capped interval, so a recovered mirror or host heals it). Permanent failures
+(checksum mismatch, refused destination, 404, invalid spec) stall at once and wait for a spec change.
+
+Nothing is left behind by a checksum mismatch: the mismatch is detected before any upload and the
+downloader removes the file. The cache file is removed once every target host has the volume, and
+on deletion.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import datetime as dt
+import os
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pydantic
+
+from ..adapters.http import DownloadPolicy, Downloader
+from ..adapters.libvirt import HostConnection
+from ..adapters.libvirt.volumes import delete_volume, upload_volume, volume_info, volume_name
+from ..core.api.host import LibvirtHostSpec
+from ..core.api.iso import ISOImageSpec
+from ..core.conditions import READY, is_true, summarize, timestamp
+from ..core.errors import AppError, ErrorCode, OperationAborted
+from ..core.logs import get_logger
+from ..core.metrics import ISO_DOWNLOAD_SECONDS, ISO_FAILURES, ISO_IMPORT_SECONDS, ISO_UPLOAD_SECONDS
+from .failures import error_status, human_message, retry_delay
+from .host import connect_options
+from .runtime import Runtime
+from .status import merge_patch
+
+log = get_logger(__name__)
+PLURAL = "isoimages"
+KIND = "ISOImage"
+PROGRESS_INTERVAL = 1.0  # at most one progress patch per second
+
+
+# --- status writing -----------------------------------------------------------------------------
+
+class StatusWriter:
+    """Merge-patches the status subresource and remembers what it wrote (the handler's copy is stale)."""
+
+    def __init__(self, rt: Runtime, namespace: str, name: str, current: dict[str, Any]) -> None:
+        self.rt, self.namespace, self.name = rt, namespace, name
+        self.current = dict(current)
+        self._last_progress = 0.0
+        self.patches = 0
+
+    async def patch(self, changes: dict[str, Any]) -> None:
+        changes = {k: v for k, v in changes.items() if self.current.get(k) != v}
+        if not changes:
+            return
+        await self.rt.kube.patch_status(PLURAL, self.namespace, self.name, changes)
+        self.patches += 1
+        for key, value in changes.items():
+            if value is None:
+                self.current.pop(key, None)
+            else:
+                self.current[key] = value
+
+    async def replace(self, new: dict[str, Any]) -> None:
+        await self.patch(merge_patch(self.current, new))
+
+    async def progress(self, done: int, total: int | None, *, force: bool = False) -> None:
+        now = time.monotonic()
+        if not force and now - self._last_progress < PROGRESS_INTERVAL:
+            return
+        self._last_progress = now
+        await self.patch({"progress": progress_value(done, total)})
+
+
+def progress_value(done: int, total: int | None) -> dict[str, Any]:
+    value: dict[str, Any] = {"bytesDone": done}
+    if total:
+        value["bytesTotal"] = total
+        value["percent"] = min(100, int(done * 100 / total))
+    return value
+
+
+# --- targets ------------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class Target:
+    host: str
+    pool: str
+    spec: LibvirtHostSpec | None
+    problem: AppError | None = None  # named explicitly but missing or not Ready
+
+
+async def resolve_targets(spec: ISOImageSpec, rt: Runtime) -> list[Target]:
+    hosts = {h["metadata"]["name"]: h for h in await rt.kube.list_objects("libvirthosts")}
+    targets = spec.targets
+    names = list(targets.host_names) if targets else []
+    selector = dict(targets.host_selector.match_labels) if targets and targets.host_selector else None
+    chosen: dict[str, Target] = {}
+
+    def ready(obj: dict[str, Any]) -> bool:
+        return is_true((obj.get("status") or {}).get("conditions"), READY)
+
+    def target(name: str, obj: dict[str, Any]) -> Target:
+        host_spec = LibvirtHostSpec.model_validate(obj.get("spec") or {})
+        return Target(name, spec.pool or host_spec.default_pool, host_spec)
+
+    for name in names:
+        obj = hosts.get(name)
+        if obj is None:
+            chosen[name] = Target(name, spec.pool or "default", None, AppError(
+                ErrorCode.HOST_NOT_FOUND, f"LibvirtHost {name} named in spec.targets.hostNames does not exist",
+                {"host": name}))
+        elif not ready(obj):
+            t = target(name, obj)
+            t.problem = AppError(ErrorCode.HOST_UNREACHABLE, f"LibvirtHost {name} is not Ready", {"host": name})
+            chosen[name] = t
+        else:
+            chosen[name] = target(name, obj)
+    if selector is not None or not names:
+        for name, obj in hosts.items():
+            labels = (obj.get("metadata") or {}).get("labels") or {}
+            if name in chosen or not ready(obj):
+                continue
+            if selector is None or all(labels.get(k) == v for k, v in selector.items()):
+                chosen[name] = target(name, obj)
+    if not chosen:
+        raise AppError(ErrorCode.NO_SCHEDULABLE_HOST,
+                       "no Ready LibvirtHost matches the ISOImage's targets", {"kind": KIND})
+    return [chosen[n] for n in sorted(chosen)]
+
+
+async def host_connection(name: str, host_spec: LibvirtHostSpec, rt: Runtime) -> HostConnection:
+    return await rt.pool.ensure(name, await connect_options(host_spec, rt))
+
+
+# --- the cache ----------------------------------------------------------------------------------
+
+def cache_paths(rt: Runtime, uid: str) -> tuple[Path, Path]:
+    base = Path(rt.settings.iso_cache_dir)
+    return base / f"{uid}.img", base / f"{uid}.part"
+
+
+def remove_cache(rt: Runtime, uid: str) -> None:
+    for path in cache_paths(rt, uid):
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+
+
+async def _secret_value(rt: Runtime, namespace: str, ref: Any, key: str, field: str) -> bytes | None:
+    if ref is None:
+        return None
+    data = await rt.kube.read_secret(namespace, ref.name)
+    if data is None or key not in data:
+        raise AppError(ErrorCode.CREDENTIALS_NOT_FOUND,
+                       f"Secret {namespace}/{ref.name} named by {field} is missing or has no key {key}",
+                       {"secret": f"{namespace}/{ref.name}", "field": field})
+    return data[key]
+
+
+# --- one reconcile ------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class IsoOutcome:
+    status: dict[str, Any]
+    error: AppError | None
+    ready: bool
+    aborted: bool = False
+    written: dict[str, Any] = dataclasses.field(default_factory=dict)  # status as last patched
+
+    def final_patch(self, stale: dict[str, Any]) -> dict[str, Any]:
+        """The whole new status (removed keys as null): safe whatever the handler's copy says."""
+        patch: dict[str, Any] = {k: None for k in {*stale, *self.written} if k not in self.status}
+        patch.update(self.status)
+        return patch
+
+
+def _expected_checksum(spec: ISOImageSpec, status: dict[str, Any]) -> str | None:
+    return spec.checksum or status.get("verifiedChecksum")
+
+
+def _host_done(entry: dict[str, Any] | None, target: Target, volume: str | None) -> bool:
+    return bool(entry and volume and entry.get("phase") == "Ready" and entry.get("volume") == volume
+                and entry.get("pool") == target.pool)
+
+
+async def reconcile_iso(namespace: str, name: str, uid: str, generation: int, spec_body: dict[str, Any],
+                        status: dict[str, Any] | None, rt: Runtime,
+                        should_stop: Callable[[], bool] = lambda: False) -> IsoOutcome:
+    status = dict(status or {})
+    writer = StatusWriter(rt, namespace, name, status)
+    conditions = list(status.get("conditions") or [])
+    started = time.monotonic()
+    hosts_status: dict[str, dict[str, Any]] | None = None
+    try:
+        try:
+            spec = ISOImageSpec.model_validate(spec_body)
+        except pydantic.ValidationError as verr:
+            raise AppError(ErrorCode.INVALID_SPEC, f"invalid ISOImage spec: {verr.errors()[0].get('msg')}",
+                           {"kind": KIND}) from verr
+        if spec.checksum is None and not spec.skip_checksum_verification:
+            raise AppError(ErrorCode.INVALID_SPEC, "spec.checksum is required unless skipChecksumVerification "
+                           "is true", {"field": "spec.checksum"})
+        targets = await resolve_targets(spec, rt)
+        hosts_status = {h.get("host"): dict(h) for h in status.get("hosts") or []}
+        expected = _expected_checksum(spec, status)
+        vol = volume_name(namespace, name, expected) if expected else None
+        usable = [t for t in targets if t.problem is None]
+        todo = [t for t in usable if not _host_done(hosts_status.get(t.host), t, vol)]
+        if vol is not None:
+            todo += await _vanished(
+                [t for t in usable if t not in todo and t.spec is not None], vol, hosts_status, rt)
+        for t in targets:
+            if t.problem is not None:
+                hosts_status[t.host] = {"host": t.host, "phase": "Pending", "pool": t.pool,
+                                        "message": t.problem.message}
+        first_problem = next((t.problem for t in targets if t.problem is not None), None)
+        if not todo:
+            if first_problem is not None:
+                raise first_problem
+            remove_cache(rt, uid)
+            new = _ready_status(status, conditions, generation, hosts_status, targets)
+            return IsoOutcome(new, None, True, written=writer.current)
+
+        # -- download (or reuse the verified cache file) --
+        await writer.patch({"phase": "Downloading", "conditions": summarize(
+            conditions, ready=False, reason="Importing", message=f"importing onto {len(todo)} host(s)",
+            generation=generation, reconciling=True)})
+        final, part = cache_paths(rt, uid)
+        cached_ok = (final.exists() and status.get("verifiedChecksum") and
+                     status.get("sizeBytes") == final.stat().st_size)
+        if not cached_ok:
+            ca_bundle = await _secret_value(rt, namespace, spec.source.ca_bundle_secret_ref, "ca.crt",
+                                            "spec.source.caBundleSecretRef")
+            auth = await _secret_value(rt, namespace, spec.source.auth_secret_ref, "authorization",
+                                       "spec.source.authSecretRef")
+            downloader = Downloader(DownloadPolicy.from_settings(rt.settings), ca_bundle=ca_bundle,
+                                    authorization=auth.decode().strip() if auth else None)
+
+            async def progress(done: int, total: int | None) -> None:
+                await writer.progress(done, total)
+
+            result = await downloader.download(spec.source.url, part, checksum=spec.checksum,
+                                               progress=progress, should_stop=should_stop)
+            os.replace(part, final)
+            ISO_DOWNLOAD_SECONDS.observe(result.seconds)
+            log.info("image downloaded", bytes=result.size, seconds=round(result.seconds, 2),
+                     resumedBytes=result.resumed_bytes, attempts=result.attempts)
+            await writer.progress(result.size, result.size, force=True)
+            await writer.patch({"sizeBytes": result.size, "verifiedChecksum": result.checksum})
+            expected = result.checksum if spec.checksum is None else spec.checksum
+            if volume_name(namespace, name, expected) != vol:  # unverified content changed (or first time)
+                vol = volume_name(namespace, name, expected)
+                todo = [t for t in usable if not _host_done(hosts_status.get(t.host), t, vol)]
+        size = final.stat().st_size
+        assert vol is not None
+
+        # -- uploads --
+        for t in todo:
+            hosts_status[t.host] = {"host": t.host, "phase": "Uploading", "pool": t.pool, "volume": vol}
+        await writer.patch({"phase": "Uploading", "hosts": _host_list(hosts_status)})
+        abort = threading.Event()
+        watcher = asyncio.create_task(_watch_stop(should_stop, abort))
+        try:
+            results = await asyncio.gather(*(_upload_one(t, final, vol, size, rt, abort) for t in todo))
+        finally:
+            watcher.cancel()
+        if abort.is_set() and should_stop():
+            raise OperationAborted("upload stopped on request")
+        errors: list[AppError] = []
+        for entry, err in results:
+            hosts_status[entry["host"]] = entry
+            if err is not None:
+                errors.append(err)
+        if errors:
+            await writer.patch({"hosts": _host_list(hosts_status)})
+            raise errors[0]
+        if first_problem is not None:
+            raise first_problem
+        remove_cache(rt, uid)
+        ISO_IMPORT_SECONDS.observe(time.monotonic() - started)
+        new = _ready_status(writer.current, conditions, generation, hosts_status, targets)
+        return IsoOutcome(new, None, True, written=writer.current)
+    except OperationAborted:
+        log.info("import stopped on request")
+        remove_cache(rt, uid)
+        return IsoOutcome(writer.current, None, False, aborted=True, written=writer.current)
+    except AppError as err:
+        if err.code == ErrorCode.ISO_CHECKSUM_MISMATCH:
+            remove_cache(rt, uid)
+        new = await _failed_status(err, writer.current, conditions, generation, rt, hosts_status)
+        return IsoOutcome(new, err, False, written=writer.current)
+
+
+async def _vanished(done: list[Target], vol: str, hosts_status: dict[str, dict[str, Any]],
+                    rt: Runtime) -> list[Target]:
+    """Hosts whose Ready volume disappeared (or changed size) out of band: upload again."""
+    missing = []
+    for t in done:
+        try:
+            assert t.spec is not None
+            info = await volume_info(await host_connection(t.host, t.spec, rt), t.pool, vol)
+        except AppError as err:  # unreachable now: keep the last known state, the host reports it
+            log.info("could not check the volume", host=t.host, code=err.code.value)
+            continue
+        if info is None or info[0] != hosts_status[t.host].get("sizeBytes"):
+            log.warning("volume missing on host, uploading again", host=t.host, pool=t.pool, volume=vol)
+            missing.append(t)
+    return missing
+
+
+async def _watch_stop(should_stop: Callable[[], bool], abort: threading.Event) -> None:
+    while not abort.is_set():
+        if should_stop():
+            abort.set()
+            return
+        await asyncio.sleep(0.2)
+
+
+async def _upload_one(t: Target, path: Path, vol: str, size: int, rt: Runtime,
+                      abort: threading.Event) -> tuple[dict[str, Any], AppError | None]:
+    entry: dict[str, Any] = {"host": t.host, "pool": t.pool, "volume": vol}
+    started = time.monotonic()
+    try:
+        assert t.spec is not None
+        conn = await host_connection(t.host, t.spec, rt)
+        uploaded = await upload_volume(conn, t.pool, vol, path, abort=abort)
+    except AppError as err:
+        log.warning("upload failed", host=t.host, pool=t.pool, code=err.code.value, error=err.message)
+        return {**entry, "phase": "Failed", "message": f"[{err.code.value}] {err.message}"}, err
+    ISO_UPLOAD_SECONDS.labels(t.host).observe(time.monotonic() - started)
+    log.info("image uploaded", host=t.host, pool=t.pool, volume=vol, bytes=uploaded.size)
+    return {**entry, "phase": "Ready", "sizeBytes": uploaded.size}, None
+
+
+def _host_list(hosts: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    return [hosts[k] for k in sorted(hosts)]
+
+
+def _ready_status(status: dict[str, Any], conditions: list[dict[str, Any]], generation: int,
+                  hosts: dict[str, dict[str, Any]], targets: list[Target]) -> dict[str, Any]:
+    new = {k: v for k, v in status.items() if k not in ("error", "retry")}
+    new.update({
+        "observedGeneration": generation,
+        "phase": "Ready",
+        "hosts": _host_list(hosts),
+        "conditions": summarize(conditions, ready=True, reason="Imported",
+                                message=f"available on {len(targets)} host(s)", generation=generation),
+    })
+    size = status.get("sizeBytes")
+    if size:
+        new["progress"] = progress_value(size, size)
+    return new
+
+
+async def _failed_status(err: AppError, status: dict[str, Any], conditions: list[dict[str, Any]],
+                         generation: int, rt: Runtime, hosts: dict[str, dict[str, Any]] | None) -> dict[str, Any]:
+    ISO_FAILURES.labels(err.reason).inc()
+    permanent = not err.retryable or err.context.get("permanent") == "true"
+    count = int((status.get("retry") or {}).get("count") or 0) + 1
+    retry: dict[str, Any] = {"count": count}
+    if not permanent:
+        next_at = dt.datetime.now(dt.timezone.utc) + dt.timedelta(seconds=retry_delay(count))
+        retry["nextRetryTime"] = timestamp(next_at)
+    stalled = permanent or count >= rt.settings.iso_retry_limit
+    err_status = await error_status(err, status.get("error"), KIND, rt.remediator)
+    message = human_message(err, err_status)
+    new = dict(status)
+    new.update({
+        "observedGeneration": generation,
+        "phase": "Failed",
+        "retry": retry,
+        "error": err_status,
+        "conditions": summarize(conditions, ready=False, reason=err.reason, message=message,
+                                generation=generation, reconciling=not stalled, stalled=stalled),
+    })
+    if hosts is not None:
+        new["hosts"] = _host_list(hosts)
+    if err.code == ErrorCode.ISO_CHECKSUM_MISMATCH:
+        new.pop("progress", None)
+    log.warning("ISO import failed", code=err.code.value, error=err.message, attempt=count,
+                permanent=permanent, stalled=stalled)
+    return new
+
+
+def due(status: dict[str, Any] | None, generation: int, *, resync_due: bool) -> bool:
+    """Whether the timer should run an attempt now."""
+    status = status or {}
+    if status.get("observedGeneration") != generation:
+        return True
+    retry = status.get("retry") or {}
+    if status.get("error"):
+        next_at = retry.get("nextRetryTime")
+        if not next_at:
+            return False  # permanent: waits for a spec change
+        at = dt.datetime.strptime(next_at, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=dt.timezone.utc)
+        return dt.datetime.now(dt.timezone.utc) >= at
+    return resync_due
+
+
+# --- deletion -----------------------------------------------------------------------------------
+
+async def referencing_vms(namespace: str, name: str, rt: Runtime) -> list[str]:
+    users = []
+    for vm in await rt.kube.list_objects("virtualmachines", namespace):
+        for disk in (vm.get("spec") or {}).get("disks") or []:
+            ref = ((disk or {}).get("cdrom") or {}).get("isoImageRef") or {}
+            if ref.get("name") == name:
+                users.append(vm["metadata"]["name"])
+                break
+    return sorted(users)
+
+
+async def delete_iso(namespace: str, name: str, uid: str, status: dict[str, Any] | None, rt: Runtime,
+                     *, force: bool = False) -> None:
+    """Remove the volumes and the cache file; AppError(ISO_IN_USE) while a VM references the image."""
+    users = await referencing_vms(namespace, name, rt)
+    if users:
+        raise AppError(ErrorCode.ISO_IN_USE,
+                       f"ISOImage {name} is used by VirtualMachine {', '.join(users[:5])}"
+                       f"{' and others' if len(users) > 5 else ''}; remove the cdrom first",
+                       {"virtualMachines": ",".join(users)[:200]})
+    hosts = {h["metadata"]["name"]: h for h in await rt.kube.list_objects("libvirthosts")}
+    errors: list[AppError] = []
+    for entry in (status or {}).get("hosts") or []:
+        host, pool, vol = entry.get("host"), entry.get("pool"), entry.get("volume")
+        if not (host and pool and vol):
+            continue
+        obj = hosts.get(host)
+        if obj is None:
+            log.warning("host gone, volume left in place", host=host, pool=pool, volume=vol)
+            continue
+        try:
+            conn = await host_connection(host, LibvirtHostSpec.model_validate(obj.get("spec") or {}), rt)
+            deleted = await delete_volume(conn, pool, vol)
+            log.info("volume deleted" if deleted else "volume already gone", host=host, pool=pool, volume=vol)
+        except AppError as err:
+            errors.append(err)
+    if errors and not force:
+        raise errors[0]
+    remove_cache(rt, uid)
+
+
+async def deletion_blocked_status(err: AppError, status: dict[str, Any] | None, generation: int,
+                                  rt: Runtime) -> dict[str, Any]:
+    status = dict(status or {})
+    err_status = await error_status(err, status.get("error"), KIND, rt.remediator)
+    message = human_message(err, err_status)
+    new = dict(status)
+    new.update({"phase": "Deleting", "error": err_status, "conditions": summarize(
+        list(status.get("conditions") or []), ready=False, reason=err.reason, message=message,
+        generation=generation, reconciling=True)})
+    return new
