@@ -10,4 +10,5 @@ pytest_plugins = [
     "tests.harness.pytest_controlplane",
     "tests.harness.pytest_libvirt",
     "tests.harness.pytest_operator",
+    "tests.harness.pytest_rag",
 ]

@@ -42,14 +42,9 @@ BASE = "https://mirror.example.internal/rag"
 
 
 @pytest.fixture(scope="session")
-def built(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    """A copy of rag/ and its index, built once."""
-    root = tmp_path_factory.mktemp("rag-index")
-    rag_dir = root / "rag"
-    shutil.copytree(RAG, rag_dir)
-    db_dir = root / "db"
-    stats = build_index(rag_dir, db_dir)
-    return {"rag_dir": rag_dir, "db_dir": db_dir, "stats": stats}
+def built(rag_index: dict[str, Any]) -> dict[str, Any]:
+    """A copy of rag/ and its index, built once (shared with the operator fixture)."""
+    return rag_index
 
 
 # --- the corpus itself ------------------------------------------------------------------------

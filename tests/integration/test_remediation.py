@@ -1,0 +1,43 @@
+"""An SRE's view: a failing resource carries a code, a sentence and runbook links from the knowledge
+base (the session operator runs with it, as in production); all of it clears once healthy."""
+
+from __future__ import annotations
+
+import uuid
+
+from tests.harness.kube import condition
+
+
+def test_failure_shows_code_sentence_and_runbooks_then_clears(kube, operator, test_host_factory) -> None:
+    name = f"remedy-{uuid.uuid4().hex[:6]}"
+    kube.create("libvirthosts", {"metadata": {"name": name},
+                                 "spec": {"uri": "qemu+tcp://127.0.0.1:1/system", "insecure": True}})
+    host = kube.wait_for(lambda: (h := kube.get("libvirthosts", name)) and (h.get("status") or {}).get("error") and h,
+                         timeout=90, what="status.error")
+    error = host["status"]["error"]
+    assert error["code"] == "HOST_UNREACHABLE"
+    assert error["context"]["host"] == name
+    assert error["since"]
+    top = error["remediation"][0]
+    # From the knowledge base, not the fixed fallback link: a relevance score.
+    assert top["url"].endswith("/runbooks/host-unreachable.md")
+    assert top["score"] > 0  # the fixed fallback link scores 0
+    ready = condition(host, "Ready")
+    assert ready["status"] == "False" and ready["reason"] == "HostUnreachable"
+    assert ready["message"].startswith("[HOST_UNREACHABLE]") and ready["message"].endswith(top["url"])
+    events = kube.core.list_event_for_all_namespaces(field_selector=f"involvedObject.name={name}").items
+    assert any("HOST_UNREACHABLE" in e.message and top["url"] in e.message for e in events)
+
+    kube.patch("libvirthosts", name, {"spec": {"uri": test_host_factory(name), "insecure": False}})
+    healed = kube.wait_condition("libvirthosts", name, "Ready", "True", timeout=30)
+    assert "error" not in healed["status"]
+    assert condition(healed, "Reconciling") is None and condition(healed, "Stalled") is None
+    assert condition(healed, "Reachable")["status"] == "True"
+    kube.delete("libvirthosts", name)
+
+
+def test_knowledge_base_health_is_reported(operator) -> None:
+    kb = operator.runtime.remediator
+    assert kb is not None
+    operator.call(kb.warm_up, timeout=120)
+    assert kb.healthy, kb.last_error
