@@ -13,6 +13,7 @@ import libvirt
 
 from ...core.errors import AppError, ErrorCode
 from ...core.domain import ABSENT, DomainObservation, PowerState, StopCause
+from .pools import active_pool, find_volume, volume_xml
 from .domain_xml import DomainMetadata, interface_macs, parse_metadata
 
 _STATES = {
@@ -32,7 +33,6 @@ _SHUTOFF_CAUSES = {
     libvirt.VIR_DOMAIN_SHUTOFF_FAILED: StopCause.FAILURE,
 }
 _NOT_FOUND = {libvirt.VIR_ERR_NO_DOMAIN}
-_VOL_NOT_FOUND = {libvirt.VIR_ERR_NO_STORAGE_VOL}
 
 
 def observation(state: int, reason: int, name: str | None = None, uuid: str | None = None) -> DomainObservation:
@@ -171,37 +171,15 @@ class VolumeResult:
     created: bool
 
 
-def _pool(conn: libvirt.virConnect, name: str) -> libvirt.virStoragePool:
-    pool = conn.storagePoolLookupByName(name)
-    if not pool.isActive():
-        raise AppError(ErrorCode.STORAGE_POOL_NOT_FOUND, f"storage pool {name} is not active", {"pool": name})
-    return pool
-
-
-def _volume(pool: libvirt.virStoragePool, name: str) -> libvirt.virStorageVol | None:
-    try:
-        return pool.storageVolLookupByName(name)
-    except libvirt.libvirtError as err:
-        if err.get_error_code() in _VOL_NOT_FOUND:
-            return None
-        raise
-
-
 def ensure_volumes(conn: libvirt.virConnect, requests: Iterable[VolumeRequest]) -> list[VolumeResult]:
     """Create the qcow2 volumes that do not exist yet; existing ones (same deterministic name) are kept."""
     results = []
     for req in requests:
-        pool = _pool(conn, req.pool)
-        vol = _volume(pool, req.name)
+        pool = active_pool(conn, req.pool)
+        vol = find_volume(pool, req.name)
         created = False
         if vol is None:
-            root = ET.Element("volume")
-            ET.SubElement(root, "name").text = req.name
-            ET.SubElement(root, "capacity", unit="bytes").text = str(req.size_bytes)
-            ET.SubElement(root, "allocation", unit="bytes").text = "0"
-            target = ET.SubElement(root, "target")
-            ET.SubElement(target, "format", type="qcow2")
-            vol = pool.createXML(ET.tostring(root, encoding="unicode"), 0)
+            vol = pool.createXML(volume_xml(req.name, req.size_bytes, "qcow2"), 0)
             created = True
         results.append(VolumeResult(req.pool, req.name, vol.path(), created))
     return results
@@ -215,7 +193,7 @@ def volume_path(conn: libvirt.virConnect, pool: str, name: str) -> str | None:
         if err.get_error_code() == libvirt.VIR_ERR_NO_STORAGE_POOL:
             return None
         raise
-    vol = _volume(p, name)
+    vol = find_volume(p, name)
     return vol.path() if vol is not None else None
 
 
@@ -229,7 +207,7 @@ def delete_volumes(conn: libvirt.virConnect, volumes: Iterable[tuple[str, str]])
             if err.get_error_code() == libvirt.VIR_ERR_NO_STORAGE_POOL:
                 continue
             raise
-        vol = _volume(pool, name)
+        vol = find_volume(pool, name)
         if vol is not None:
             vol.delete(0)
             deleted.append(name)

@@ -13,7 +13,6 @@ import re
 import threading
 from collections.abc import Callable
 from pathlib import Path
-from xml.sax.saxutils import escape
 
 import libvirt
 
@@ -21,6 +20,7 @@ from ...core.errors import AppError, ErrorCode, OperationAborted
 from ...core.metrics import ISO_BYTES
 from .connection import HostConnection
 from .errors import classify_libvirt_error
+from .pools import active_pool, find_volume, volume_xml
 
 UPLOAD_CHUNK = 1024 * 1024
 _SLUG = re.compile(r"[^a-z0-9]+")
@@ -61,14 +61,6 @@ class UploadedVolume:
     size: int
 
 
-def _lookup_pool(conn: libvirt.virConnect, pool_name: str) -> libvirt.virStoragePool:
-    pool = conn.storagePoolLookupByName(pool_name)
-    if not pool.isActive():
-        raise AppError(ErrorCode.STORAGE_POOL_NOT_FOUND, f"storage pool {pool_name} is not active",
-                       {"pool": pool_name})
-    return pool
-
-
 def upload_blocking(conn: libvirt.virConnect, pool_name: str, vol_name: str, path: Path, *,
                     abort: threading.Event | None = None,
                     progress: Callable[[int], None] | None = None,
@@ -80,15 +72,13 @@ def upload_blocking(conn: libvirt.virConnect, pool_name: str, vol_name: str, pat
     """
     _check_name(vol_name)
     size = os.path.getsize(path)
-    pool = _lookup_pool(conn, pool_name)
+    pool = active_pool(conn, pool_name)
     try:
         pool.refresh(0)
     except libvirt.libvirtError:
         pass  # a refresh racing another one is harmless
     _delete_if_exists(pool, vol_name)
-    xml = (f"<volume><name>{escape(vol_name)}</name><capacity unit='bytes'>{size}</capacity>"
-           f"<allocation unit='bytes'>0</allocation><target><format type='raw'/></target></volume>")
-    vol = pool.createXML(xml, 0)
+    vol = pool.createXML(volume_xml(vol_name, size, "raw"), 0)
     ok = False
     stream = conn.newStream(0)
     try:
@@ -134,12 +124,9 @@ def upload_blocking(conn: libvirt.virConnect, pool_name: str, vol_name: str, pat
 
 
 def _delete_if_exists(pool: libvirt.virStoragePool, vol_name: str) -> bool:
-    try:
-        vol = pool.storageVolLookupByName(vol_name)
-    except libvirt.libvirtError as err:
-        if err.get_error_code() == libvirt.VIR_ERR_NO_STORAGE_VOL:
-            return False
-        raise
+    vol = find_volume(pool, vol_name)
+    if vol is None:
+        return False
     vol.delete(0)
     return True
 
