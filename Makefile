@@ -34,6 +34,7 @@ lint: $(STAMP)
 
 crds: $(STAMP)
 	$(VENV)/bin/libvirt-operator crds --write crds/
+	cp crds/*.yaml charts/libvirt-operator/crds/
 
 clean:
 	rm -rf .dev
