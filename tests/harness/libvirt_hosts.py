@@ -560,7 +560,7 @@ class LibvirtDaemon:
 
     def _write_config(self) -> None:
         root = self._root
-        for sub in (*BIND_DIRS, "pool"):
+        for sub in (*BIND_DIRS, "pool", "log/qemu"):  # log/qemu: as the Debian package creates it
             (root / sub).mkdir(parents=True, exist_ok=True)
         etc = root / "etc"
         (etc / "libvirtd.conf").write_text(

@@ -264,7 +264,14 @@ async def sync_vm(body: Mapping[str, Any], rt: Runtime, view: ClusterView, *,
                 conditions = remove_condition(conditions, RESTART_REQUIRED)
         elif booted_fresh or not observed.active:
             conditions = remove_condition(conditions, RESTART_REQUIRED)  # the next boot uses the new definition
-        conditions = summarize(conditions, ready=pp.ready, reason=pp.reason, message=pp.message,
+        backing_off = pp.status.start_failure is not None and not observed.active
+        message = pp.message
+        if backing_off and status.get("error"):
+            # Keep the failure that caused the backoff visible until a start succeeds.
+            message = f"{message}; last failure: [{status['error']['code']}] {status['error']['message']}"
+        else:
+            status.pop("error", None)
+        conditions = summarize(conditions, ready=pp.ready, reason=pp.reason, message=message,
                                generation=generation, reconciling=not pp.ready and pp.reason != "Paused")
         status["conditions"] = conditions
         if full:
@@ -272,7 +279,6 @@ async def sync_vm(body: Mapping[str, Any], rt: Runtime, view: ClusterView, *,
         if macs is not None:
             status["interfaces"] = [{"name": i.name, **({"mac": macs[i.name]} if i.name in macs else {})}
                                     for i in spec.interfaces]
-        status.pop("error", None)
         if observed.state is PowerState.RUNNING and not status.get("firstBootTime"):
             status["firstBootTime"] = timestamp(now)
         _transition_events(old_status, status, events)
