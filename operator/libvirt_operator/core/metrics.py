@@ -57,3 +57,5 @@ VM_RESYNC_SECONDS = Histogram(
     buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
 DOMAIN_EVENTS = Counter(
     "libvirt_operator_domain_events_total", "libvirt domain lifecycle events received", ["host"])
+ORPHANED_DOMAINS = Gauge(
+    "libvirt_operator_orphaned_domains", "Domains created by the operator whose VirtualMachine is gone", ["host"])

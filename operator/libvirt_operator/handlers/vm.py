@@ -26,7 +26,8 @@ from ..core.api.common import GROUP, VERSION
 from ..core.domain import ABSENT
 from ..core.errors import AppError, ErrorCode
 from ..core.logs import get_logger
-from ..core.metrics import DOMAIN_EVENTS, VM_RESYNC_SECONDS
+from ..core.metrics import DOMAIN_EVENTS, ORPHANED_DOMAINS, VM_RESYNC_SECONDS
+from ..reconcile import orphans
 from ..reconcile.failures import error_status, human_message, retry_delay
 from ..reconcile.runtime import Runtime
 from ..reconcile.status import merge_patch
@@ -37,6 +38,7 @@ from .startup import runtime_of
 log = get_logger(__name__)
 PLURAL = "virtualmachines"
 RESYNC_SECONDS = 10.0
+ORPHAN_CHECK_SECONDS = RESYNC_SECONDS  # free when every domain is accounted for
 EVENT_DEBOUNCE_SECONDS = 0.1
 PARKED_RECHECK_SECONDS = 15.0
 RETRY_CAP_SECONDS = 60.0
@@ -57,6 +59,8 @@ class VmState:
         self.parked_wake = asyncio.Event()
         self.parked_task: asyncio.Task[None] | None = None
         self.hosts_loaded = False
+        self.orphan_candidates: dict[str, set[str]] = {}   # host → owned, unaccounted domain uuids
+        self.orphan_checked: dict[str, float] = {}         # host → monotonic time of the last check
 
     def lock(self, uid: str) -> asyncio.Lock:
         return self.locks.setdefault(uid, asyncio.Lock())
@@ -311,10 +315,13 @@ async def resync_host(rt: Runtime, st: VmState, host: str, conn: Any) -> float:
     """Refresh every VM on this host from one bulk call; returns seconds until the next due requeue."""
     vms = [vm for vm in st.vms.values()
            if (vm.get("status") or {}).get("host") == host and not vm["metadata"].get("deletionTimestamp")]
-    if not vms:
+    orphan_check_due = time.monotonic() - st.orphan_checked.get(host, 0.0) >= ORPHAN_CHECK_SECONDS
+    if not vms and not orphan_check_due:
         return RESYNC_SECONDS
     started = time.perf_counter()
     observed = await conn.call("list_domains", domains.list_domains)
+    if orphan_check_due:
+        await _check_orphans(rt, st, host, conn, observed)
     for vm in vms:
         uid = vm["metadata"]["uid"]
         status = vm.get("status") or {}
@@ -338,6 +345,21 @@ async def resync_host(rt: Runtime, st: VmState, host: str, conn: Any) -> float:
     due = [d - now for uid, d in st.requeue.items()
            if (st.vms.get(uid, {}).get("status") or {}).get("host") == host]
     return min([RESYNC_SECONDS, *due])
+
+
+async def _check_orphans(rt: Runtime, st: VmState, host: str, conn: Any, observed: Mapping[str, Any]) -> None:
+    st.orphan_checked[host] = time.monotonic()
+    unknown = orphans.unaccounted(observed, st.vms)
+    candidates = await conn.call("owners", lambda c: domains.owners(c, unknown)) if unknown else {}
+    confirmed = orphans.confirmed_orphans(candidates, st.orphan_candidates.get(host, set()))
+    st.orphan_candidates[host] = {u for u, meta in candidates.items() if meta.owner is not None}
+    ORPHANED_DOMAINS.labels(host).set(len(confirmed))
+    entries = orphans.orphan_status(candidates, confirmed)
+    current = ((st.hosts.get(host) or {}).get("status") or {}).get("orphanedDomains") or []
+    if entries != current:
+        if entries:
+            log.warning("orphaned domains on host", host=host, domains=[e["uuid"] for e in entries])
+        await rt.kube.patch_status("libvirthosts", None, host, {"orphanedDomains": entries or None})
 
 
 # --------------------------------------------------------------------------------------------

@@ -79,8 +79,11 @@ async def reconcile_host(name: str, spec_body: dict[str, Any], status: dict[str,
         conditions = summarize(conditions, ready=False, reason=err.reason, message=message,
                                generation=generation, stalled=not err.retryable, reconciling=err.retryable)
         new = {k: v for k, v in status.items() if k in ("capacity", "hostname", "arch", "hypervisor",
-                                                         "libvirtVersion", "domainTypes")}
+                                                         "libvirtVersion", "domainTypes", "orphanedDomains")}
         new.update({"observedGeneration": generation, "conditions": conditions, "error": err_status,
                     "lastProbeTime": timestamp()})
         return HostOutcome(new, err, None)
-    return HostOutcome(status_from_facts(facts, conditions, generation), None, facts)
+    new = status_from_facts(facts, conditions, generation)
+    if status.get("orphanedDomains"):
+        new["orphanedDomains"] = status["orphanedDomains"]  # owned by the VM controller's resync
+    return HostOutcome(new, None, facts)

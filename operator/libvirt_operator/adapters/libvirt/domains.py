@@ -263,3 +263,16 @@ def subscribe_lifecycle(conn: libvirt.virConnect, callback: Callable[[str, int, 
 
 
 
+
+
+def owners(conn: libvirt.virConnect, uuids: Iterable[str]) -> dict[str, DomainMetadata]:
+    """Our ownership metadata of the given domains (only called for domains no VM accounts for,
+    so steady state costs nothing); domains that vanished meanwhile are skipped."""
+    result: dict[str, DomainMetadata] = {}
+    for uuid in uuids:
+        dom = _lookup(conn, uuid)
+        if dom is None:
+            continue
+        with contextlib.suppress(libvirt.libvirtError):
+            result[uuid] = parse_metadata(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE))
+    return result

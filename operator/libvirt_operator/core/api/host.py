@@ -48,6 +48,14 @@ class HostResources(ApiModel):
     memory: str = Field(description="Memory as a Kubernetes quantity, e.g. 16Gi.")
 
 
+class OrphanedDomain(ApiModel):
+    """A domain created by the operator whose VirtualMachine no longer exists (never deleted automatically)."""
+
+    uuid: str = Field(description="Domain UUID (the deleted VirtualMachine's uid).")
+    namespace: str = Field(description="Namespace of the VirtualMachine that created it.")
+    name: str = Field(description="Name of the VirtualMachine that created it.")
+
+
 class LibvirtHostStatus(ApiModel):
     """What the last probe saw."""
 
@@ -65,6 +73,10 @@ class LibvirtHostStatus(ApiModel):
         default=None, description="CPUs and memory used by the host's running domains.")
     domains: int | None = Field(default=None, ge=0, description="Number of domains defined on the host.")
     last_probe_time: dt.datetime | None = Field(default=None, description="When the host was last probed.")
+    orphaned_domains: list[OrphanedDomain] = Field(
+        default_factory=list,
+        description=("Domains this operator created whose VirtualMachine is gone (e.g. deleted while the "
+                     "operator was down with its finalizer removed). Inspect, then `virsh undefine` them."))
     error: ErrorStatus | None = Field(default=None, description="The last failure, if the host is not Ready.")
 
 
