@@ -11,13 +11,21 @@ from tests.harness.kube import condition
 def test_failure_shows_code_sentence_and_runbooks_then_clears(kube, operator, test_host_factory) -> None:
     name = f"remedy-{uuid.uuid4().hex[:6]}"
     kube.create("libvirthosts", {"metadata": {"name": name},
-                                 "spec": {"uri": "qemu+tcp://127.0.0.1:1/system", "insecure": True}})
-    host = kube.wait_for(lambda: (h := kube.get("libvirthosts", name)) and (h.get("status") or {}).get("error") and h,
-                         timeout=90, what="status.error")
+                                 "spec": {"uri": "qemu+tcp://127.0.0.1:1/system", "insecure": True,
+                                          "probeIntervalSeconds": 5}})
+    first = kube.wait_for(lambda: ((kube.get("libvirthosts", name) or {}).get("status") or {}).get("error"),
+                          timeout=30, what="status.error")
+    assert first["remediation"], "a link is there from the first failure on (fixed link while the model loads)"
+
+    def ranked():
+        h = kube.get("libvirthosts", name)
+        links = (((h or {}).get("status") or {}).get("error") or {}).get("remediation") or []
+        return h if links and links[0]["score"] > 0 else None
+    host = kube.wait_for(ranked, timeout=90, what="ranked remediation from the knowledge base")
     error = host["status"]["error"]
     assert error["code"] == "HOST_UNREACHABLE"
     assert error["context"]["host"] == name
-    assert error["since"]
+    assert error["since"] == first["since"], "since stays while the same error persists"
     top = error["remediation"][0]
     # From the knowledge base, not the fixed fallback link: a relevance score.
     assert top["url"].endswith("/runbooks/host-unreachable.md")

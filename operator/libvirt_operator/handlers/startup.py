@@ -6,6 +6,7 @@ import os
 from typing import Any
 
 import asyncio
+import logging
 
 import kopf
 
@@ -31,6 +32,22 @@ def runtime_of(memo: Any) -> Runtime:
     return memo[RUNTIME_KEY]
 
 
+def _remediator(op_settings: Settings, memo: kopf.Memo) -> Any:
+    """The knowledge base, or fixed per-code links when it is disabled or cannot be set up."""
+    from ..adapters.rag import FixedLinks, KnowledgeBase  # cheap: lancedb/torch load on first use
+
+    if op_settings.knowledge_base_enabled:
+        try:
+            kb = KnowledgeBase.from_settings(op_settings)
+            # Load the model and open the index now, in a worker thread; reconciles meanwhile get
+            # the fixed link, and failures only mark the knowledge base unhealthy.
+            memo["kb_warmup"] = asyncio.create_task(kb.warm_up())
+            return kb
+        except Exception as err:  # a broken knowledge base never stops the operator
+            log.error("knowledge base unavailable; using fixed runbook links", error=str(err))
+    return FixedLinks(op_settings.remediation_base_url)
+
+
 @kopf.on.login()
 def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
     """In-cluster service account first, else KUBECONFIG — whatever client libraries are installed."""
@@ -42,25 +59,16 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
     settings.persistence.finalizer = FINALIZER
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix=GROUP)
-    settings.posting.level = 20  # INFO and above become Kubernetes Events
+    # Only warnings from kopf's own logs become Events; our transitions post their own Events
+    # (explicit CamelCase reasons), so `kubectl describe` is not flooded by "Handler succeeded".
+    settings.posting.level = logging.WARNING
     settings.watching.server_timeout = 300
     settings.watching.client_timeout = 330
     settings.queueing.worker_limit = int(os.environ.get("LIBVIRT_OPERATOR_WORKER_LIMIT", "200"))
     ensure_event_thread()
     op_settings: Settings = memo.get("settings") or Settings()
     kube = await KubeClient.create(os.environ.get("KUBECONFIG"))
-    remediator = None
-    if op_settings.knowledge_base_enabled:
-        try:
-            from ..adapters.rag import KnowledgeBase  # the extra may be absent
-            remediator = KnowledgeBase.from_settings(op_settings)
-            # Load the model and open the index now, in a worker thread, so the first failing
-            # reconcile does not pay for it; failures only mark the knowledge base unhealthy.
-            memo["kb_warmup"] = asyncio.create_task(remediator.warm_up())
-        except ImportError as err:
-            log.warning("knowledge base disabled: the rag extra is not installed", error=str(err))
-        except Exception as err:  # a broken knowledge base never stops the operator
-            log.error("knowledge base unavailable; using fixed runbook links", error=str(err))
+    remediator = _remediator(op_settings, memo)
     global _current_memo
     _current_memo = memo
     memo[RUNTIME_KEY] = Runtime(settings=op_settings, pool=HostPool(), kube=kube, remediator=remediator)
@@ -71,7 +79,7 @@ def knowledge_base_health(memo: kopf.Memo, **_: Any) -> dict[str, Any]:
     """Shown in /healthz: DATABASE_ERROR when runbook links fall back to fixed per-code links."""
     rt: Runtime | None = memo.get(RUNTIME_KEY)
     kb = rt.remediator if rt else None
-    if kb is None:
+    if kb is None or not hasattr(kb, "warm_up"):
         return {"enabled": False}
     if kb.healthy:
         return {"enabled": True, "healthy": True}

@@ -25,6 +25,7 @@ from libvirt_operator.adapters.rag.index import (
     search_documents,
 )
 from libvirt_operator.adapters.rag.kb import (
+    FixedLinks,
     KnowledgeBase,
     Remediation,
     fallback_path,
@@ -38,6 +39,7 @@ __all__ = [
     "Chunk",
     "Document",
     "Embedder",
+    "FixedLinks",
     "Index",
     "IndexMissingError",
     "IndexStats",

@@ -125,6 +125,7 @@ class KnowledgeBase:
         self.healthy = True  # until something fails; see .loaded for "has answered once"
         self.last_error: str | None = None
         self.loaded = False
+        self._loading = False  # a warm-up is opening the index / loading the model right now
         self.hits = 0
         self.misses = 0
 
@@ -157,6 +158,10 @@ class KnowledgeBase:
                 return cached
             if not self._may_try():
                 return self.fallback(c)
+            if self._loading and not self.loaded:
+                # Never make a reconcile wait for the model load (seconds on a cold pod): answer
+                # with the fixed link now, uncached, and the ranked links on a later pass.
+                return self.fallback(c)
             async with self._async_lock():
                 cached = self._cache_get(key)  # filled while we waited?
                 if cached is not None:
@@ -185,6 +190,7 @@ class KnowledgeBase:
 
     async def warm_up(self) -> bool:
         """Open the index and load the model in a worker thread; returns healthy."""
+        self._loading = True
         try:
             await asyncio.to_thread(self._ensure_index)
             self._mark_healthy()
@@ -192,6 +198,8 @@ class KnowledgeBase:
             raise
         except Exception as exc:  # noqa: BLE001
             self._mark_unhealthy(exc)
+        finally:
+            self._loading = False
         return self.healthy
 
     def search(self, query: str, limit: int = 5, codes: Iterable[Any] | None = None, **kw: Any) -> list[Any]:
@@ -284,3 +292,16 @@ class KnowledgeBase:
         self.last_error = message
         self._retry_at = self._clock() + self.retry_after
         self._index = None  # reopen from scratch on the next try
+
+
+class FixedLinks:
+    """The remediator when the knowledge base is disabled: one fixed runbook link per code."""
+
+    healthy = True
+    last_error: str | None = None
+
+    def __init__(self, base_url: str | None = None) -> None:
+        self.base_url = (base_url or DEFAULT_BASE_URL).rstrip("/")
+
+    async def remediation(self, code: ErrorCode | str, message: str, limit: int = 3) -> list[Remediation]:
+        return [fallback_remediation(code, self.base_url)]
