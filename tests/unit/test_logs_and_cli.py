@@ -33,6 +33,16 @@ def test_json_logs_carry_the_resource_of_kopf_records(capsys, restore_logging) -
     assert record["level"] == "info" and "timestamp" in record
 
 
+def test_routine_kopf_successes_are_not_logged_at_info(capsys, restore_logging) -> None:
+    configure("json", "INFO")
+    logger = logging.getLogger("kopf.objects")
+    logger.info("Timer 'probe_host' succeeded.")
+    logger.info("Handler 'watch_vms' succeeded.")
+    logger.info("Handler 'reconcile_vm' succeeded.")
+    lines = [json.loads(line)["event"] for line in capsys.readouterr().err.strip().splitlines()]
+    assert lines == ["Handler 'reconcile_vm' succeeded."]
+
+
 def test_app_errors_strip_credentials_from_messages_and_context() -> None:
     err = AppError(ErrorCode.ISO_DOWNLOAD_FAILED, "GET https://user:hunter2@mirror.invalid/x.iso failed",
                    context={"url": "https://user:hunter2@mirror.invalid/x.iso", "authorization": "Bearer abc"})

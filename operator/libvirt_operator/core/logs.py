@@ -4,6 +4,7 @@ through the same processors so every line has one shape."""
 from __future__ import annotations
 
 import logging
+import re
 import sys
 from typing import Literal
 
@@ -38,11 +39,24 @@ def configure(fmt: LogFormat = "auto", level: str = "INFO") -> None:
     )
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(formatter)
+    handler.addFilter(_RoutineSuccess())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
     for noisy in ("aiohttp.access", "asyncio", "httpx", "httpcore"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+class _RoutineSuccess(logging.Filter):
+    """kopf logs every periodic timer run and every watch-event handler at INFO ("Timer 'probe_host'
+    succeeded." every few seconds per object); at INFO level those drown what matters."""
+
+    _ROUTINE = re.compile(r"^(Timer '[^']+'|Handler 'watch_[^']+') succeeded\.$")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno != logging.INFO or not record.name.startswith("kopf."):
+            return True
+        return not self._ROUTINE.match(record.getMessage())
 
 
 def _kopf_object_fields(_logger: object, _name: str, event: dict) -> dict:
