@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections import Counter
 from typing import Any
 
 import pytest
@@ -357,3 +358,64 @@ def test_steady_state_uses_one_bulk_call_per_host(kube, operator, namespace, hos
     assert calls("get_domain") == lookups  # no per-VM lookups in steady state
     for i in range(3):
         delete_and_wait(kube, namespace, f"vm{i}")
+
+
+def test_burst_of_selector_vms_spreads_within_capacity(kube, operator, namespace, test_host_factory) -> None:
+    """20 VMs created at once for two hosts with room for exactly 10 each (by CPU): each placement
+    sees the ones decided before it, even before their status lands: 10/10, none unschedulable."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    zone = uniq("burst")
+    hosts = [make_host(kube, test_host_factory(n, cpus=10, memory_mib=8192), uniq(n), {"zone": zone})
+             for n in ("left", "right")]
+    names = [f"b{i}" for i in range(20)]
+    with ThreadPoolExecutor(20) as pool:
+        list(pool.map(lambda n: make_vm(kube, namespace, n, cpu=1, hostSelector={"matchLabels": {"zone": zone}}),
+                      names))
+    placed = {n: wait_printable(kube, namespace, n, "Running", timeout=60)["status"]["host"] for n in names}
+    assert sorted(Counter(placed.values()).items()) == sorted((h, 10) for h in hosts), placed
+    for h in hosts:
+        assert len(domains(operator, h)) == 10
+    for n in names:
+        kube.delete(VM, n, namespace)
+    for n in names:
+        kube.wait_for(lambda n=n: kube.get(VM, n, namespace) is None, timeout=60, what=f"{n} deleted")
+
+
+def test_an_event_refreshes_only_its_vm_and_subscribing_happens_once(kube, operator, namespace, host,
+                                                                       monkeypatch) -> None:
+    from prometheus_client import REGISTRY
+
+    from libvirt_operator.handlers import vm as handlers_vm
+
+    def subscribes() -> float:
+        return REGISTRY.get_sample_value("libvirt_operator_libvirt_calls_total",
+                                         {"host": host, "operation": "subscribe", "outcome": "ok"}) or 0.0
+
+    uids = [make_vm(kube, namespace, f"ev{i}", hostRef=host)["metadata"]["uid"] for i in range(4)]
+    for i in range(4):
+        wait_printable(kube, namespace, f"ev{i}", "Running")
+    time.sleep(0.5)
+    refreshes: Counter[str] = Counter()
+    real = handlers_vm.sync_vm
+
+    async def counting(body, rt, view, **kw):
+        if kw.get("observed") is not None:  # a host round's refresh, not a spec-driven reconcile
+            refreshes[body["metadata"]["uid"]] += 1
+        return await real(body, rt, view, **kw)
+
+    monkeypatch.setattr(handlers_vm, "sync_vm", counting)
+    before = subscribes()
+    t0 = time.monotonic()
+    for _ in range(3):
+        domain_action(operator, host, uids[1], "suspend")
+        wait_printable(kube, namespace, "ev1", "Paused", timeout=5)
+        domain_action(operator, host, uids[1], "resume")
+        wait_printable(kube, namespace, "ev1", "Running", timeout=5)
+    sweeps = 1 + int((time.monotonic() - t0) // handlers_vm.RESYNC_SECONDS)  # the periodic full sweep
+    assert refreshes[uids[1]] >= 6
+    others = {u: refreshes[u] for u in uids if u != uids[1]}
+    assert all(n <= sweeps for n in others.values()), (others, sweeps)  # was one per event round
+    assert subscribes() == before  # once per connection, not once per round
+    for i in range(4):
+        delete_and_wait(kube, namespace, f"ev{i}")

@@ -3,6 +3,7 @@ idempotence, redefinition, and a teardown that keeps what the operator did not c
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 import xml.etree.ElementTree as ET
 from typing import Any
@@ -167,3 +168,47 @@ async def test_eject_after_first_boot_empties_cdroms_once_the_first_run_ends(set
     gone_view = ClusterView(hosts={"h": host_obj("h", uri)})
     again = await sync_vm(vm_body(uid, out.status, installMediaPolicy="EjectAfterFirstBoot"), rt, gone_view)
     assert again.error is None and again.events == []
+
+
+async def test_host_ref_placement_reads_no_reservations(setup) -> None:
+    rt, conn, uri = setup
+
+    def every_vm():
+        raise AssertionError("a hostRef pin rebuilt the reservations from every VM")
+
+    view = ClusterView(hosts={"h": host_obj("h", uri)}, vms=every_vm)
+    out = await sync_vm(vm_body(str(uuid.uuid4()), disks=[]), rt, view)
+    assert out.error is None and out.status["host"] == "h" and out.status["printableStatus"] == "Running"
+
+
+async def test_concurrent_placements_see_each_other_before_any_status_lands(test_host_factory) -> None:
+    """20 selector VMs reconciled at once over two hosts with room for exactly 10 each: every
+    placement counts the ones decided before it, although no status has been written yet."""
+    from collections import Counter
+
+    from libvirt_operator.handlers.vm import VmState
+
+    pool = HostPool()
+    st = VmState()
+    try:
+        for name in ("a", "b"):
+            uri = test_host_factory(f"burst-{name}", cpus=10, memory_mib=8192)
+            await pool.ensure(name, ConnectOptions(uri=uri))
+            obj = host_obj(name, uri)
+            obj["metadata"]["labels"] = {"zone": "burst"}
+            obj["status"]["capacity"] = {"cpus": 10, "memory": "8Gi"}
+            st.hosts[name] = obj
+        rt = Runtime(settings=Settings(knowledge_base_enabled=False), pool=pool, kube=None)  # type: ignore[arg-type]
+        bodies = []
+        for i in range(20):
+            body = {"metadata": {"namespace": "ns", "name": f"burst{i}", "uid": str(uuid.uuid4()), "generation": 1},
+                    "spec": {"cpu": 1, "memory": "128Mi", "hostSelector": {"matchLabels": {"zone": "burst"}}},
+                    "status": {}}
+            st.vms[body["metadata"]["uid"]] = body
+            st.index(body["metadata"]["uid"])
+            bodies.append(body)
+        outcomes = await asyncio.gather(*(sync_vm(b, rt, st.view()) for b in bodies))
+        assert [o.error for o in outcomes] == [None] * 20
+        assert Counter(o.status["host"] for o in outcomes) == {"a": 10, "b": 10}
+    finally:
+        await pool.close_all()

@@ -101,6 +101,29 @@ def test_reservations_from_vm_objects():
     assert res[0].started is None and res[1].started == ago(5)
 
 
+def test_reservation_of_one_vm_object_and_of_a_placement_decision():
+    placed = {"metadata": {"uid": "1"}, "spec": {"cpu": 3, "memory": "1Gi"},
+              "status": {"host": "a", "printableStatus": "Starting"}}
+    assert plan.reservation_of(placed) == Reservation("a", 3, GiB, "1", None)
+    assert plan.reservation_of({"metadata": {"uid": "2"}, "spec": {}, "status": {}}) is None
+    assert plan.placement_reservation(spec(cpu=2, memory="1Gi"), "b", "u") == Reservation("b", 2, GiB, "u", None)
+    assert plan.placement_reservation(spec(runStrategy="Halted"), "b", "u") is None  # will not run
+
+
+def test_host_ref_placement_reads_no_reservations_and_selectors_only_candidate_hosts():
+    hosts = [host("a", labels={"zone": "x"}), host("b", labels={"zone": "x"}, ready=False),
+             host("c", labels={"zone": "y"}), host("d", labels={"zone": "x"}, deleting=True)]
+    assert plan.capacity_hosts(spec(hostRef="a"), hosts) == []
+    assert plan.capacity_hosts(spec(hostSelector={"matchLabels": {"zone": "x"}}), hosts) == ["a"]
+    assert plan.capacity_hosts(spec(), hosts) == ["a", "c"]
+
+
+def test_choose_host_counts_each_hosts_own_reservations():
+    hosts = [host(f"h{i:02d}", cpus=10_000, mem_gib=10_000) for i in range(20)]
+    reserved = [Reservation(f"h{i % 20:02d}", 1, GiB, str(i)) for i in range(20_000) if i != 7]
+    assert plan.choose_host(spec(), hosts, reserved).host == "h07"  # one reservation fewer than the rest
+
+
 def test_no_matching_ready_host_is_no_schedulable_host():
     p = plan.choose_host(spec(hostSelector={"matchLabels": {"gpu": "yes"}}),
                          [host("a"), host("b", labels={"gpu": "yes"}, ready=False)])

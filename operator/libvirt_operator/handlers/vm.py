@@ -4,9 +4,13 @@
   delete → teardown behind the finalizer (kopf adds it: settings.persistence.finalizer).
 * In-memory views of LibvirtHosts, VirtualMachines and ISOImages (watch-fed, `@kopf.on.event`),
   used for placement and by the background loops below.
-* One daemon per LibvirtHost: subscribes to the host's domain lifecycle events and resyncs all of
-  that host's VMs with ONE bulk libvirt call (on an event within ~0.1 s, otherwise periodically);
-  status is patched only when it changed.
+* One daemon per LibvirtHost: subscribes (once per connection) to the host's domain lifecycle
+  events. An event marks its domain's VM dirty; within ~0.1 s a round refreshes the dirty VMs (and
+  those whose requeue is due) from ONE bulk libvirt call. Every RESYNC_SECONDS a full sweep
+  refreshes all of the host's VMs (and checks for orphaned domains). Status is patched only when
+  it changed.
+* Placement reads reservations from a per-host index kept here; a placement decision is recorded
+  at once (before define/start), so concurrent placements never share the same free capacity.
 * A wake-up loop retries VMs parked on placement or media as soon as hosts or ISOImages change.
 """
 
@@ -14,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -27,7 +32,7 @@ from ..core.domain import ABSENT
 from ..core.errors import AppError, ErrorCode
 from ..core.logs import get_logger
 from ..core.metrics import DOMAIN_EVENTS, ORPHANED_DOMAINS, VM_RESYNC_SECONDS
-from ..reconcile import orphans
+from ..reconcile import orphans, plan
 from ..reconcile.failures import error_status, human_message, retry_delay
 from ..reconcile.runtime import Runtime
 from ..reconcile.status import merge_patch
@@ -37,9 +42,10 @@ from .startup import runtime_of
 
 log = get_logger(__name__)
 PLURAL = "virtualmachines"
-RESYNC_SECONDS = 10.0
+RESYNC_SECONDS = 10.0                  # full sweep of a host's VMs: the safety net for lost events
 ORPHAN_CHECK_SECONDS = RESYNC_SECONDS  # free when every domain is accounted for
 EVENT_DEBOUNCE_SECONDS = 0.1
+BUSY_RETRY_SECONDS = 0.5               # a dirty VM a handler was working on is looked at again
 PARKED_RECHECK_SECONDS = 15.0
 RETRY_CAP_SECONDS = 60.0
 DELETE_RETRY_CAP_SECONDS = 10.0  # so a force-release annotation is honoured quickly
@@ -61,9 +67,64 @@ class VmState:
         self.hosts_loaded = False
         self.orphan_candidates: dict[str, set[str]] = {}   # host → owned, unaccounted domain uuids
         self.orphan_checked: dict[str, float] = {}         # host → monotonic time of the last check
+        self.dirty: dict[str, set[str]] = {}               # host → uids named by lifecycle events
+        self.full_synced: dict[str, float] = {}            # host → monotonic time of the last full sweep
+        # Indexes over `vms` (kept by `index`): uids by status.host, and reservations by host.
+        self.on_host: dict[str, set[str]] = {}
+        self.reserved_on: dict[str, dict[str, plan.Reservation]] = {}
+        self.pending: dict[str, plan.Reservation] = {}     # placement decisions (until the VM is gone)
+        self._host_of: dict[str, str] = {}                 # uid → key in on_host
+        self._reserved_at: dict[str, str] = {}             # uid → key in reserved_on
 
     def lock(self, uid: str) -> asyncio.Lock:
         return self.locks.setdefault(uid, asyncio.Lock())
+
+    def index(self, uid: str) -> None:
+        """Re-file one VM after its cached object (or status) changed: O(1)."""
+        vm = self.vms.get(uid)
+        deleting = vm is not None and bool(vm["metadata"].get("deletionTimestamp"))
+        host = None if vm is None else (vm.get("status") or {}).get("host")
+        old = self._host_of.pop(uid, None)
+        if old is not None:
+            self.on_host.get(old, set()).discard(uid)
+        if host:
+            self._host_of[uid] = host
+            self.on_host.setdefault(host, set()).add(uid)
+        if deleting:
+            reservation = None
+        elif host:
+            reservation = plan.reservation_of(vm)  # the status speaks for itself
+        else:
+            # Placed but the cache does not show it (yet, or again: an older watch event may land
+            # after our status write): the placement decision still holds.
+            reservation = self.pending.get(uid)
+        old = self._reserved_at.pop(uid, None)
+        if old is not None:
+            self.reserved_on.get(old, {}).pop(uid, None)
+        if reservation is not None:
+            self._reserved_at[uid] = reservation.host
+            self.reserved_on.setdefault(reservation.host, {})[uid] = reservation
+
+    def forget(self, uid: str) -> None:
+        """The VirtualMachine is gone."""
+        self.vms.pop(uid, None)
+        self.pending.pop(uid, None)
+        self.locks.pop(uid, None)
+        self.requeue.pop(uid, None)
+        self.parked.discard(uid)
+        self.index(uid)
+
+    def placed(self, uid: str, reservation: plan.Reservation | None) -> None:
+        """A placement decision (sync_vm, right after choose_host): counted by the next placement."""
+        if reservation is None:
+            self.pending.pop(uid, None)
+        else:
+            self.pending[uid] = reservation
+        self.index(uid)
+
+    def reserved(self, hosts: list[str], exclude_uid: str) -> list[plan.Reservation]:
+        """Reservations on these hosts: O(VMs on them), no parsing (precomputed by `index`)."""
+        return [r for h in hosts for uid, r in (self.reserved_on.get(h) or {}).items() if uid != exclude_uid]
 
     def wake_host(self, host: str | None) -> None:
         if host and host in self.host_wake:
@@ -71,7 +132,8 @@ class VmState:
 
     def view(self) -> ClusterView:
         return ClusterView(hosts=self.hosts, vms=lambda: list(self.vms.values()),
-                           iso=lambda ns, name: self.isos.get((ns, name)))
+                           iso=lambda ns, name: self.isos.get((ns, name)),
+                           reserved=self.reserved, placed=self.placed)
 
 
 def state_of(rt: Runtime) -> VmState:
@@ -118,12 +180,10 @@ async def watch_isos(type: str | None, name: str, namespace: str, body: kopf.Bod
 async def watch_vms(type: str | None, uid: str, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
     st = state_of(runtime_of(memo))
     if type == "DELETED":
-        st.vms.pop(uid, None)
-        st.locks.pop(uid, None)
-        st.requeue.pop(uid, None)
-        st.parked.discard(uid)
+        st.forget(uid)
     else:
         st.vms[uid] = _plain(body)
+        st.index(uid)
     if st.parked_task is None or st.parked_task.done():
         # Started from a handler so it inherits kopf's context (Kubernetes Event posting).
         st.parked_task = asyncio.create_task(_parked_loop(runtime_of(memo)), name="vm-parked-loop")
@@ -152,6 +212,7 @@ async def _apply(rt: Runtime, st: VmState, vm: dict[str, Any], outcome: VmOutcom
         cached = st.vms.get(uid)
         if cached is not None:  # our write is newer than the cache until the watch delivers it
             cached["status"] = dict(outcome.status)
+        st.index(uid)
     for type_, reason, message in outcome.events:
         kopf.event(vm, type=type_, reason=reason, message=message)
     code = outcome.error.code if outcome.error else None
@@ -221,6 +282,7 @@ async def delete_vm_handler(body: kopf.Body, meta: kopf.Meta, memo: kopf.Memo, r
             if patch:
                 await rt.kube.patch_status(PLURAL, meta["namespace"], meta["name"], patch)
                 vm["status"] = outcome.status
+        st.index(uid)
     message = outcome.error.message if outcome.error else "deletion blocked"
     raise kopf.TemporaryError(message, delay=retry_delay(retry + 1, base=2.0, cap=DELETE_RETRY_CAP_SECONDS))
 
@@ -236,14 +298,20 @@ async def host_vm_sync(name: str, stopped: kopf.DaemonStopped, memo: kopf.Memo, 
     wake = st.host_wake.setdefault(name, asyncio.Event())
     loop = asyncio.get_running_loop()
     hooked: Any = None
+    subscribed = False
 
-    def on_event(_uuid: str, _event: int, _detail: int) -> None:
+    def mark_dirty(uuid: str) -> None:  # on the operator's loop
+        if uuid:
+            st.dirty.setdefault(name, set()).add(uuid)  # the domain UUID is the VM's metadata.uid
+        wake.set()
+
+    def on_event(uuid: str, _event: int, _detail: int) -> None:  # on libvirt's event thread
         DOMAIN_EVENTS.labels(name).inc()
-        deliver(loop, wake.set)
+        deliver(loop, mark_dirty, uuid)
 
     ensure_event_thread()
 
-    def hook(conn: Any) -> None:
+    def hook(conn: Any) -> None:  # every (re)open of the connection subscribes the new virConnect
         domains.subscribe_lifecycle(conn, on_event)
 
     try:
@@ -252,13 +320,20 @@ async def host_vm_sync(name: str, stopped: kopf.DaemonStopped, memo: kopf.Memo, 
             timeout = RESYNC_SECONDS
             if conn is not None:
                 if conn is not hooked:
+                    if hooked is not None:
+                        with contextlib.suppress(ValueError):
+                            hooked.on_connect.remove(hook)
                     conn.on_connect.append(hook)
-                    hooked = conn
+                    hooked, subscribed = conn, False
+                    st.full_synced.pop(name, None)  # a new connection: events may have been missed
                 try:
-                    await conn.call("subscribe", lambda c: domains.subscribe_lifecycle(c, on_event))
+                    if not subscribed:  # once per connection; reconnects re-subscribe through `hook`
+                        await conn.call("subscribe", lambda c: domains.subscribe_lifecycle(c, on_event))
+                        subscribed = True
                     timeout = await resync_host(rt, st, name, conn)
                 except AppError as err:
                     log.info("host resync failed", host=name, code=err.code.value, error=err.message)
+                    st.full_synced.pop(name, None)  # once it answers again, refresh everything
                     await _report_host_lost(rt, st, name, err)
                     timeout = RESYNC_SECONDS / 2
                 except Exception:  # noqa: BLE001  (the loop must survive anything)
@@ -273,6 +348,8 @@ async def host_vm_sync(name: str, stopped: kopf.DaemonStopped, memo: kopf.Memo, 
             wake.clear()
     finally:
         st.host_wake.pop(name, None)
+        st.dirty.pop(name, None)
+        st.full_synced.pop(name, None)
         if hooked is not None:
             with contextlib.suppress(ValueError):
                 hooked.on_connect.remove(hook)
@@ -312,39 +389,77 @@ async def _wait_any(wake: asyncio.Event, stopped: kopf.DaemonStopped, timeout: f
 
 
 async def resync_host(rt: Runtime, st: VmState, host: str, conn: Any) -> float:
-    """Refresh every VM on this host from one bulk call; returns seconds until the next due requeue."""
-    vms = [vm for vm in st.vms.values()
-           if (vm.get("status") or {}).get("host") == host and not vm["metadata"].get("deletionTimestamp")]
-    orphan_check_due = time.monotonic() - st.orphan_checked.get(host, 0.0) >= ORPHAN_CHECK_SECONDS
-    if not vms and not orphan_check_due:
-        return RESYNC_SECONDS
-    started = time.perf_counter()
-    observed = await conn.call("list_domains", domains.list_domains)
-    if orphan_check_due:
-        await _check_orphans(rt, st, host, conn, observed)
-    for vm in vms:
-        uid = vm["metadata"]["uid"]
-        status = vm.get("status") or {}
-        obs = observed.get(uid, ABSENT)
-        if not obs.exists and (not status.get("domainUUID") or uid in st.parked):
-            continue  # not defined yet: the spec-driven reconcile (and the parked loop) is on it
-        lock = st.lock(uid)
-        if lock.locked():
-            continue  # a handler is working on it right now
-        async with lock:
-            current = st.vms.get(uid)
-            if current is None or current["metadata"].get("deletionTimestamp"):
-                continue
-            try:
-                outcome = await sync_vm(current, rt, st.view(), observed=obs)
-                await _apply(rt, st, current, outcome)
-            except AppError as err:
-                log.info("VM resync failed", uid=uid, code=err.code.value, error=err.message)
-    VM_RESYNC_SECONDS.labels(host).observe(time.perf_counter() - started)
+    """One round for a host; returns seconds until the next round is due.
+
+    A full sweep (every RESYNC_SECONDS, and after a (re)connect or a failed round) refreshes every
+    VM on the host. Other rounds refresh only the VMs named by lifecycle events since the last
+    round (`st.dirty`) and those whose requeue deadline has passed. Either way the host is asked
+    ONE bulk list_domains, never one lookup per VM; a round with nothing to do asks nothing."""
     now = time.monotonic()
-    due = [d - now for uid, d in st.requeue.items()
-           if (st.vms.get(uid, {}).get("status") or {}).get("host") == host]
-    return min([RESYNC_SECONDS, *due])
+    full = now - st.full_synced.get(host, -math.inf) >= RESYNC_SECONDS
+    # With the full sweep (same cadence), so a wake-up in between never costs a bulk call of its own.
+    orphan_check_due = full or now - st.orphan_checked.get(host, 0.0) >= ORPHAN_CHECK_SECONDS
+    dirty = st.dirty.pop(host, set())
+    on_host = st.on_host.get(host) or set()
+    if full:
+        st.full_synced[host] = now
+        targets = set(on_host)
+    else:
+        targets = {uid for uid in dirty if uid in on_host}
+        targets.update(uid for uid, deadline in st.requeue.items() if deadline <= now and uid in on_host)
+    # VMs being deleted are the delete handler's (their teardown events cost no round either).
+    targets = {uid for uid in targets
+               if (vm := st.vms.get(uid)) is not None and not vm["metadata"].get("deletionTimestamp")}
+    busy = {uid for uid in targets if (lock := st.locks.get(uid)) is not None and lock.locked()}
+    targets -= busy  # a handler holds these right now: look again shortly, without asking libvirt now
+    if targets or orphan_check_due:
+        started = time.perf_counter()
+        observed = await conn.call("list_domains", domains.list_domains)
+        if orphan_check_due:
+            await _check_orphans(rt, st, host, conn, observed)
+        for uid in targets:
+            vm = st.vms.get(uid)
+            if vm is None or vm["metadata"].get("deletionTimestamp"):
+                continue
+            status = vm.get("status") or {}
+            if status.get("host") != host:
+                continue
+            obs = observed.get(uid, ABSENT)
+            if not obs.exists and (not status.get("domainUUID") or uid in st.parked):
+                continue  # not defined yet: the spec-driven reconcile (and the parked loop) is on it
+            lock = st.lock(uid)
+            if lock.locked():
+                busy.add(uid)  # a handler is working on it right now
+                continue
+            async with lock:
+                current = st.vms.get(uid)
+                if current is None or current["metadata"].get("deletionTimestamp"):
+                    continue
+                try:
+                    outcome = await sync_vm(current, rt, st.view(), observed=obs)
+                    await _apply(rt, st, current, outcome)
+                except AppError as err:
+                    log.info("VM resync failed", uid=uid, code=err.code.value, error=err.message)
+        VM_RESYNC_SECONDS.labels(host).observe(time.perf_counter() - started)
+    # Events for VMs a handler holds stay dirty (it may have observed the domain before the event,
+    # and its status may not show the host yet); other events for domains no VM on this host
+    # accounts for are dropped: the full sweep and the orphan check cover those.
+    for uid in dirty - targets:
+        lock = st.locks.get(uid)
+        vm = st.vms.get(uid)
+        if lock is not None and lock.locked() and vm is not None and not vm["metadata"].get("deletionTimestamp"):
+            busy.add(uid)
+    if busy:
+        st.dirty.setdefault(host, set()).update(busy)
+    now = time.monotonic()
+    waits = [RESYNC_SECONDS - (now - st.full_synced.get(host, now))]
+    if busy:
+        waits.append(BUSY_RETRY_SECONDS)
+    for uid, deadline in st.requeue.items():
+        if uid in on_host:
+            # Due but not refreshed (held by a handler, or not defined yet): not a busy loop.
+            waits.append(deadline - now if deadline > now else BUSY_RETRY_SECONDS)
+    return min(waits)
 
 
 async def _check_orphans(rt: Runtime, st: VmState, host: str, conn: Any, observed: Mapping[str, Any]) -> None:

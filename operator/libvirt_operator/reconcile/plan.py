@@ -121,30 +121,57 @@ def vm_resources(spec: VirtualMachineSpec) -> tuple[int, int]:
     return spec.cpu, parse_quantity(spec.memory)
 
 
+def reservation_of(vm: Mapping[str, Any]) -> Reservation | None:
+    """The reservation one VirtualMachine object holds, or None: not placed (status.host), being
+    deleted, or stopped on purpose (Halted, or a finished run: Ready=True while Stopped). A running
+    VM carries its start time so `free_resources` counts it only until a host probe has seen it."""
+    meta = vm.get("metadata") or {}
+    status = vm.get("status") or {}
+    spec = vm.get("spec") or {}
+    if meta.get("deletionTimestamp") or not status.get("host"):
+        return None
+    printable = status.get("printableStatus")
+    if spec.get("runStrategy") == "Halted" or printable == "Stopped":
+        return None
+    running = printable in ("Running", "Paused", "Stopping")
+    started = _parse_time(status.get("lastStartTime") or status.get("firstBootTime")) if running else None
+    if running and started is None:
+        return None
+    try:
+        memory = parse_quantity(spec.get("memory") or "512Mi")
+    except ValueError:
+        return None
+    return Reservation(status["host"], int(spec.get("cpu") or 1), memory, meta.get("uid", ""), started)
+
+
+def placement_reservation(spec: VirtualMachineSpec, host: str, uid: str) -> Reservation | None:
+    """What a placement decision reserves on its host until the VM's status shows it placed: the
+    VM's resources, not running yet. None for a Halted VM (it will not run)."""
+    if spec.run_strategy == "Halted":
+        return None
+    cpus, memory = vm_resources(spec)
+    return Reservation(host, cpus, memory, uid, None)
+
+
 def reservations(vms: Iterable[Mapping[str, Any]], exclude_uid: str | None = None) -> list[Reservation]:
-    """Reservations from VirtualMachine objects: placed (status.host), not being deleted, and not
-    stopped on purpose (Halted, or a finished run: Ready=True while Stopped). Running VMs carry their
-    start time so `free_resources` counts them only until a host probe has seen them."""
+    """Reservations from VirtualMachine objects (see `reservation_of`). O(all VMs): the operator
+    keeps them indexed by host instead (handlers.vm); this is the stateless fallback."""
     result = []
     for vm in vms:
-        meta = vm.get("metadata") or {}
-        status = vm.get("status") or {}
-        spec = vm.get("spec") or {}
-        if meta.get("uid") == exclude_uid or meta.get("deletionTimestamp") or not status.get("host"):
+        if (vm.get("metadata") or {}).get("uid") == exclude_uid:
             continue
-        printable = status.get("printableStatus")
-        if spec.get("runStrategy") == "Halted" or printable == "Stopped":
-            continue
-        running = printable in ("Running", "Paused", "Stopping")
-        started = _parse_time(status.get("lastStartTime") or status.get("firstBootTime")) if running else None
-        if running and started is None:
-            continue
-        try:
-            memory = parse_quantity(spec.get("memory") or "512Mi")
-        except ValueError:
-            continue
-        result.append(Reservation(status["host"], int(spec.get("cpu") or 1), memory, meta.get("uid", ""), started))
+        r = reservation_of(vm)
+        if r is not None:
+            result.append(r)
     return result
+
+
+def capacity_hosts(spec: VirtualMachineSpec, hosts: Iterable[HostView]) -> list[str]:
+    """Hosts whose reservations a placement of this VM reads: the Ready, matching ones. Empty for
+    a hostRef pin: its capacity is not checked, so it needs no reservations at all."""
+    if spec.host_ref is not None:
+        return []
+    return [h.name for h in hosts if h.ready and not h.deleting and matches_selector(h, spec)]
 
 
 def free_resources(host: HostView, reserved: Iterable[Reservation]) -> tuple[int, int]:
@@ -177,7 +204,9 @@ def choose_host(spec: VirtualMachineSpec, hosts: Iterable[HostView],
     INSUFFICIENT_RESOURCES (matching hosts are full). hostRef pins: the host must exist and be Ready,
     capacity is not checked."""
     hosts = list(hosts)
-    reserved = list(reserved)
+    by_host: dict[str, list[Reservation]] = {}
+    for r in reserved:  # grouped once: O(reservations + hosts), not O(reservations × hosts)
+        by_host.setdefault(r.host, []).append(r)
     cpus, memory = vm_resources(spec)
     if spec.host_ref is not None and not any(h.name == spec.host_ref for h in hosts):
         return Placement(None, AppError(ErrorCode.HOST_NOT_FOUND,
@@ -200,12 +229,12 @@ def choose_host(spec: VirtualMachineSpec, hosts: Iterable[HostView],
         # An explicit pin (like a pod's nodeName) skips the capacity check: libvirt hosts are often
         # overcommitted on purpose, and the user chose this host.
         host = candidates[0]
-        free_cpu, free_mem = free_resources(host, reserved)
+        free_cpu, free_mem = free_resources(host, by_host.get(host.name, ()))
         return Placement(host.name, None, free_cpu, free_mem)
     fits: list[tuple[int, int, HostView]] = []
     best_free: tuple[int, int] | None = None
     for host in candidates:
-        free_cpu, free_mem = free_resources(host, reserved)
+        free_cpu, free_mem = free_resources(host, by_host.get(host.name, ()))
         if best_free is None or (free_mem, free_cpu) > best_free:
             best_free = (free_mem, free_cpu)
         if free_cpu >= cpus and free_mem >= memory:

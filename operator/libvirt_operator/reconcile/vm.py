@@ -50,6 +50,20 @@ class ClusterView:
     hosts: Mapping[str, Mapping[str, Any]]                        # LibvirtHost name → object
     vms: Callable[[], list[Mapping[str, Any]]] = lambda: []       # all VirtualMachines (reservations)
     iso: Callable[[str, str], Mapping[str, Any] | None] = lambda _ns, _name: None
+    # Reservations on these hosts, except the given VM's own (an index kept by the caller); None:
+    # computed from `vms()` (O(all VMs) per placement).
+    reserved: Callable[[list[str], str], list[plan.Reservation]] | None = None
+    # Told about each placement decision right after it is made (before any await), so the next
+    # placement counts it even though the VM's status does not show the host yet.
+    placed: Callable[[str, plan.Reservation | None], None] = lambda _uid, _reservation: None
+
+    def reservations_for(self, hosts: list[str], uid: str) -> list[plan.Reservation]:
+        if not hosts:
+            return []
+        if self.reserved is not None:
+            return self.reserved(hosts, uid)
+        wanted = set(hosts)
+        return [r for r in plan.reservations(self.vms(), exclude_uid=uid) if r.host in wanted]
 
 
 @dataclasses.dataclass
@@ -141,12 +155,15 @@ async def sync_vm(body: Mapping[str, Any], rt: Runtime, view: ClusterView, *,
             full = True  # redefine without the media before the next start
         host = status.get("host")
         if not host:
+            views = [plan.HostView.from_object(h) for h in view.hosts.values()]
             placement = plan.choose_host(
-                spec, [plan.HostView.from_object(h) for h in view.hosts.values()],
-                plan.reservations(view.vms(), exclude_uid=uid))
+                spec, views, view.reservations_for(plan.capacity_hosts(spec, views), uid))
             if placement.error is not None:
                 raise placement.error
             host = placement.host
+            assert host is not None
+            # Visible to the next placement now, not once the status patch lands after define+start.
+            view.placed(uid, plan.placement_reservation(spec, host, uid))
             status["host"] = host
             events.append(("Normal", "Scheduled", f"placed on LibvirtHost {host}"))
         stage.placed = True
