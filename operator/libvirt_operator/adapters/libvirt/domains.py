@@ -13,7 +13,7 @@ import libvirt
 
 from ...core.errors import AppError, ErrorCode
 from ...core.domain import ABSENT, DomainObservation, PowerState, StopCause
-from .pools import active_pool, find_volume, volume_xml
+from .pools import active_pool, find_pool, find_volume, volume_xml
 from .domain_xml import DomainMetadata, interface_macs, parse_metadata
 
 _STATES = {
@@ -187,12 +187,9 @@ def ensure_volumes(conn: libvirt.virConnect, requests: Iterable[VolumeRequest]) 
 
 def volume_path(conn: libvirt.virConnect, pool: str, name: str) -> str | None:
     """Path of a volume (e.g. an ISOImage's) or None when the pool or volume does not exist."""
-    try:
-        p = conn.storagePoolLookupByName(pool)
-    except libvirt.libvirtError as err:
-        if err.get_error_code() == libvirt.VIR_ERR_NO_STORAGE_POOL:
-            return None
-        raise
+    p = find_pool(conn, pool)
+    if p is None:
+        return None
     vol = find_volume(p, name)
     return vol.path() if vol is not None else None
 

@@ -19,6 +19,15 @@ def active_pool(conn: libvirt.virConnect, name: str) -> libvirt.virStoragePool:
     return pool
 
 
+def find_pool(conn: libvirt.virConnect, name: str) -> libvirt.virStoragePool | None:
+    try:
+        return conn.storagePoolLookupByName(name)
+    except libvirt.libvirtError as err:
+        if err.get_error_code() == libvirt.VIR_ERR_NO_STORAGE_POOL:
+            return None
+        raise
+
+
 def find_volume(pool: libvirt.virStoragePool, name: str) -> libvirt.virStorageVol | None:
     try:
         return pool.storageVolLookupByName(name)

@@ -20,7 +20,7 @@ from ...core.errors import AppError, ErrorCode, OperationAborted
 from ...core.metrics import ISO_BYTES
 from .connection import HostConnection
 from .errors import classify_libvirt_error
-from .pools import active_pool, find_volume, volume_xml
+from .pools import active_pool, find_pool, find_volume, volume_xml
 
 UPLOAD_CHUNK = 1024 * 1024
 _SLUG = re.compile(r"[^a-z0-9]+")
@@ -134,12 +134,9 @@ def _delete_if_exists(pool: libvirt.virStoragePool, vol_name: str) -> bool:
 def delete_blocking(conn: libvirt.virConnect, pool_name: str, vol_name: str) -> bool:
     """Delete the volume; False when it (or its whole pool) is already gone."""
     _check_name(vol_name)
-    try:
-        pool = conn.storagePoolLookupByName(pool_name)
-    except libvirt.libvirtError as err:
-        if err.get_error_code() == libvirt.VIR_ERR_NO_STORAGE_POOL:
-            return False
-        raise
+    pool = find_pool(conn, pool_name)
+    if pool is None:
+        return False
     if pool.isActive():
         try:
             pool.refresh(0)
@@ -155,12 +152,9 @@ def volume_info_blocking(conn: libvirt.virConnect, pool_name: str, vol_name: str
         pool.refresh(0)
     except libvirt.libvirtError:
         pass
-    try:
-        vol = pool.storageVolLookupByName(vol_name)
-    except libvirt.libvirtError as err:
-        if err.get_error_code() == libvirt.VIR_ERR_NO_STORAGE_VOL:
-            return None
-        raise
+    vol = find_volume(pool, vol_name)
+    if vol is None:
+        return None
     return int(vol.info()[1]), vol.path()
 
 
