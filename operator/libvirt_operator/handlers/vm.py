@@ -20,7 +20,7 @@ import asyncio
 import contextlib
 import math
 import time
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
 import kopf
@@ -239,17 +239,23 @@ def _current(st: VmState, body: Mapping[str, Any]) -> dict[str, Any]:
 # Spec-driven reconcile
 # --------------------------------------------------------------------------------------------
 
+@contextlib.asynccontextmanager
+async def _locked_vm(memo: kopf.Memo, meta: kopf.Meta,
+                     body: kopf.Body) -> AsyncIterator[tuple[Runtime, VmState, dict[str, Any]]]:
+    """The shared start of the spec-driven handlers: hosts loaded, this VM's lock held, its freshest copy."""
+    rt = runtime_of(memo)
+    st = state_of(rt)
+    await _load_hosts(rt, st)
+    async with st.lock(meta["uid"]):
+        yield rt, st, _current(st, body)
+
+
 @kopf.on.resume(GROUP, VERSION, PLURAL)
 @kopf.on.create(GROUP, VERSION, PLURAL)
 @kopf.on.update(GROUP, VERSION, PLURAL)
 @reconciler("virtualmachine", "VirtualMachine")
 async def reconcile_vm(body: kopf.Body, meta: kopf.Meta, memo: kopf.Memo, retry: int, **_: Any) -> None:
-    rt = runtime_of(memo)
-    st = state_of(rt)
-    await _load_hosts(rt, st)
-    uid = meta["uid"]
-    async with st.lock(uid):
-        vm = _current(st, body)
+    async with _locked_vm(memo, meta, body) as (rt, st, vm):
         if vm["metadata"].get("deletionTimestamp"):
             return
         outcome = await sync_vm(vm, rt, st.view())
@@ -263,12 +269,8 @@ async def reconcile_vm(body: kopf.Body, meta: kopf.Meta, memo: kopf.Memo, retry:
 @kopf.on.delete(GROUP, VERSION, PLURAL)
 @reconciler("virtualmachine", "VirtualMachine")
 async def delete_vm_handler(body: kopf.Body, meta: kopf.Meta, memo: kopf.Memo, retry: int, **_: Any) -> None:
-    rt = runtime_of(memo)
-    st = state_of(rt)
-    await _load_hosts(rt, st)
     uid = meta["uid"]
-    async with st.lock(uid):
-        vm = _current(st, body)
+    async with _locked_vm(memo, meta, body) as (rt, st, vm):
         vm["metadata"] = dict(body.get("metadata") or {})  # annotations (force-release) from the event
         outcome = await delete_vm(vm, rt, st.view())
         for type_, reason, message in outcome.events:

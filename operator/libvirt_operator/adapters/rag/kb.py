@@ -148,16 +148,25 @@ class KnowledgeBase:
     def fallback(self, code: ErrorCode | str) -> list[Remediation]:
         return [fallback_remediation(code, self.base_url)]
 
+    def _without_lookup(self, code: ErrorCode | str, message: str,
+                        limit: int) -> tuple[ErrorCode, Any, list[Remediation] | None]:
+        """(code, cache key, answer) — the answer when it needs no search: cached, or the fallback
+        while the index is in its retry pause; None when a search is due."""
+        c = _coerce_code(code)
+        key = self._key(c, message, limit)
+        cached = self._cache_get(key)
+        if cached is not None:
+            return c, key, cached
+        if not self._may_try():
+            return c, key, self.fallback(c)
+        return c, key, None
+
     async def remediation(self, code: ErrorCode | str, message: str, limit: int = 3) -> list[Remediation]:
         """Best runbook links for this error; never raises (the fallback link on any failure)."""
         try:
-            c = _coerce_code(code)
-            key = self._key(c, message, limit)
-            cached = self._cache_get(key)
-            if cached is not None:
-                return cached
-            if not self._may_try():
-                return self.fallback(c)
+            c, key, early = self._without_lookup(code, message, limit)
+            if early is not None:
+                return early
             if self._loading and not self.loaded:
                 # Never make a reconcile wait for the model load (seconds on a cold pod): answer
                 # with the fixed link now, uncached, and the ranked links on a later pass.
@@ -176,13 +185,9 @@ class KnowledgeBase:
     def remediation_sync(self, code: ErrorCode | str, message: str, limit: int = 3) -> list[Remediation]:
         """Blocking variant for the CLI and threads; never raises."""
         try:
-            c = _coerce_code(code)
-            key = self._key(c, message, limit)
-            cached = self._cache_get(key)
-            if cached is not None:
-                return cached
-            if not self._may_try():
-                return self.fallback(c)
+            c, key, early = self._without_lookup(code, message, limit)
+            if early is not None:
+                return early
             return self._lookup(c, message, limit, key)
         except Exception as exc:  # noqa: BLE001
             self._mark_unhealthy(exc)
