@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import os
 import shutil
@@ -71,6 +72,9 @@ def phase_child(kubeconfig: str, kb: bool, db_dir: str, host_uri: str, tag: str,
     except TypeError:  # an older Settings without rag_db_dir
         os.environ["LIBVIRT_OPERATOR_RAG_DB"] = db_dir
         settings = Settings(knowledge_base_enabled=kb)
+    if hasattr(settings, "allow_test_driver"):  # test:// hosts need the flag since it exists
+        settings = dataclasses.replace(settings, allow_test_driver=True,
+                                       test_driver_dirs=(str(Path(host_uri[len("test://"):]).parent),))
     op = InProcessOperator(Path(kubeconfig), settings=settings)
     res: dict[str, Any] = {"kb": kb, "import_seconds": import_seconds}
     lag = {"max": 0.0, "at": 0.0, "stop": False}

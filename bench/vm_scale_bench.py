@@ -78,7 +78,9 @@ def operator_child(kubeconfig: str, metrics_port: int, log_level: str) -> None:
 
     options = OperatorOptions(metrics_port=metrics_port, metrics_address="127.0.0.1", liveness_port=0,
                               log_format="json", log_level=log_level, knowledge_base=False,
-                              settings=Settings(knowledge_base_enabled=False))
+                              settings=Settings(knowledge_base_enabled=False, allow_test_driver=True,
+                                                # the host files: <workdir>/hosts, kubeconfig: <workdir>/cp/
+                                                test_driver_dirs=(str(Path(kubeconfig).parent.parent / "hosts"),)))
     profile = os.environ.get("VM_SCALE_BENCH_PROFILE")
     if not profile:
         run_blocking(options)

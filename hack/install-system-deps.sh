@@ -5,6 +5,7 @@
 #   - grub-mkrescue, xorriso, mtools and a 32-bit gcc for the bootable test ISO
 #     (tests/harness/test_iso.py),
 #   - util-linux (unshare, taskset, mount) for the per-host mount namespaces,
+#   - openssh-server for a loopback sshd in qemu+ssh:// tests (tests/harness/sshd.py),
 # and create the libvirt-qemu system user/group that libvirtd insists on resolving at start
 # (even when qemu.conf says user = "root").
 #
@@ -30,6 +31,8 @@ PACKAGES=(
     mount
     procps
     iproute2
+    openssh-client
+    openssh-server
 )
 
 if [ "$(id -u)" -ne 0 ]; then
@@ -63,6 +66,13 @@ for pkg in "${PACKAGES[@]}"; do
 done
 
 if [ "${#missing[@]}" -gt 0 ]; then
+    # openssh-server is for tests/harness/sshd.py (its own sshd on a loopback port): never let the
+    # package start the system's sshd on port 22.
+    if [ ! -e /usr/sbin/policy-rc.d ]; then
+        printf '#!/bin/sh\nexit 101\n' >/usr/sbin/policy-rc.d
+        chmod 755 /usr/sbin/policy-rc.d
+        trap 'rm -f /usr/sbin/policy-rc.d' EXIT
+    fi
     run_quiet apt-get update
     run_quiet apt-get install -y --no-install-recommends "${missing[@]}"
 fi

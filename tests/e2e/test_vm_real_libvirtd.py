@@ -48,7 +48,7 @@ def test_blank_disk_vm_runs_and_delete_cleans_the_host(kube, operator, namespace
         assert "<lvop:uid>" + uid in xml and "-serial.log" in xml
         pool = conn.storagePoolLookupByName("default")
         pool.refresh(0)
-        vol = pool.storageVolLookupByName(f"{dname}-root")
+        vol = pool.storageVolLookupByName(f"lvop-{uid}-root")
         assert vol.path().startswith(str(libvirtd.pool_path))
         assert "qcow2" in vol.XMLDesc(0)
         serial_log = libvirtd.root / "log" / "qemu" / f"{dname}-serial.log"
@@ -76,7 +76,7 @@ def test_blank_disk_vm_runs_and_delete_cleans_the_host(kube, operator, namespace
         kube.wait_for(lambda: kube.get(VM, "tiny", namespace) is None, timeout=60, what="VM deleted")
         assert dname not in [d.name() for d in conn.listAllDomains()]
         pool.refresh(0)
-        assert f"{dname}-root" not in pool.listVolumes()
+        assert f"lvop-{uid}-root" not in pool.listVolumes()
     finally:
         conn.close()
         kube.delete("libvirthosts", host)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import tempfile
 import threading
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,8 @@ from libvirt_operator.core.settings import Settings
 class InProcessOperator:
     def __init__(self, kubeconfig: Path, settings: Settings | None = None, namespaces: tuple[str, ...] = ()) -> None:
         self.kubeconfig = kubeconfig
-        settings = settings or Settings(knowledge_base_enabled=False)
+        settings = settings or Settings(knowledge_base_enabled=False, allow_test_driver=True,
+                                        test_driver_dirs=(tempfile.gettempdir(),))
         self.options = OperatorOptions(namespaces=namespaces, metrics_port=0, liveness_port=0,
                                        knowledge_base=settings.knowledge_base_enabled, settings=settings)
         self._thread: threading.Thread | None = None

@@ -21,11 +21,13 @@ def kube(kubeconfig) -> Kube:
 
 
 @pytest.fixture(scope="session")
-def operator(kube, kubeconfig, rag_index) -> Iterator[InProcessOperator]:
+def operator(kube, kubeconfig, rag_index, tmp_path_factory) -> Iterator[InProcessOperator]:
     """One operator for the session (cluster-wide), with its knowledge base, as in production;
-    tests isolate themselves by namespace and host names."""
+    tests isolate themselves by namespace and host names. test:// host files: under the session's
+    temporary directory (where test_host_factory writes them)."""
     settings = Settings(knowledge_base_enabled=True, rag_db_dir=str(rag_index["db_dir"]),
-                        download_allowed_networks=(ipaddress.ip_network("127.0.0.0/8"),))
+                        download_allowed_networks=(ipaddress.ip_network("127.0.0.0/8"),),
+                        allow_test_driver=True, test_driver_dirs=(str(tmp_path_factory.getbasetemp()),))
     op = InProcessOperator(kubeconfig, settings=settings)
     op.start()
     yield op

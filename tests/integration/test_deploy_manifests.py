@@ -53,6 +53,10 @@ REQUIRED: list[tuple[str, str, str, str]] = [
     # kopf's resource observer (kopf/_core/reactor/observation.py): CRDs added/changed at runtime.
     ("list", "apiextensions.k8s.io", "customresourcedefinitions", ""),
     ("watch", "apiextensions.k8s.io", "customresourcedefinitions", ""),
+    # Namespace labels for LibvirtHost namespaceSelector: handlers/namespaces.py watches namespaces
+    # (kopf: list, then watch); KubeClient.namespace_labels lists one by field selector on a cache miss.
+    ("list", "", "namespaces", ""),
+    ("watch", "", "namespaces", ""),
 ]
 
 # What the operator must NOT be able to do.
@@ -70,7 +74,8 @@ FORBIDDEN: list[tuple[str, str, str, str]] = [
     *[(verb, "", "pods", "") for verb in ("get", "list", "create", "delete")],
     ("create", "", "pods", "exec"),
     ("get", "", "configmaps", ""),
-    ("list", "", "namespaces", ""),  # only with --namespace patterns (the Helm chart adds it then)
+    # Namespaces are read (labels), never written.
+    *[(verb, "", "namespaces", "") for verb in ("create", "update", "patch", "delete")],
     ("create", "", "serviceaccounts", "token"),
     ("update", "apiextensions.k8s.io", "customresourcedefinitions", ""),
     ("get", "apiextensions.k8s.io", "customresourcedefinitions", ""),
@@ -122,10 +127,8 @@ def test_cluster_role_grants_exactly_what_the_code_uses() -> None:
     """Least privilege, statically: no rule beyond REQUIRED, no wildcard, in the manifest and the chart."""
     role = _by_kind("ClusterRole")
     assert _rule_set(role["rules"]) == set(REQUIRED)
-    # The chart's template, minus Go-template lines and the watchNamespaces-only rule.
+    # The chart's template, minus Go-template lines.
     text = (CHART / "templates" / "clusterrole.yaml").read_text()
-    text, optional = re.subn(r"\{\{- if \.Values\.watchNamespaces \}\}.*?\{\{- end \}\}", "", text, flags=re.S)
-    assert optional == 1
     chart_role = yaml.safe_load("\n".join(ln for ln in text.splitlines() if "{{" not in ln))
     assert _rule_set(chart_role["rules"]) == set(REQUIRED)
 
@@ -221,13 +224,16 @@ def test_helm_chart_renders_and_applies_with_server_side_dry_run(dyn, rbac_insta
         args += ["--set", value]
     rendered = subprocess.run(args, env=env, check=True, capture_output=True, text=True).stdout
     docs = [d for d in yaml.safe_load_all(rendered) if d]
-    assert sorted(d["kind"] for d in docs) == ["ClusterRole", "ClusterRoleBinding", "Deployment", "Service",
-                                               "ServiceAccount"]
+    assert sorted(d["kind"] for d in docs) == ["ClusterRole", "ClusterRoleBinding", "Deployment", "NetworkPolicy",
+                                               "Service", "ServiceAccount", *["ValidatingAdmissionPolicy"] * 3,
+                                               *["ValidatingAdmissionPolicyBinding"] * 3]
+    policies = {d["metadata"]["name"]: d for d in docs if d["kind"] == "ValidatingAdmissionPolicy"}
+    writers = policies["lvop-libvirt-operator-status-writers"]["spec"]["validations"][0]["expression"]
+    assert f"'system:serviceaccount:{NAMESPACE}:lvop-libvirt-operator'" in writers
     for doc in docs:
         _apply(dyn, doc, dry_run="All")
     (role,) = [d for d in docs if d["kind"] == "ClusterRole"]
-    extra = {("list", "", "namespaces", ""), ("watch", "", "namespaces", "")} if sets else set()
-    assert _rule_set(role["rules"]) == set(REQUIRED) | extra
+    assert _rule_set(role["rules"]) == set(REQUIRED)
     (dep,) = [d for d in docs if d["kind"] == "Deployment"]
     ctr = dep["spec"]["template"]["spec"]["containers"][0]
     manifest_ctr = _by_kind("Deployment")["spec"]["template"]["spec"]["containers"][0]
@@ -361,6 +367,10 @@ def test_real_requests_as_the_operator(kube, sa_api, namespace) -> None:
                            "namespace": namespace},
         "reason": "RbacCheck", "message": "created by the operator's ServiceAccount", "type": "Normal",
         "source": {"component": "libvirt-operator"}})
+    # Namespaces: listed (one, by field selector, as KubeClient.namespace_labels does), never patched
+    assert [n.metadata.name for n in core.list_namespace(field_selector=f"metadata.name={namespace}").items] \
+        == [namespace]
+    assert status_of(core.patch_namespace, namespace, {"metadata": {"labels": {"x": "y"}}}) == 403
     # no Pods, no ConfigMaps
     assert status_of(core.list_namespaced_pod, namespace) == 403
     assert status_of(core.read_namespaced_config_map, "kube-root-ca.crt", namespace) == 403

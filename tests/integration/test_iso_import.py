@@ -307,6 +307,7 @@ def test_a_missing_pool_fails_that_host_and_is_retried(kube, namespace, operator
         obj = kube.get("isoimages", "nopool", namespace)
         return obj if ((obj.get("status") or {}).get("retry") or {}).get("count") else None
 
+    before = http.count("/image")
     obj = kube.wait_for(failed, timeout=IMPORT_TIMEOUT, what="a failed attempt")
     status = obj["status"]
     assert condition(obj, "Ready")["reason"] == "StoragePoolNotFound"
@@ -315,8 +316,196 @@ def test_a_missing_pool_fails_that_host_and_is_retried(kube, namespace, operator
     assert entry["phase"] == "Failed" and entry["pool"] == "no-such-pool"
     assert entry["message"].startswith("[STORAGE_POOL_NOT_FOUND]")
     assert status["retry"]["nextRetryTime"] and status["error"]["context"]["host"] == host
-    # the verified download stays cached for the retry
-    assert [p.suffix for p in cache_dir.iterdir()] == [".img"]
+    # the pools are checked before the download: nothing was fetched, nothing is cached
+    assert http.count("/image") == before and "progress" not in status
+    assert list(cache_dir.iterdir()) == []
     kube.delete("isoimages", "nopool", namespace)
     kube.wait_for(lambda: kube.get("isoimages", "nopool", namespace) is None, timeout=30, what="ISOImage gone")
     assert list(cache_dir.iterdir()) == []
+
+
+# --- SSRF guard and size limits (issue 9 defect 4, issue 15 defect 6) ---------------------------
+
+@pytest.fixture
+def settings(operator, cache_dir):
+    """Change the in-process operator's settings for one test; restored afterwards."""
+    rt = operator.runtime
+    original = rt.settings
+
+    def change(**changes):
+        rt.settings = dataclasses.replace(rt.settings, **changes)
+    yield change
+    rt.settings = original
+
+
+@pytest.fixture
+def connects(monkeypatch) -> list:
+    """Every address a socket in this process (the operator included) tries to connect to."""
+    import socket
+
+    seen: list = []
+    real = socket.socket.connect
+
+    def connect(self, address):  # type: ignore[no-untyped-def]
+        seen.append(address)
+        return real(self, address)
+
+    monkeypatch.setattr(socket.socket, "connect", connect)
+    return seen
+
+
+def _stalled(kube, name: str, namespace: str) -> dict:
+    return kube.wait_condition("isoimages", name, "Stalled", "True", namespace=namespace, timeout=IMPORT_TIMEOUT)
+
+
+def test_private_and_loopback_sources_are_refused_by_default(kube, namespace, operator, host, http, cache_dir,
+                                                            settings, connects, conn, iso_sha) -> None:
+    """Default settings (no --download-allow): the test server on loopback and a private address are
+    refused before any connection; the status says why and how to allow it."""
+    settings(download_allowed_networks=())
+    before = http.count("/image")
+    kube.create("isoimages", iso_body("loop", http.url("/image"), iso_sha, host), namespace)
+    kube.create("isoimages", iso_body("lan", "http://10.1.2.3/images/x.iso", iso_sha, host), namespace)
+    kube.create("isoimages", iso_body("mapped", f"http://[::ffff:10.1.2.3]:{http.port}/x.iso", iso_sha, host),
+                namespace)
+    for name, address, why in (("loop", "127.0.0.1", "loopback"), ("lan", "10.1.2.3", "private (RFC 1918)"),
+                               ("mapped", "::ffff:10.1.2.3", "private (RFC 1918)")):
+        obj = _stalled(kube, name, namespace)
+        status = obj["status"]
+        assert condition(obj, "Ready")["reason"] == "ISODownloadFailed"
+        assert status["phase"] == "Failed" and "nextRetryTime" not in status["retry"]  # waits for a change
+        error = status["error"]
+        assert error["code"] == "ISO_DOWNLOAD_FAILED"
+        assert ipaddress.ip_address(error["context"]["address"]) == ipaddress.ip_address(address)
+        assert why in error["context"]["refused"], error
+        assert "denied destination" in error["message"] and "download.allow" in error["message"]
+        assert "progress" not in status
+    assert http.count("/image") == before  # the guard decided on the address
+    assert not any(str(a[0]) in ("10.1.2.3", "::ffff:10.1.2.3", "::ffff:a01:203") for a in connects
+                   if isinstance(a, tuple)), connects
+    assert list(cache_dir.iterdir()) == []
+    assert not any(v.startswith(f"iso-{namespace}") for v in pool_volumes(conn))
+    for name in ("loop", "lan", "mapped"):
+        kube.delete("isoimages", name, namespace)
+
+
+BIG = 64 * 1024 * 1024
+
+
+@pytest.mark.parametrize("path, max_size, operator_cap, source", [
+    (f"/big/{BIG}", "1Mi", None, "spec.maxSize"),  # Content-Length declared: refused before the body
+    (f"/big-chunked/{BIG}", "1Mi", None, "spec.maxSize"),  # no Content-Length: cut at the cap
+    (f"/big-close/{BIG}", None, 1024 * 1024, "--download-max-size"),  # operator-wide cap, body until close
+], ids=["content-length", "chunked", "until-close-operator-cap"])
+def test_a_body_over_the_cap_stops_there_and_leaves_no_cache_file(kube, namespace, operator, host, http,
+                                                                   cache_dir, settings, conn, path, max_size,
+                                                                   operator_cap, source) -> None:
+    if operator_cap is not None:
+        settings(download_max_bytes=operator_cap)
+    body = {"kind": "ISOImage", "metadata": {"name": "huge"},
+            "spec": {"source": {"url": http.url(path)}, "skipChecksumVerification": True,
+                     "targets": {"hostNames": [host]}}}
+    if max_size:
+        body["spec"]["maxSize"] = max_size
+    kube.create("isoimages", body, namespace)
+    obj = _stalled(kube, "huge", namespace)
+    error = obj["status"]["error"]
+    assert error["code"] == "ISO_DOWNLOAD_FAILED" and condition(obj, "Ready")["reason"] == "ISODownloadFailed"
+    assert "larger than 1Mi" in error["message"] and source in error["message"], error["message"]
+    assert error["context"]["limit"] == str(1024 * 1024)
+    assert (obj["status"].get("progress") or {}).get("bytesDone", 0) <= 1024 * 1024
+    assert http.sent_bytes(path) < BIG  # the operator hung up: it did not read (and cache) 64 MiB
+    assert list(cache_dir.iterdir()) == []  # nothing cached after the failed import
+    assert not any(v.startswith(f"iso-{namespace}") for v in pool_volumes(conn))
+    kube.delete("isoimages", "huge", namespace)
+    kube.wait_for(lambda: kube.get("isoimages", "huge", namespace) is None, timeout=30, what="ISOImage gone")
+
+
+def test_a_max_size_above_the_operators_cap_does_not_raise_it(kube, namespace, operator, host, http, cache_dir,
+                                                              settings) -> None:
+    settings(download_max_bytes=1024 * 1024)
+    kube.create("isoimages", {"kind": "ISOImage", "metadata": {"name": "greedy"},
+                              "spec": {"source": {"url": http.url(f"/big/{BIG}")}, "skipChecksumVerification": True,
+                                       "maxSize": "1Ti", "targets": {"hostNames": [host]}}}, namespace)
+    obj = _stalled(kube, "greedy", namespace)
+    assert "--download-max-size" in obj["status"]["error"]["message"]
+    assert list(cache_dir.iterdir()) == []
+    kube.delete("isoimages", "greedy", namespace)
+
+
+def test_a_content_length_beyond_the_pools_free_space_is_refused_before_the_download(
+        kube, namespace, operator, host, http, cache_dir, settings, conn) -> None:
+    """The real libvirtd's dir pool reports its filesystem's free space; the server declares more
+    (and never sends a body byte): STORAGE_FULL from the headers alone."""
+    pool = conn.storagePoolLookupByName("default")
+    pool.refresh(0)
+    available = pool.info()[3]
+    declared = available + 64 * 2**30
+    settings(download_max_bytes=0)  # no operator-wide cap: the pool's free space is the limit
+    path = f"/huge/{declared}"
+    started = time.monotonic()
+    kube.create("isoimages", {"kind": "ISOImage", "metadata": {"name": "toobig"},
+                              "spec": {"source": {"url": http.url(path)}, "skipChecksumVerification": True,
+                                       "targets": {"hostNames": [host]}}}, namespace)
+
+    def failed():
+        obj = kube.get("isoimages", "toobig", namespace)
+        return obj if ((obj.get("status") or {}).get("error") or {}).get("code") else None
+
+    obj = kube.wait_for(failed, timeout=IMPORT_TIMEOUT, what="the import refused")
+    assert time.monotonic() - started < http.stall_seconds  # decided on the headers, not a read timeout
+    status = obj["status"]
+    assert status["error"]["code"] == "STORAGE_FULL" and condition(obj, "Ready")["reason"] == "StorageFull"
+    ctx = status["error"]["context"]
+    assert ctx["host"] == host and ctx["pool"] == "default" and int(ctx["needed"]) == declared
+    assert 0 < int(ctx["available"]) < declared
+    assert "Content-Length" in status["error"]["message"]
+    [entry] = status["hosts"]
+    assert entry["phase"] == "Failed" and entry["message"].startswith("[STORAGE_FULL]")
+    assert status["retry"]["nextRetryTime"]  # retryable: space may be freed
+    assert (status.get("progress") or {}).get("bytesDone", 0) == 0
+    assert http.count(path) == 1
+    assert list(cache_dir.iterdir()) == []
+    kube.delete("isoimages", "toobig", namespace)
+    kube.wait_for(lambda: kube.get("isoimages", "toobig", namespace) is None, timeout=30, what="ISOImage gone")
+
+
+def test_concurrent_imports_are_bounded_operator_wide(kube, namespace, operator, host, http, cache_dir,
+                                                      settings, iso_sha) -> None:
+    settings(iso_max_concurrent_imports=1)
+    http.slow_delay = 0.1  # the test ISO in 40 slices: ~4 s each
+    try:
+        for name in ("first", "second"):
+            kube.create("isoimages", iso_body(name, http.url("/slow"), iso_sha, host), namespace)
+
+        def one_queued():
+            objs = [kube.get("isoimages", n, namespace) for n in ("first", "second")]
+            reasons = [(condition(o, "Ready") or {}).get("reason") for o in objs]
+            return objs if "Queued" in reasons and "Importing" in reasons else None
+
+        objs = kube.wait_for(one_queued, timeout=30, what="one import running, one queued")
+        queued = next(o for o in objs if condition(o, "Ready")["reason"] == "Queued")
+        assert queued["status"]["phase"] == "Pending"
+        assert condition(queued, "Reconciling")["status"] == "True"
+        assert "import slot" in condition(queued, "Ready")["message"]
+        assert "progress" not in queued["status"]  # not downloading while it waits
+        for name in ("first", "second"):
+            kube.wait_condition("isoimages", name, "Ready", "True", namespace=namespace, timeout=IMPORT_TIMEOUT)
+    finally:
+        http.slow_delay = 0.05
+    for name in ("first", "second"):
+        kube.delete("isoimages", name, namespace)
+    for name in ("first", "second"):
+        kube.wait_for(lambda n=name: kube.get("isoimages", n, namespace) is None, timeout=30, what="gone")
+
+
+def test_max_size_is_validated_by_the_apiserver(kube, namespace) -> None:
+    from kubernetes.client.exceptions import ApiException
+
+    for bad in ("0", "8 GiB", "2Ei"):
+        body = {"kind": "ISOImage", "metadata": {"name": "bad-size"},
+                "spec": {"source": {"url": "https://mirror.example/x.iso"}, "skipChecksumVerification": True,
+                         "maxSize": bad}}
+        with pytest.raises(ApiException) as info:
+            kube.create("isoimages", body, namespace)
+        assert info.value.status == 422 and "maxSize" in info.value.body, info.value.body

@@ -98,10 +98,10 @@ def test_always_vm_runs_then_delete_removes_domain_and_volumes(kube, operator, n
     assert condition(obj, "Ready")["reason"] == "Running"
     assert condition(obj, "Reconciling") is None and condition(obj, "Stalled") is None
     assert st["observedGeneration"] == obj["metadata"]["generation"]
-    assert {(v["disk"], v["name"]) for v in st["volumes"]} == {("root", f"{dname}-root"), ("data", f"{dname}-data")}
+    assert {(v["disk"], v["name"]) for v in st["volumes"]} == {("root", f"lvop-{uid}-root"), ("data", f"lvop-{uid}-data")}
     assert st.get("firstBootTime") and "error" not in st
     assert domains(operator, host) == {dname: (uid, RUNNING)}
-    assert volumes(operator, host) == sorted([f"{dname}-root", f"{dname}-data"])
+    assert volumes(operator, host) == sorted([f"lvop-{uid}-root", f"lvop-{uid}-data"])
     kube.wait_for(lambda: {"Scheduled", "Started"} <= set(event_reasons(kube, namespace, "web")),
                   what="Scheduled and Started events")
 
@@ -329,7 +329,7 @@ def test_operator_restart_adopts_domains_without_duplicates(kube, operator, name
         assert obj["status"]["firstBootTime"] == rv_before["firstBootTime"]
         vols = [v.name() for v in keep.storagePoolLookupByName("default-pool").listAllVolumes()] \
             if "default-pool" in keep.listStoragePools() else []
-        assert vols.count(f"{dname}-root") <= 1
+        assert vols.count(f"lvop-{uid}-root") <= 1
         delete_and_wait(kube, namespace, "survivor")
         assert dname not in [d.name() for d in keep.listAllDomains()]
         kube.delete(HOST, hv)

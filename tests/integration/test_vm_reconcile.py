@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 from libvirt_operator.adapters.libvirt import ConnectOptions, HostPool
+from libvirt_operator.adapters.libvirt.volumes import volume_name as iso_volume_name
 from libvirt_operator.core.errors import ErrorCode
 from libvirt_operator.core.settings import Settings
 from libvirt_operator.reconcile.runtime import Runtime
@@ -28,9 +29,13 @@ def host_obj(name: str, uri: str) -> dict[str, Any]:
                        "allocated": {"cpus": 0, "memory": "0"}, "domainTypes": ["test"]}}
 
 
+ISO_SHA = "sha256:" + "5e" * 32
+ISO_VOLUME = iso_volume_name("ns", "debian", ISO_SHA)  # what the importer names ISOImage ns/debian
+
+
 def iso_obj(phase: str) -> dict[str, Any]:
-    return {"metadata": {"name": "debian"},
-            "status": {"hosts": [{"host": "h", "phase": phase, "pool": "default", "volume": "debian.iso"}]}}
+    return {"metadata": {"namespace": "ns", "name": "debian"}, "spec": {"checksum": ISO_SHA},
+            "status": {"hosts": [{"host": "h", "phase": phase, "pool": "default", "volume": ISO_VOLUME}]}}
 
 
 @pytest.fixture
@@ -57,7 +62,7 @@ async def test_media_wait_then_define_idempotently_then_teardown_keeps_the_iso(s
 
     def make_iso(c):
         pool = c.storagePoolLookupByName("default")
-        return pool.createXML("<volume><name>debian.iso</name><capacity unit='bytes'>1048576</capacity>"
+        return pool.createXML(f"<volume><name>{ISO_VOLUME}</name><capacity unit='bytes'>1048576</capacity>"
                               "<target><format type='raw'/></target></volume>", 0).path()
 
     iso_path = await conn.call("make-iso", make_iso)
@@ -84,7 +89,7 @@ async def test_media_wait_then_define_idempotently_then_teardown_keeps_the_iso(s
     cdrom = root.find("devices/disk[@device='cdrom']")
     assert cdrom.find("source").get("file") == iso_path and cdrom.find("boot").get("order") == "1"
     disk = root.find("devices/disk[@device='disk']")
-    assert disk.find("source").get("file").endswith("/ns_inst-root")
+    assert disk.find("source").get("file").endswith(f"/lvop-{uid}-root")
 
     # Nothing changed: no define, no start, no events, same status.
     again = await sync_vm(vm_body(uid, out.status), rt, view)
@@ -107,7 +112,7 @@ async def test_media_wait_then_define_idempotently_then_teardown_keeps_the_iso(s
     left = await conn.call("list", lambda c: ([d.UUIDString() for d in c.listAllDomains()],
                                               sorted(v.name() for v in c.storagePoolLookupByName("default").listAllVolumes())))
     assert uid not in left[0]
-    assert left[1] == ["debian.iso"]  # the ISOImage's volume is not ours to delete
+    assert left[1] == [ISO_VOLUME]  # the ISOImage's volume is not ours to delete
 
 
 async def test_foreign_domain_with_the_same_name_is_reported_not_overwritten(setup) -> None:
@@ -142,7 +147,7 @@ async def test_eject_after_first_boot_empties_cdroms_once_the_first_run_ends(set
 
     def make_iso(c):
         c.storagePoolLookupByName("default").createXML(
-            "<volume><name>debian.iso</name><capacity unit='bytes'>1048576</capacity></volume>", 0)
+            f"<volume><name>{ISO_VOLUME}</name><capacity unit='bytes'>1048576</capacity></volume>", 0)
 
     await conn.call("make-iso", make_iso)
     view = ClusterView(hosts={"h": host_obj("h", uri)}, iso=lambda ns, name: iso_obj("Ready"))

@@ -64,3 +64,40 @@ def test_generator_refuses_undescribed_fields() -> None:
 
     with pytest.raises(crdgen.SchemaError, match="spec.size has no description"):
         crdgen.openapi_schema(Bad)
+
+
+@pytest.mark.parametrize(("annotation", "message"), [
+    ("str", "spec.field is a string without maxLength"),
+    ("list[bool]", "spec.field is a list without maxItems"),
+    ("dict[str, bool]", "spec.field is a map without maxProperties"),
+    ("int", "spec.field is an integer without minimum and maximum"),
+])
+def test_generator_refuses_unbounded_user_input(annotation: str, message: str) -> None:
+    """Every string, list, map and integer in a spec is bounded, so no field of user input is unbounded
+    (hostile manifests stay small; the apiserver can estimate the cost of CEL rules)."""
+    from pydantic import Field, create_model
+
+    from libvirt_operator.core.api.common import ApiModel, Resource
+
+    SpecModel = create_model("SpecModel", __base__=ApiModel,  # noqa: N806
+                             field=(eval(annotation), Field(description="unbounded")))  # noqa: S307 - test literal
+
+    class Bad(Resource):
+        info = RESOURCES[0].info
+        spec: SpecModel = Field(description="spec")  # type: ignore[valid-type]
+
+    with pytest.raises(crdgen.SchemaError, match=message):
+        crdgen.openapi_schema(Bad)
+
+
+@pytest.mark.parametrize("resource", RESOURCES, ids=lambda r: r.info.kind)
+def test_every_spec_field_is_bounded(resource) -> None:
+    schema = crdgen.openapi_schema(resource)
+    for path, sub in _walk(schema["properties"]["spec"], "spec"):
+        kind = sub.get("type")
+        if kind == "string":
+            assert "maxLength" in sub or "enum" in sub, path
+        elif kind == "array":
+            assert "maxItems" in sub, path
+        elif kind == "integer":
+            assert "minimum" in sub and "maximum" in sub, path

@@ -129,4 +129,4 @@ def test_domain_name_is_deterministic_safe_and_unique():
     long_b = domain_name("ns", "x" * 200, "uid-2")
     assert len(long_a) <= 63 and long_a != long_b
     assert long_a == domain_name("ns", "x" * 200, "uid-1")
-    assert volume_name("ns_vm", "root") == "ns_vm-root"
+    assert volume_name(UID, "root") == f"lvop-{UID}-root"  # more in test_volume_names.py

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from libvirt_operator.adapters.http.download import DownloadPolicy, check_destination, download, safe_url
+from libvirt_operator.adapters.http.download import DownloadPolicy, check_destination, classify, download, safe_url
 from libvirt_operator.core.errors import AppError, ErrorCode, OperationAborted
 from libvirt_operator.core.settings import Settings
 from tests.harness.http_server import TestHTTPServer, generated_sha256, random_file
@@ -219,10 +219,190 @@ def test_check_destination_rules() -> None:
     assert not check_destination("::ffff:169.254.169.254", p)
     assert not check_destination("127.0.0.1", p) and not check_destination("::1", p)
     assert not check_destination("0.0.0.0", p)
-    assert check_destination("10.1.2.3", p) and check_destination("93.184.216.34", p)
+    assert not check_destination("10.1.2.3", p)  # private: refused by default (read-back SSRF)
+    assert check_destination("93.184.216.34", p)
     assert check_destination("2606:4700::1", p)
     allowed = DownloadPolicy(denied=p.denied, allowed=LOOPBACK)
     assert check_destination("127.0.0.1", allowed) and not check_destination("169.254.169.254", allowed)
+
+
+# --- the address classification: every special-purpose range, and the forms that embed one ---
+
+DEFAULT = DownloadPolicy.from_settings(Settings(knowledge_base_enabled=False))
+
+REFUSED_BY_DEFAULT = [
+    # loopback, "this network", unspecified
+    "127.0.0.1", "127.255.255.254", "::1", "0.0.0.0", "0.1.2.3", "::",
+    # private (RFC 1918), CGNAT, link-local and the cloud metadata endpoints
+    "10.0.0.1", "10.255.255.255", "172.16.0.1", "172.31.255.254", "192.168.0.1", "192.168.255.255",
+    "100.64.0.1", "100.127.255.254", "100.100.100.200", "169.254.0.1", "169.254.169.254", "169.254.170.2",
+    "fe80::1", "fd00:ec2::254",
+    # unique local, site-local
+    "fc00::1", "fd12:3456:789a::1", "fec0::1",
+    # IPv4-mapped IPv6 forms of loopback / private / link-local (the embedded IPv4 address is checked)
+    "::ffff:127.0.0.1", "::ffff:10.1.2.3", "::ffff:192.168.1.1", "::ffff:169.254.169.254", "::ffff:100.64.0.1",
+    # NAT64, well-known prefix, embedding loopback / private; and the local-use NAT64 prefix entirely
+    "64:ff9b::127.0.0.1", "64:ff9b::10.1.2.3", "64:ff9b::c0a8:101", "64:ff9b::169.254.169.254",
+    "64:ff9b:1::1", "64:ff9b:1::8.8.8.8",
+    # 6to4 (embedding a private or a public address alike), Teredo, IPv4-compatible IPv6
+    "2002:a01:203::1", "2002:c0a8:101::1", "2002:808:808::1", "2001::1", "2001:0:4136:e378::1",
+    "::10.1.2.3", "::8.8.8.8",
+    # multicast, broadcast, reserved (class E), benchmarking, documentation, IETF assignments
+    "224.0.0.1", "239.255.255.250", "ff02::1", "ff0e::1", "255.255.255.255", "240.0.0.1",
+    "198.18.0.1", "198.19.255.254", "192.0.2.1", "198.51.100.1", "203.0.113.1", "2001:db8::1",
+    "3fff::1", "192.0.0.1", "192.88.99.1", "100::1", "2001:2::1", "5f00::1",
+]
+
+PUBLIC = ["8.8.8.8", "93.184.216.34", "1.1.1.1", "2606:4700::1111", "2001:4860:4860::8888",
+          "::ffff:8.8.8.8", "64:ff9b::8.8.8.8", "100.63.255.255", "100.128.0.1", "172.15.255.255",
+          "172.32.0.1", "192.167.255.255", "198.17.255.255", "198.20.0.1", "223.255.255.254"]
+
+
+@pytest.mark.parametrize("address", REFUSED_BY_DEFAULT)
+def test_special_purpose_addresses_are_refused_by_default(address: str) -> None:
+    verdict = classify(address, DEFAULT)
+    assert not verdict.allowed, verdict
+    assert verdict.reason and verdict.reason != "public"
+
+
+@pytest.mark.parametrize("address", PUBLIC)
+def test_public_addresses_are_allowed(address: str) -> None:
+    assert classify(address, DEFAULT).allowed
+
+
+def test_refusal_reasons_name_the_range() -> None:
+    assert classify("10.1.2.3", DEFAULT).reason == "private (RFC 1918)"
+    assert classify("100.64.0.1", DEFAULT).reason == "carrier-grade NAT (RFC 6598)"
+    assert classify("fd00::1", DEFAULT).reason == "unique local (ULA)"
+    mapped = classify("::ffff:10.1.2.3", DEFAULT)
+    assert mapped.address == "10.1.2.3" and mapped.reason.startswith("private (RFC 1918), embedded in")
+    nat64 = classify("64:ff9b::7f00:1", DEFAULT)
+    assert nat64.address == "127.0.0.1" and "loopback" in nat64.reason
+    assert "cloud metadata" in classify("169.254.169.254", DEFAULT).reason
+
+
+def _policy(allow: tuple[str, ...] = (), deny: tuple[str, ...] = ()) -> DownloadPolicy:
+    defaults = Settings(knowledge_base_enabled=False)
+    return DownloadPolicy.from_settings(Settings(
+        knowledge_base_enabled=False,
+        download_allowed_networks=tuple(ipaddress.ip_network(n) for n in allow),
+        download_denied_networks=defaults.download_denied_networks + tuple(ipaddress.ip_network(n) for n in deny)))
+
+
+def test_allowed_networks_open_exceptions_and_the_most_specific_network_wins() -> None:
+    # --download-allow 10.20.0.0/16 (the README's Helm example) opens that network only
+    p = _policy(allow=("10.20.0.0/16",))
+    assert check_destination("10.20.1.2", p) and check_destination("::ffff:10.20.1.2", p)
+    assert check_destination("64:ff9b::a14:102", p)  # NAT64 form of 10.20.1.2: the same destination
+    assert not check_destination("10.21.0.1", p) and not check_destination("192.168.1.1", p)
+    # a more specific deny inside an allowed network wins
+    p = _policy(allow=("10.0.0.0/8",), deny=("10.0.0.5/32",))
+    assert check_destination("10.0.0.4", p) and not check_destination("10.0.0.5", p)
+    # allowing everything still keeps the metadata endpoints, link-local, loopback and "this host" closed
+    p = _policy(allow=("0.0.0.0/0", "::/0"))
+    assert check_destination("10.1.2.3", p) and check_destination("fd00::1", p)
+    for address in ("169.254.169.254", "169.254.1.1", "127.0.0.1", "0.0.0.0", "::1", "fe80::1",
+                    "100.100.100.200", "fd00:ec2::254", "::ffff:169.254.169.254"):
+        assert not check_destination(address, p), address
+    # allowing CGNAT or ULA (e.g. a mesh VPN) does not open the metadata endpoints inside them
+    p = _policy(allow=("100.64.0.0/10", "fc00::/7"))
+    assert check_destination("100.64.0.1", p) and check_destination("fd00::1", p)
+    assert not check_destination("100.100.100.200", p) and not check_destination("fd00:ec2::254", p)
+    # loopback needs its own allow, and then it works in the IPv4-mapped form too
+    p = _policy(allow=("127.0.0.0/8",))
+    assert check_destination("127.0.0.1", p) and check_destination("::ffff:127.0.0.1", p)
+    assert not check_destination("::1", p) and not check_destination("10.0.0.1", p)
+
+
+@pytest.mark.parametrize("url", [
+    "http://10.1.2.3/x.iso", "http://192.168.1.10:8080/x.iso", "http://172.16.0.1/x.iso",
+    "http://100.64.0.1/x.iso", "http://[fd00::1]/x.iso", "http://[::ffff:10.1.2.3]/x.iso",
+    "http://[64:ff9b::10.1.2.3]/x.iso", "http://[2002:a01:203::1]/x.iso", "http://198.18.0.1/x.iso",
+    "https://224.0.0.1/x.iso", "http://[::ffff:127.0.0.1]:1/x.iso",
+])
+async def test_private_destinations_are_refused_before_any_connection(url, dest, connects) -> None:
+    with pytest.raises(AppError) as info:
+        await download(url, dest, policy=policy(allowed=()))
+    err = info.value
+    assert err.code == ErrorCode.ISO_DOWNLOAD_FAILED and err.context["permanent"] == "true"
+    assert "denied destination" in err.message and "--download-allow" in err.message
+    assert err.context["refused"]
+    assert connects == []  # decided on the address: nothing was sent anywhere
+    assert not dest.exists()
+
+
+async def test_a_name_resolving_to_loopback_is_refused_without_an_allow(server, dest, connects) -> None:
+    with pytest.raises(AppError) as info:
+        await download(f"http://localhost:{server.port}/image", dest, policy=policy(allowed=()))
+    assert "it resolves to" in info.value.message and "loopback" in info.value.context["refused"]
+    assert connects == [] and server.count("/image") == 0
+
+
+# --- size limits: Content-Length checked before the body, the body cut at the limit ---
+
+BIG = 64 * 1024 * 1024  # beyond what loopback socket buffers hold: a refused body is visibly not sent
+CAP = 1024 * 1024
+
+
+async def test_a_declared_size_over_the_cap_is_refused_before_the_body(server, dest) -> None:
+    with pytest.raises(AppError) as info:
+        await download(server.url(f"/big/{BIG}"), dest, policy=policy(max_bytes=CAP))
+    err = info.value
+    assert err.code == ErrorCode.ISO_DOWNLOAD_FAILED and err.context["permanent"] == "true"
+    assert "larger than the download limit of 1Mi" in err.message and err.context["bytes"] == str(BIG)
+    assert server.count(f"/big/{BIG}") == 1  # not retried
+    assert server.sent_bytes(f"/big/{BIG}") < BIG  # the client hung up, it did not read the body
+    assert not dest.exists() and list(dest.parent.iterdir()) == []
+
+
+@pytest.mark.parametrize("kind", ["big-chunked", "big-close"])
+async def test_a_body_without_content_length_stops_at_the_cap(server, dest, kind) -> None:
+    path = f"/{kind}/{BIG}"
+    received: list[int] = []
+
+    async def progress(done: int, total: int | None) -> None:
+        received.append(done)
+
+    with pytest.raises(AppError) as info:
+        await download(server.url(path), dest, policy=policy(max_bytes=CAP), progress=progress)
+    err = info.value
+    assert err.code == ErrorCode.ISO_DOWNLOAD_FAILED and err.context["permanent"] == "true"
+    assert "exceeded it" in err.message and int(err.context["bytes"]) > CAP
+    assert max(received) <= CAP  # nothing beyond the cap was accepted
+    assert server.count(path) == 1
+    assert not dest.exists() and list(dest.parent.iterdir()) == []
+
+
+async def test_the_per_call_limit_lowers_the_policy_cap_and_a_body_at_the_limit_passes(server, dest) -> None:
+    size = 2 * CAP
+    result = await download(server.url(f"/big-chunked/{size}"), dest, policy=policy(max_bytes=4 * CAP),
+                            max_bytes=size, checksum=f"sha256:{generated_sha256(size)}")
+    assert result.size == size and result.verified
+    with pytest.raises(AppError):
+        await download(server.url(f"/big-chunked/{size}"), dest, policy=policy(max_bytes=4 * CAP),
+                       max_bytes=size - 1)
+    assert not dest.exists()
+
+
+async def test_check_total_can_refuse_a_declared_size_before_the_body(server, dest) -> None:
+    huge = 1 << 50  # a PiB: far beyond any pool; the server never sends a body byte
+    seen: list[int] = []
+
+    async def check_total(total: int) -> None:
+        seen.append(total)
+        raise AppError(ErrorCode.STORAGE_FULL, f"no room for {total} bytes")
+
+    started = time.monotonic()
+    with pytest.raises(AppError) as info:
+        await download(server.url(f"/huge/{huge}"), dest, policy=policy(max_bytes=None), check_total=check_total)
+    assert info.value.code == ErrorCode.STORAGE_FULL and seen == [huge]
+    assert time.monotonic() - started < 2.0  # decided on the headers: no waiting for the silent body
+    assert not dest.exists()
+
+
+def test_the_operator_wide_cap_defaults_to_16gi() -> None:
+    assert DEFAULT.max_bytes == 16 * 2**30
+    assert DownloadPolicy.from_settings(Settings(knowledge_base_enabled=False, download_max_bytes=0)).max_bytes is None
 
 
 async def test_unsupported_schemes_are_refused(dest) -> None:
@@ -340,3 +520,40 @@ async def test_a_bad_ca_bundle_is_an_invalid_spec(dest) -> None:
     with pytest.raises(AppError) as info:
         await download("https://localhost/x.iso", dest, policy=policy(), ca_bundle=b"not a certificate")
     assert info.value.code == ErrorCode.INVALID_SPEC
+
+
+def test_the_command_line_reaches_the_guard_and_the_limits() -> None:
+    import click
+
+    from libvirt_operator.cli import main
+    from libvirt_operator.cli.operator_main import settings_from_options
+
+    params = main.commands["run"].make_context("run", [
+        "--download-allow", "10.20.0.0/16", "--download-deny", "10.20.0.5/32", "--download-max-size", "2Gi",
+        "--max-concurrent-imports", "2"]).params
+    settings = settings_from_options(download_allow=params["download_allow"], download_deny=params["download_deny"],
+                                     download_max_size=params["download_max_size"],
+                                     max_concurrent_imports=params["max_concurrent_imports"])
+    guard = DownloadPolicy.from_settings(settings)
+    assert check_destination("10.20.0.4", guard) and not check_destination("10.20.0.5", guard)
+    assert not check_destination("127.0.0.1", guard)
+    assert guard.max_bytes == 2 * 2**30 and settings.iso_max_concurrent_imports == 2
+    defaults = settings_from_options()
+    assert defaults.download_max_bytes == 16 * 2**30 and defaults.iso_max_concurrent_imports == 4
+    assert DownloadPolicy.from_settings(settings_from_options(download_max_size="0")).max_bytes is None
+    for bad in ({"download_max_size": "lots"}, {"download_allow": ("10.20.0.0/33",)},
+                {"max_concurrent_imports": 0}):
+        with pytest.raises(click.BadParameter):
+            settings_from_options(**bad)  # type: ignore[arg-type]
+
+
+def test_spec_max_size_is_a_positive_quantity() -> None:
+    import pydantic
+
+    from libvirt_operator.core.api.iso import ISOImageSpec
+
+    base = {"source": {"url": "https://mirror.example/x.iso"}, "skipChecksumVerification": True}
+    assert ISOImageSpec.model_validate({**base, "maxSize": "8Gi"}).max_size == "8Gi"
+    for bad in ("0", "-1Gi", "8 GiB", "lots"):
+        with pytest.raises(pydantic.ValidationError):
+            ISOImageSpec.model_validate({**base, "maxSize": bad})

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 
 import pytest
@@ -142,6 +143,101 @@ def test_host_ref_pins_without_capacity_check_but_needs_existence_and_readiness(
     assert plan.choose_host(spec(hostRef="b"), hosts).error.code is ErrorCode.NO_SCHEDULABLE_HOST
     missing = plan.choose_host(spec(hostRef="gone"), hosts)
     assert missing.error.code is ErrorCode.HOST_NOT_FOUND
+
+
+# ---------------------------------------------------------------------------- tenancy
+
+def tenant_host(name: str, **spec_fields) -> HostView:
+    """A Ready host built from a LibvirtHost object, so the spec fields are parsed as the API sends them."""
+    obj = {"metadata": {"name": name}, "spec": {"uri": "test:///default", **spec_fields},
+           "status": {"conditions": [{"type": "Ready", "status": "True"}], "capacity": {"cpus": 8, "memory": "16Gi"},
+                      "allocated": {"cpus": 0, "memory": "0"}}}
+    return HostView.from_object(obj)
+
+
+def test_hosts_without_tenancy_fields_admit_every_namespace_and_resource():
+    h = tenant_host("open")
+    vm = spec(hostRef="open", disks=[{"name": "d", "volume": {"size": "1Gi", "pool": "fast"}}],
+              interfaces=[{"name": "n", "type": "network", "source": "lab"},
+                          {"name": "b", "type": "bridge", "source": "br0"}])
+    assert not h.restricts_namespaces
+    assert plan.host_denial(vm, h, "anyone", None) is None
+    assert plan.choose_host(vm, [h], namespace="anyone").host == "open"
+
+
+def test_allowed_namespaces_and_selector_admit_by_name_or_labels():
+    h = tenant_host("h", allowedNamespaces=["team-a"],
+                    namespaceSelector={"matchLabels": {"tenant": "blue"},
+                                       "matchExpressions": [{"key": "tier", "operator": "In", "values": ["prod", "dev"]},
+                                                            {"key": "frozen", "operator": "DoesNotExist"}]})
+    assert plan.admits_namespace(h, "team-a", None)  # listed: labels not needed
+    assert plan.admits_namespace(h, "team-b", {"tenant": "blue", "tier": "dev"})
+    assert not plan.admits_namespace(h, "team-b", {"tenant": "blue", "tier": "qa"})
+    assert not plan.admits_namespace(h, "team-b", {"tenant": "blue", "tier": "dev", "frozen": "yes"})
+    assert not plan.admits_namespace(h, "team-b", None)  # unknown labels match no selector
+    assert plan.needs_namespace_labels([h], "team-b") and not plan.needs_namespace_labels([h], "team-a")
+    assert not plan.needs_namespace_labels([tenant_host("open")], "team-b")
+    # an empty list admits no namespace by name; an empty selector admits every namespace
+    assert not plan.admits_namespace(tenant_host("closed", allowedNamespaces=[]), "team-a", {})
+    assert plan.admits_namespace(tenant_host("all", allowedNamespaces=[], namespaceSelector={}), "x", {})
+    notin = tenant_host("n", namespaceSelector={"matchExpressions": [
+        {"key": "env", "operator": "NotIn", "values": ["prod"]}, {"key": "team", "operator": "Exists"}]})
+    assert plan.admits_namespace(notin, "x", {"team": "t", "env": "dev"})
+    assert not plan.admits_namespace(notin, "x", {"team": "t", "env": "prod"})
+    assert not plan.admits_namespace(notin, "x", {"env": "dev"})
+
+
+def test_host_ref_to_a_host_that_refuses_the_namespace_is_not_scheduled_with_a_clear_reason():
+    h = tenant_host("kvm-1", allowedNamespaces=["team-a"])
+    p = plan.choose_host(spec(hostRef="kvm-1"), [h], namespace="team-b")
+    assert p.host is None and p.error.code is ErrorCode.NAMESPACE_NOT_ALLOWED
+    assert p.error.reason == "NamespaceNotAllowed" and not p.error.retryable
+    assert "LibvirtHost kvm-1 does not admit namespace team-b" in p.error.message
+    assert "allowedNamespaces: team-a" in p.error.message
+    assert p.error.context == {"host": "kvm-1", "namespace": "team-b"}
+    # tenancy is reported before readiness: the fix is the host's spec, not waiting
+    down = dataclasses.replace(h, ready=False)
+    assert plan.choose_host(spec(hostRef="kvm-1"), [down], namespace="team-b").error.code \
+        is ErrorCode.NAMESPACE_NOT_ALLOWED
+    assert plan.choose_host(spec(hostRef="kvm-1"), [h], namespace="team-a").host == "kvm-1"
+
+
+def test_host_selector_skips_hosts_that_refuse_the_vm():
+    big_closed = tenant_host("big", allowedNamespaces=["other"])
+    small_open = dataclasses.replace(tenant_host("small"), memory_bytes=2 * GiB)
+    vm = spec()
+    assert plan.choose_host(vm, [big_closed, small_open], namespace="team-b").host == "small"
+    p = plan.choose_host(vm, [big_closed], namespace="team-b")
+    assert p.error.code is ErrorCode.NAMESPACE_NOT_ALLOWED and "none of the 1 LibvirtHost(s)" in p.error.message
+    # the namespace's labels decide too
+    labelled = tenant_host("sel", namespaceSelector={"matchLabels": {"tenant": "blue"}})
+    assert plan.choose_host(vm, [labelled], namespace="team-b", namespace_labels={"tenant": "blue"}).host == "sel"
+    assert plan.choose_host(vm, [labelled], namespace="team-b", namespace_labels={"tenant": "red"}).error.code \
+        is ErrorCode.NAMESPACE_NOT_ALLOWED
+
+
+def test_pools_networks_and_bridges_must_be_exposed_by_the_host():
+    h = tenant_host("h", defaultPool="vms", allowedPools=["fast"], allowedNetworks=["lab"], allowedBridges=[])
+    ok = spec(disks=[{"name": "a", "volume": {"size": "1Gi"}}, {"name": "b", "volume": {"size": "1Gi", "pool": "fast"}}],
+              interfaces=[{"name": "u"}, {"name": "n", "type": "network", "source": "lab"}])
+    assert plan.host_denial(ok, h, "ns", None) is None  # defaultPool is always allowed
+    err = plan.host_denial(spec(disks=[{"name": "a", "volume": {"size": "1Gi", "pool": "slow"}}]), h, "ns", None)
+    assert err.code is ErrorCode.POOL_NOT_ALLOWED and err.reason == "PoolNotAllowed"
+    assert "storage pool slow" in err.message and "allowedPools: fast" in err.message
+    err = plan.host_denial(spec(interfaces=[{"name": "n", "type": "network", "source": "prod"}]), h, "ns", None)
+    assert err.code is ErrorCode.NETWORK_NOT_ALLOWED and "network prod" in err.message
+    err = plan.host_denial(spec(interfaces=[{"name": "b", "type": "bridge", "source": "br0"}]), h, "ns", None)
+    assert err.code is ErrorCode.NETWORK_NOT_ALLOWED and "allowedBridges: none" in err.message
+    # placement: hostRef reports it, a selector skips the host
+    slow = [{"name": "a", "volume": {"size": "1Gi", "pool": "slow"}}]
+    assert plan.choose_host(spec(hostRef="h", disks=slow), [h], namespace="ns").error.code \
+        is ErrorCode.POOL_NOT_ALLOWED
+    assert plan.choose_host(spec(disks=slow), [h, tenant_host("open")], namespace="ns").host == "open"
+    # ISOImages: namespace, then pool
+    assert plan.image_denial(h, "ns", None, "vms") is None
+    assert plan.image_denial(h, "ns", None, "isos").code is ErrorCode.POOL_NOT_ALLOWED
+    assert plan.image_denial(tenant_host("c", allowedNamespaces=[]), "ns", None, "default").code \
+        is ErrorCode.NAMESPACE_NOT_ALLOWED
 
 
 @pytest.mark.parametrize("requested,types,previous,expected", [

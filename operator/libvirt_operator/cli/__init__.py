@@ -31,20 +31,34 @@ def main() -> None:
 @click.option("--remediation-base-url", default=None,
               help="Prefix of runbook links in status (air-gapped sites: their mirror of rag/).")
 @click.option("--download-allow", "download_allow", multiple=True, metavar="CIDR",
-              help="Let ISO downloads reach this network even if denied by default (repeatable).")
+              help="Let ISO downloads reach this network (repeatable). By default they reach only public "
+                   "addresses: loopback, private (10/8, 172.16/12, 192.168/16), CGNAT, link-local, ULA, ... "
+                   "are refused.")
 @click.option("--download-deny", "download_deny", multiple=True, metavar="CIDR",
-              help="Also refuse ISO downloads to this network (repeatable).")
+              help="Also refuse ISO downloads to this network (repeatable; the most specific network wins).")
+@click.option("--download-max-size", default=None, metavar="QUANTITY",
+              help="Largest ISO image accepted, e.g. 16Gi (ISOImage spec.maxSize can only lower it; 0: no cap). "
+                   "[default: 16Gi]")
+@click.option("--max-concurrent-imports", type=click.IntRange(min=1), default=None,
+              help="ISO imports (download + uploads) running at once. [default: 4]")
 @click.option("--iso-cache-dir", default=None, help="Where ISO downloads are staged before upload.")
+@click.option("--allow-test-driver", is_flag=True,
+              help="Accept test:// LibvirtHost URIs (libvirt's test driver; development and tests only).")
+@click.option("--test-driver-dir", "test_driver_dirs", multiple=True, metavar="DIR",
+              help="Directory whose .xml files test:/// URIs may name (repeatable; default: only test:///default).")
 def run(namespaces: tuple[str, ...], metrics_port: int, metrics_address: str, liveness_port: int,
         log_format: str, log_level: str, no_knowledge_base: bool, rag_db: str | None,
         remediation_base_url: str | None, download_allow: tuple[str, ...], download_deny: tuple[str, ...],
-        iso_cache_dir: str | None) -> None:
+        download_max_size: str | None, max_concurrent_imports: int | None,
+        iso_cache_dir: str | None, allow_test_driver: bool, test_driver_dirs: tuple[str, ...]) -> None:
     """Run the operator in the foreground against the cluster in KUBECONFIG (or in-cluster)."""
     from .operator_main import OperatorOptions, run_blocking, settings_from_options
 
     settings = settings_from_options(
         knowledge_base=not no_knowledge_base, rag_db=rag_db, remediation_base_url=remediation_base_url,
-        download_allow=download_allow, download_deny=download_deny, iso_cache_dir=iso_cache_dir)
+        download_allow=download_allow, download_deny=download_deny, iso_cache_dir=iso_cache_dir,
+        download_max_size=download_max_size, max_concurrent_imports=max_concurrent_imports,
+        allow_test_driver=allow_test_driver, test_driver_dirs=test_driver_dirs)
     run_blocking(OperatorOptions(
         namespaces=namespaces, metrics_port=metrics_port, metrics_address=metrics_address,
         liveness_port=liveness_port, log_format=log_format, log_level=log_level,  # type: ignore[arg-type]

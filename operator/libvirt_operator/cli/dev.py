@@ -122,7 +122,8 @@ def run_dev(workdir: pathlib.Path, libvirt_mode: str, metrics_port: int) -> int:
         try:
             # The sample ISO is served on loopback, which downloads may not reach by default.
             settings = settings_from_options(download_allow=("127.0.0.0/8",),
-                                             iso_cache_dir=str(workdir / "iso-cache"))
+                                             iso_cache_dir=str(workdir / "iso-cache"),
+                                             allow_test_driver=True, test_driver_dirs=(str(workdir),))
             run_blocking(OperatorOptions(metrics_port=metrics_port, metrics_address="127.0.0.1",
                                          liveness_port=0, log_format="console", settings=settings))
         except KeyboardInterrupt:

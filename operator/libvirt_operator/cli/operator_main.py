@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import ipaddress
+import pathlib
 import threading
 from typing import Literal
 
@@ -13,6 +14,7 @@ import kopf
 from prometheus_client import start_http_server
 
 from ..core.logs import configure
+from ..core.quantity import parse_quantity
 from ..core.settings import Settings
 
 
@@ -30,7 +32,9 @@ class OperatorOptions:
 
 def settings_from_options(*, knowledge_base: bool = True, rag_db: str | None = None,
                           remediation_base_url: str | None = None, download_allow: tuple[str, ...] = (),
-                          download_deny: tuple[str, ...] = (), iso_cache_dir: str | None = None) -> Settings:
+                          download_deny: tuple[str, ...] = (), iso_cache_dir: str | None = None,
+                          download_max_size: str | None = None, max_concurrent_imports: int | None = None,
+                          allow_test_driver: bool = False, test_driver_dirs: tuple[str, ...] = ()) -> Settings:
     """Settings from command-line values; unset values keep their defaults."""
     defaults = Settings()
     try:
@@ -42,7 +46,20 @@ def settings_from_options(*, knowledge_base: bool = True, rag_db: str | None = N
         "knowledge_base_enabled": knowledge_base,
         "download_allowed_networks": allow,
         "download_denied_networks": defaults.download_denied_networks + deny,
+        "allow_test_driver": allow_test_driver,
+        "test_driver_dirs": tuple(str(pathlib.Path(d).resolve()) for d in test_driver_dirs),
     }
+    if test_driver_dirs and not allow_test_driver:
+        raise click.BadParameter("--test-driver-dir needs --allow-test-driver")
+    if download_max_size is not None:
+        try:
+            changes["download_max_bytes"] = parse_quantity(download_max_size)
+        except ValueError as err:
+            raise click.BadParameter(str(err), param_hint="--download-max-size") from err
+    if max_concurrent_imports is not None:
+        if max_concurrent_imports < 1:
+            raise click.BadParameter("must be at least 1", param_hint="--max-concurrent-imports")
+        changes["iso_max_concurrent_imports"] = max_concurrent_imports
     if rag_db:
         changes["rag_db_dir"] = rag_db
     if remediation_base_url:
@@ -60,7 +77,7 @@ async def run_operator(options: OperatorOptions, *, stop_flag: asyncio.Event | t
                        ready_flag: asyncio.Event | threading.Event | None = None) -> None:
     _load_handlers()
     settings = options.settings or Settings(knowledge_base_enabled=options.knowledge_base)
-    memo = kopf.Memo(settings=settings)
+    memo = kopf.Memo(settings=settings, namespaces=tuple(options.namespaces))  # the orphan report's scope
     await kopf.operator(
         standalone=True,
         clusterwide=not options.namespaces,

@@ -6,6 +6,8 @@ import datetime as dt
 from collections.abc import Iterable
 from typing import Any
 
+from .errors import redact
+
 READY, RECONCILING, STALLED = "Ready", "Reconciling", "Stalled"
 
 
@@ -52,7 +54,7 @@ def is_true(conditions: Iterable[dict[str, Any]] | None, type_: str) -> bool:
 
 def _condition(type_: str, status: str, reason: str, message: str, generation: int | None,
                last_transition: str) -> dict[str, Any]:
-    cond: dict[str, Any] = {"type": type_, "status": status, "reason": reason, "message": message[:32768],
+    cond: dict[str, Any] = {"type": type_, "status": status, "reason": reason, "message": redact(message)[:32768],
                             "lastTransitionTime": last_transition}
     if generation is not None:
         cond["observedGeneration"] = generation

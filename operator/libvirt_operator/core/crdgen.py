@@ -2,7 +2,10 @@
 
 The models are the single source of truth: crds/ is this module's output, and a test fails when
 the committed files drift from it. The generator also refuses fields without a description, so
-`kubectl explain` always has something to teach.
+`kubectl explain` always has something to teach, and refuses unbounded user input: every string in
+`spec` needs a maxLength (or an enum), every list a maxItems, every map a maxProperties and every
+integer a minimum and a maximum. Bounds keep hostile manifests small and let the apiserver estimate
+the cost of CEL rules.
 """
 
 from __future__ import annotations
@@ -18,8 +21,9 @@ from .api.common import CATEGORY, GROUP, VERSION, Resource
 _KEEP = {
     "type", "description", "properties", "required", "items", "enum", "pattern", "format", "default",
     "minimum", "maximum", "minLength", "maxLength", "minItems", "maxItems", "additionalProperties",
-    "nullable",
+    "nullable", "maxProperties", "minProperties",
 }
+_BOUNDED_FORMATS = {"date-time", "date", "duration"}  # the apiserver knows their maximum length
 
 
 class SchemaError(ValueError):
@@ -45,11 +49,42 @@ def _resolve(schema: dict[str, Any], defs: dict[str, Any]) -> dict[str, Any]:
     return schema
 
 
+def _check_bounds(out: dict[str, Any], path: str) -> None:
+    """User input (spec) must be bounded: refuse the schema otherwise, naming the field."""
+    for name, sub in (out.get("properties") or {}).items():
+        _check_bounds(sub, f"{path}.{name}")
+    if isinstance(out.get("items"), dict):
+        _check_bounds(out["items"], f"{path}[]")
+    if isinstance(out.get("additionalProperties"), dict):
+        _check_bounds(out["additionalProperties"], f"{path}{{}}")
+    kind = out.get("type")
+    if kind == "string" and "maxLength" not in out and "enum" not in out \
+            and out.get("format") not in _BOUNDED_FORMATS:
+        raise SchemaError(f"{path} is a string without maxLength (or enum)")
+    if kind == "array" and "maxItems" not in out:
+        raise SchemaError(f"{path} is a list without maxItems")
+    if kind == "object" and "additionalProperties" in out and "maxProperties" not in out:
+        raise SchemaError(f"{path} is a map without maxProperties")
+    if kind == "integer" and ("minimum" not in out or "maximum" not in out):
+        raise SchemaError(f"{path} is an integer without minimum and maximum")
+
+
+def _key_rule(schema: dict[str, Any]) -> dict[str, str] | None:
+    """Structural schemas have no propertyNames: a map's key length becomes a CEL rule."""
+    limit = (schema.get("propertyNames") or {}).get("maxLength")
+    if limit is None:
+        return None
+    return {"rule": f"self.all(k, k.size() <= {int(limit)})", "message": f"keys must be at most {int(limit)} characters"}
+
+
 def _structural(schema: dict[str, Any], defs: dict[str, Any], path: str) -> dict[str, Any]:
     schema = _resolve(schema, defs)
     out: dict[str, Any] = {k: v for k, v in schema.items() if k in _KEEP or k.startswith("x-kubernetes-")}
     if out.get("default", "") is None:
         del out["default"]
+    key_rule = _key_rule(schema)
+    if key_rule is not None:
+        out["x-kubernetes-validations"] = [*out.get("x-kubernetes-validations", []), key_rule]
     if "properties" in schema:
         out["type"] = "object"
         props = {}
@@ -79,6 +114,7 @@ def openapi_schema(resource: type[Resource]) -> dict[str, Any]:
     raw = resource.model_json_schema(by_alias=True, mode="validation")
     defs = raw.get("$defs", {})
     spec = _structural(raw["properties"]["spec"], defs, "spec")
+    _check_bounds(spec, "spec")
     status = _structural(raw["properties"]["status"], defs, "status")
     validations = getattr(resource, "spec_validations", None)
     if validations:

@@ -69,22 +69,58 @@ class DomainDefinition:
         return self.serial_log or f"{SERIAL_LOG_DIR}/{self.name}-serial.log"
 
 
+SHORTENED_MARK = "__"
+"""Separates a shortened domain name from its uid digest. A plain ``<namespace>_<name>`` holds exactly
+one ``_`` (Kubernetes names never contain one), so no plain name can equal a shortened one."""
+VOLUME_PREFIX = "lvop-"
+
+
 def domain_name(namespace: str, name: str, uid: str) -> str:
     """Deterministic, collision-free libvirt domain name: ``<namespace>_<name>``.
 
     Kubernetes names never contain ``_``, so the join is unambiguous. Anything outside
-    ``[a-z0-9._-]`` is replaced (defence in depth). Names longer than 63 characters are cut and
-    suffixed with a hash of the uid, which keeps them unique per object.
+    ``[a-z0-9.-]`` is replaced (defence in depth). Names longer than 63 characters are cut and
+    suffixed with ``__`` and a digest of the uid: ``__`` never occurs in a plain name, so a VM named
+    like another VM's shortened domain name cannot take that name over, and two shortened names
+    differ whenever the uids do (48-bit digest of a server-assigned uid).
+
+    The name is chosen when the domain is created; afterwards the domain is found by its UUID (the
+    VM's uid) and keeps the name it has, so this may change without renaming existing domains.
     """
     base = f"{_UNSAFE.sub('-', namespace.lower())}_{_UNSAFE.sub('-', name.lower())}"
     if len(base) <= MAX_DOMAIN_NAME:
         return base
-    digest = hashlib.sha256(uid.encode()).hexdigest()[:8]
-    return f"{base[:MAX_DOMAIN_NAME - 9].rstrip('-._')}-{digest}"
+    digest = hashlib.sha256(uid.encode()).hexdigest()[:12]
+    cut = base[:MAX_DOMAIN_NAME - len(SHORTENED_MARK) - len(digest)].rstrip("-._")
+    return f"{cut}{SHORTENED_MARK}{digest}"
 
 
-def volume_name(domain: str, disk: str) -> str:
-    """Name of the volume the operator creates for a disk: ``<domain-name>-<disk>``."""
+def volume_name(uid: str, disk: str) -> str:
+    """Name of the volume the operator creates for a disk: ``lvop-<vm uid>-<disk>``.
+
+    The uid has a fixed length (36) and disk names are DNS labels, so the name is collision-free by
+    construction and shows on the host which VirtualMachine owns the volume. Only volumes named with
+    a VM's own uid are ever adopted or deleted for it (see `owns_volume`).
+    """
+    return f"{owned_volume_prefix(uid)}{disk}"
+
+
+def owned_volume_prefix(uid: str) -> str:
+    """Every volume created for the VM with this uid, and no other, starts with this."""
+    if not uid:
+        raise ValueError("a VirtualMachine without a uid owns no volumes")
+    return f"{VOLUME_PREFIX}{uid}-"
+
+
+def owns_volume(uid: str, volume: str) -> bool:
+    """Whether a volume name says it was created for the VM with this uid."""
+    prefix = owned_volume_prefix(uid)
+    return volume.startswith(prefix) and len(volume) > len(prefix)
+
+
+def legacy_volume_name(domain: str, disk: str) -> str:
+    """The earlier releases' scheme ``<domain-name>-<disk>`` (ambiguous: ``a``+``b-root`` = ``a-b``+``root``).
+    Such a volume counts as a VM's only when the VM's own domain (UUID = uid) uses it for that disk."""
     return f"{domain}-{disk}"
 
 

@@ -36,6 +36,9 @@ class ErrorCode(str, enum.Enum):
     DOMAIN_CRASHED = "DOMAIN_CRASHED"
     KUBERNETES_API_ERROR = "KUBERNETES_API_ERROR"
     CREDENTIALS_NOT_FOUND = "CREDENTIALS_NOT_FOUND"
+    NAMESPACE_NOT_ALLOWED = "NAMESPACE_NOT_ALLOWED"
+    POOL_NOT_ALLOWED = "POOL_NOT_ALLOWED"
+    NETWORK_NOT_ALLOWED = "NETWORK_NOT_ALLOWED"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,16 +93,51 @@ CATALOG: Mapping[ErrorCode, CodeInfo] = {
         "KubernetesAPIError", True, "A Kubernetes API call failed."),
     ErrorCode.CREDENTIALS_NOT_FOUND: CodeInfo(
         "CredentialsNotFound", True, "The Secret holding the host's credentials is missing or incomplete."),
+    # Tenancy (LibvirtHost allowedNamespaces/namespaceSelector/allowedPools/allowedNetworks/allowedBridges):
+    # not retried on a timer; re-checked as soon as the host or the namespace changes.
+    ErrorCode.NAMESPACE_NOT_ALLOWED: CodeInfo(
+        "NamespaceNotAllowed", False, "The LibvirtHost does not admit resources of this namespace."),
+    ErrorCode.POOL_NOT_ALLOWED: CodeInfo(
+        "PoolNotAllowed", False, "The LibvirtHost does not expose the requested storage pool to VMs and images."),
+    ErrorCode.NETWORK_NOT_ALLOWED: CodeInfo(
+        "NetworkNotAllowed", False, "The LibvirtHost does not expose the requested network or bridge to VMs."),
 }
 
 # Keys whose values must never reach status, events or logs.
 _SECRET_KEY = re.compile(r"(pass(word)?|secret|token|key|auth|credential|cookie)", re.IGNORECASE)
-_URL_USERINFO = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://)[^/@\s]+@", re.IGNORECASE)
+# Quantifiers are bounded: redact() runs on arbitrary (possibly huge) error text and must stay linear.
+_URL_USERINFO = re.compile(r"(?P<scheme>\b[a-z][a-z0-9+.-]{0,31}://)[^/@\s]{1,1024}@", re.IGNORECASE)
+# PEM private keys (RSA, EC, OpenSSH, PKCS#8, encrypted), also when cut off before their END line.
+_PEM_PRIVATE_KEY = re.compile(
+    r"-----BEGIN ([A-Z0-9 ]*)PRIVATE KEY-----.*?(?:-----END [A-Z0-9 ]*PRIVATE KEY-----|\Z)", re.DOTALL)
+# JSON Web Tokens (Kubernetes ServiceAccount tokens among them): header.payload.signature.
+_JWT = re.compile(r"\beyJ[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]*")  # linear: no overlap
+# Authorization: Bearer x / Basic x / token x, and a bare "Bearer x" anywhere.
+_AUTH_HEADER = re.compile(
+    r"(?P<name>\b(?:proxy-)?authorization\s*[:=]\s*)(?P<quote>[\"']?)(?P<scheme>(?:bearer|basic|token|digest|negotiate)\s+)?"
+    r"[^\s\"',;]+", re.IGNORECASE)
+_BEARER = re.compile(r"\b(?P<scheme>bearer|basic)\s+(?!\*\*\*)[A-Za-z0-9._~+/=-]{8,}", re.IGNORECASE)
+# A query parameter whose name says it carries a secret: ?password=, &access_token=, sig=, X-Amz-Signature=…
+_QUERY_SECRET = re.compile(
+    r"(?P<name>[?&;][A-Za-z0-9_.-]{0,64}?(?:pass(?:word|wd)?|pwd|secret|token|sig(?:nature)?|key|auth|credential"
+    r"|session)[A-Za-z0-9_.-]{0,64}=)[^&#\s\"'<>]*", re.IGNORECASE)
+# The same in free text ("password=x", "token: x", "client_secret = x", '"password": "x"').
+_TEXT_SECRET = re.compile(
+    r"(?P<name>\b(?:[A-Za-z0-9_-]{0,32}[_-])?(?:password|passwd|pwd|secret|token|api[_-]?key|passphrase)[\"']?\s*[:=]\s*)"
+    r"(?:\"[^\"]*\"|'[^']*'|(?!\*\*\*)[^\s\"',;&]+)", re.IGNORECASE)
 
 
 def redact(text: str) -> str:
-    """Strip user:password@ from any URL inside text."""
-    return _URL_USERINFO.sub(r"\g<scheme>***@", text)
+    """Scrub credentials from free text before it reaches status, conditions, Events or logs: URL
+    userinfo (user:password@), secret-looking query parameters (?password=, access_token=, sig=),
+    Authorization headers and bearer tokens, key=value secrets, JWTs and PEM private keys."""
+    text = _PEM_PRIVATE_KEY.sub(r"-----BEGIN \1PRIVATE KEY-----***-----END \1PRIVATE KEY-----", text)
+    text = _JWT.sub("***", text)
+    text = _AUTH_HEADER.sub(lambda m: f"{m['name']}{m['quote']}{m['scheme'] or ''}***", text)
+    text = _BEARER.sub(r"\g<scheme> ***", text)
+    text = _URL_USERINFO.sub(r"\g<scheme>***@", text)
+    text = _QUERY_SECRET.sub(r"\g<name>***", text)
+    return _TEXT_SECRET.sub(r"\g<name>***", text)
 
 
 def safe_context(context: Mapping[str, Any]) -> dict[str, str]:

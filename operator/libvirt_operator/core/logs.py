@@ -10,6 +10,8 @@ from typing import Literal
 
 import structlog
 
+from .errors import redact
+
 LogFormat = Literal["auto", "json", "console"]
 
 
@@ -35,11 +37,12 @@ def configure(fmt: LogFormat = "auto", level: str = "INFO") -> None:
     formatter = structlog.stdlib.ProcessorFormatter(
         foreign_pre_chain=[*shared, _kopf_object_fields, structlog.processors.format_exc_info],
         processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta,
-                    structlog.processors.format_exc_info, renderer],
+                    structlog.processors.format_exc_info, _redact_event, renderer],
     )
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(formatter)
     handler.addFilter(_RoutineSuccess())
+    handler.addFilter(REDACT)
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
@@ -57,6 +60,31 @@ class _RoutineSuccess(logging.Filter):
         if record.levelno != logging.INFO or not record.name.startswith("kopf."):
             return True
         return not self._ROUTINE.match(record.getMessage())
+
+
+class _Redact(logging.Filter):
+    """Scrub credentials (core.errors.redact) from a record before any handler sees it. On the
+    `kopf.objects` logger this covers kopf's own Events too: its K8sPoster handler turns that
+    logger's warnings ("Handler ... failed temporarily: <exception text>") into Events."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.msg, dict):  # structlog's event dict
+            record.msg = {k: redact(v) if isinstance(v, str) else v for k, v in record.msg.items()}
+        elif not getattr(record, "_redacted", False):
+            record.msg, record.args = redact(record.getMessage()), None
+            if record.exc_info and not record.exc_text:  # the traceback an Event or a log line shows
+                record.exc_text = redact(logging.Formatter().formatException(record.exc_info))
+            record._redacted = True  # type: ignore[attr-defined]
+        return True
+
+
+def _redact_event(_logger: object, _name: str, event: dict) -> dict:
+    """Last structlog step before rendering: no credentials in any string field (tracebacks included)."""
+    return {k: redact(v) if isinstance(v, str) else v for k, v in event.items()}
+
+
+REDACT = _Redact()
+logging.getLogger("kopf.objects").addFilter(REDACT)  # also without configure(): in-process operators
 
 
 def _kopf_object_fields(_logger: object, _name: str, event: dict) -> dict:

@@ -44,7 +44,8 @@ async def probe_host(name: str, spec: dict[str, Any], status: dict[str, Any], me
                    reason=cond.get("reason", "Unknown"), message=cond.get("message", ""))
     for key, value in merge_patch(status, outcome.status).items():
         patch.status[key] = value
-    await memo_hosts_changed(memo)
+    if was_ready != now_ready:  # other changes reach the parked VMs through the watch (handlers.vm)
+        await memo_hosts_changed(memo)
 
 
 async def memo_hosts_changed(memo: kopf.Memo) -> None:

@@ -71,7 +71,8 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
     remediator = _remediator(op_settings, memo)
     global _current_memo
     _current_memo = memo
-    memo[RUNTIME_KEY] = Runtime(settings=op_settings, pool=HostPool(), kube=kube, remediator=remediator)
+    memo[RUNTIME_KEY] = Runtime(settings=op_settings, pool=HostPool(), kube=kube, remediator=remediator,
+                                namespaces=tuple(memo.get("namespaces") or ()))
 
 
 @kopf.on.probe(id="knowledgeBase")

@@ -11,7 +11,11 @@
   it changed.
 * Placement reads reservations from a per-host index kept here; a placement decision is recorded
   at once (before define/start), so concurrent placements never share the same free capacity.
-* A wake-up loop retries VMs parked on placement or media as soon as hosts or ISOImages change.
+* Waiting costs no kopf worker: a VM waiting on something (no host, host not ready, ISO not imported,
+  not schedulable, namespace refused, any retryable error) gets its status and the handler returns.
+  ONE requeue loop (handlers.requeue: a heap, per-VM exponential backoff, bounded concurrency)
+  re-runs the same sync path for the VMs that are due, and watch events (hosts, ISOImages,
+  namespaces) make the parked ones due at once.
 """
 
 from __future__ import annotations
@@ -20,24 +24,27 @@ import asyncio
 import contextlib
 import math
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any
 
 import kopf
 
 from ..adapters.libvirt import domains
 from ..adapters.libvirt.events import deliver, ensure_event_thread
-from ..core.api.common import GROUP, VERSION
+from ..core.api.common import FINALIZER, GROUP, VERSION
 from ..core.domain import ABSENT
 from ..core.errors import AppError, ErrorCode
 from ..core.logs import get_logger
 from ..core.metrics import DOMAIN_EVENTS, ORPHANED_DOMAINS, VM_RESYNC_SECONDS
+from ..adapters.kube import ConflictError
 from ..reconcile import orphans, plan
-from ..reconcile.failures import error_status, human_message, retry_delay
+from ..reconcile.failures import error_status, human_message
 from ..reconcile.runtime import Runtime
 from ..reconcile.status import merge_patch
-from ..reconcile.vm import ClusterView, VmOutcome, delete_vm, host_lost_status, sync_vm
+from ..reconcile.tenancy import namespace_labels_of, watched
+from ..reconcile.vm import TENANCY_CODES, ClusterView, VmOutcome, delete_vm, host_lost_status, sync_vm
 from .instrument import reconciler
+from .requeue import Requeue
 from .startup import runtime_of
 
 log = get_logger(__name__)
@@ -46,8 +53,11 @@ RESYNC_SECONDS = 10.0                  # full sweep of a host's VMs: the safety 
 ORPHAN_CHECK_SECONDS = RESYNC_SECONDS  # free when every domain is accounted for
 EVENT_DEBOUNCE_SECONDS = 0.1
 BUSY_RETRY_SECONDS = 0.5               # a dirty VM a handler was working on is looked at again
-PARKED_RECHECK_SECONDS = 15.0
+RETRY_BASE_SECONDS = 2.0
 RETRY_CAP_SECONDS = 60.0
+RETRY_CONCURRENCY = 8                  # requeued reconciles running at once
+WAKE_DEBOUNCE_SECONDS = 0.2            # a burst of host/ISO events wakes the parked VMs once
+HOST_RETRY_CAP_SECONDS = 60.0         # a host that does not answer: 5 s, 10 s, … (its probe's Ready change wakes)
 DELETE_RETRY_CAP_SECONDS = 10.0  # so a force-release annotation is honoured quickly
 
 
@@ -61,9 +71,12 @@ class VmState:
         self.locks: dict[str, asyncio.Lock] = {}
         self.requeue: dict[str, float] = {}                # uid → monotonic deadline
         self.host_wake: dict[str, asyncio.Event] = {}      # host → wake its daemon
-        self.parked: set[str] = set()                      # uids waiting for placement/media
-        self.parked_wake = asyncio.Event()
+        self.parked: dict[str, ErrorCode] = {}             # uid → what it waits for (placement/media/host)
+        self.parked_wake = asyncio.Event()                 # a host or namespace changed: wake every parked VM
+        self.media_wake = asyncio.Event()                  # an ISOImage changed: wake the VMs waiting for media
+        self.retry = Requeue(RETRY_BASE_SECONDS, RETRY_CAP_SECONDS)  # uid → next full reconcile
         self.parked_task: asyncio.Task[None] | None = None
+        self.wake_task: asyncio.Task[None] | None = None
         self.hosts_loaded = False
         self.orphan_candidates: dict[str, set[str]] = {}   # host → owned, unaccounted domain uuids
         self.orphan_checked: dict[str, float] = {}         # host → monotonic time of the last check
@@ -111,7 +124,8 @@ class VmState:
         self.pending.pop(uid, None)
         self.locks.pop(uid, None)
         self.requeue.pop(uid, None)
-        self.parked.discard(uid)
+        self.parked.pop(uid, None)
+        self.retry.done(uid)
         self.index(uid)
 
     def placed(self, uid: str, reservation: plan.Reservation | None) -> None:
@@ -130,10 +144,11 @@ class VmState:
         if host and host in self.host_wake:
             self.host_wake[host].set()
 
-    def view(self) -> ClusterView:
+    def view(self, rt: Runtime | None = None) -> ClusterView:
         return ClusterView(hosts=self.hosts, vms=lambda: list(self.vms.values()),
                            iso=lambda ns, name: self.isos.get((ns, name)),
-                           reserved=self.reserved, placed=self.placed)
+                           reserved=self.reserved, placed=self.placed,
+                           namespace_labels=namespace_labels_of(rt).get if rt is not None else None)
 
 
 def state_of(rt: Runtime) -> VmState:
@@ -156,13 +171,23 @@ def _plain(body: Mapping[str, Any]) -> dict[str, Any]:
 @kopf.on.event(GROUP, VERSION, "libvirthosts")
 async def watch_hosts(type: str | None, name: str, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
     st = state_of(runtime_of(memo))
+    before = st.hosts.get(name)
     if type == "DELETED":
         st.hosts.pop(name, None)
     else:
         st.hosts[name] = _plain(body)
     memo["hosts_changed"] = st.parked_wake  # host probes (handlers.host) wake parked VMs too
-    st.parked_wake.set()
+    if before is None or type == "DELETED" or _placement_view(before) != _placement_view(st.hosts[name]):
+        st.parked_wake.set()  # not for a new lastProbeTime: every probe would re-run every parked VM
     st.wake_host(name)
+
+
+def _placement_view(host: Mapping[str, Any]) -> tuple[Any, ...]:
+    """What a parked VM's placement can depend on: all but probe timestamps and orphan reports."""
+    meta, status = host.get("metadata") or {}, host.get("status") or {}
+    return (meta.get("labels"), meta.get("deletionTimestamp"), host.get("spec"),
+            {k: v for k, v in status.items() if k not in ("lastProbeTime", "orphanedDomains", "conditions")},
+            [(c.get("type"), c.get("status"), c.get("reason")) for c in status.get("conditions") or []])
 
 
 @kopf.on.event(GROUP, VERSION, "isoimages")
@@ -173,20 +198,30 @@ async def watch_isos(type: str | None, name: str, namespace: str, body: kopf.Bod
         st.isos.pop((namespace, name), None)
     else:
         st.isos[(namespace, name)] = _plain(body)
-    st.parked_wake.set()
+    st.media_wake.set()
 
 
 @kopf.on.event(GROUP, VERSION, PLURAL)
 async def watch_vms(type: str | None, uid: str, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
     st = state_of(runtime_of(memo))
+    before = st.vms.get(uid)
     if type == "DELETED":
         st.forget(uid)
     else:
         st.vms[uid] = _plain(body)
         st.index(uid)
+        if _held_for_teardown(st.vms[uid]):
+            if uid not in st.retry:
+                st.retry.schedule(uid, 0)  # e.g. after a restart: nobody else will look at it
+            elif ((before or {}).get("metadata") or {}).get("annotations") != body["metadata"].get("annotations"):
+                st.retry.wake([uid])  # e.g. the force-release annotation
     if st.parked_task is None or st.parked_task.done():
-        # Started from a handler so it inherits kopf's context (Kubernetes Event posting).
-        st.parked_task = asyncio.create_task(_parked_loop(runtime_of(memo)), name="vm-parked-loop")
+        # Started from a handler so they inherit kopf's context (Kubernetes Event posting).
+        rt = runtime_of(memo)
+        st.parked_task = asyncio.create_task(
+            st.retry.run(lambda key: _retry_one(rt, st, key), concurrency=RETRY_CONCURRENCY), name="vm-requeue-loop")
+    if st.wake_task is None or st.wake_task.done():
+        st.wake_task = asyncio.create_task(_wake_loop(st), name="vm-wake-loop")
 
 
 async def _load_hosts(rt: Runtime, st: VmState) -> None:
@@ -215,17 +250,24 @@ async def _apply(rt: Runtime, st: VmState, vm: dict[str, Any], outcome: VmOutcom
         st.index(uid)
     for type_, reason, message in outcome.events:
         kopf.event(vm, type=type_, reason=reason, message=message)
-    code = outcome.error.code if outcome.error else None
-    if code in (ErrorCode.NO_SCHEDULABLE_HOST, ErrorCode.INSUFFICIENT_RESOURCES, ErrorCode.ISO_NOT_FOUND,
-                ErrorCode.HOST_NOT_FOUND, ErrorCode.HOST_UNREACHABLE) and outcome.error.retryable:
-        st.parked.add(uid)
+    error = outcome.error
+    if error is not None and (error.code in WAITING_CODES and error.retryable or error.code in TENANCY_CODES):
+        st.parked[uid] = error.code  # re-checked at once when a host, an ISOImage or a namespace changes
     else:
-        st.parked.discard(uid)
+        st.parked.pop(uid, None)
+    if error is not None and (error.retryable or error.code in TENANCY_CODES):
+        st.retry.failed(uid)  # the requeue loop runs the full reconcile again after the backoff
+    else:
+        st.retry.done(uid)
     if outcome.requeue_after is not None:
         st.requeue[uid] = time.monotonic() + outcome.requeue_after
         st.wake_host(outcome.status.get("host"))
     else:
         st.requeue.pop(uid, None)
+
+
+WAITING_CODES = {ErrorCode.NO_SCHEDULABLE_HOST, ErrorCode.INSUFFICIENT_RESOURCES, ErrorCode.ISO_NOT_FOUND,
+                 ErrorCode.HOST_NOT_FOUND, ErrorCode.HOST_UNREACHABLE}
 
 
 def _current(st: VmState, body: Mapping[str, Any]) -> dict[str, Any]:
@@ -254,39 +296,85 @@ async def _locked_vm(memo: kopf.Memo, meta: kopf.Meta,
 @kopf.on.create(GROUP, VERSION, PLURAL)
 @kopf.on.update(GROUP, VERSION, PLURAL)
 @reconciler("virtualmachine", "VirtualMachine")
-async def reconcile_vm(body: kopf.Body, meta: kopf.Meta, memo: kopf.Memo, retry: int, **_: Any) -> None:
+async def reconcile_vm(body: kopf.Body, meta: kopf.Meta, memo: kopf.Memo, patch: kopf.Patch, **_: Any) -> None:
+    """Never raises TemporaryError for a VM that waits: kopf would sleep out the delay in this
+    object's worker. The status says what it waits for; `_apply` queues the retry (`st.retry`)."""
+    if not meta.get("deletionTimestamp") and TEARDOWN_FINALIZER not in (meta.get("finalizers") or []):
+        patch.fns.append(_hold_for_teardown)
     async with _locked_vm(memo, meta, body) as (rt, st, vm):
         if vm["metadata"].get("deletionTimestamp"):
             return
-        outcome = await sync_vm(vm, rt, st.view())
+        st.retry.reset(meta["uid"])  # a new spec (or a restart): the backoff starts over
+        outcome = await sync_vm(vm, rt, st.view(rt))
         await _apply(rt, st, vm, outcome)
-    if outcome.retry:
-        assert outcome.error is not None
-        raise kopf.TemporaryError(outcome.error.message,
-                                  delay=retry_delay(retry + 1, base=2.0, cap=RETRY_CAP_SECONDS))
+
+
+# Our own finalizer, next to kopf's (added by the spec-driven handler: none can be added once a
+# deletion started): it keeps a VM whose teardown is blocked after kopf's is gone, so the retries
+# run in the requeue loop instead of sleeping in a kopf worker.
+TEARDOWN_FINALIZER = f"{GROUP}/teardown"
+
+
+def _hold_for_teardown(body: Any) -> None:
+    """A kopf patch function (applied with kopf's own patch of the object)."""
+    finalizers = body.setdefault("metadata", {}).setdefault("finalizers", [])
+    if TEARDOWN_FINALIZER not in finalizers:
+        finalizers.append(TEARDOWN_FINALIZER)
+
+
+def _release_teardown(body: Any) -> None:
+    """A kopf patch function: drop our finalizer in the same patch that drops kopf's."""
+    finalizers = (body.get("metadata") or {}).get("finalizers") or []
+    while TEARDOWN_FINALIZER in finalizers:
+        finalizers.remove(TEARDOWN_FINALIZER)
+
+
+async def _teardown(rt: Runtime, st: VmState, vm: dict[str, Any]) -> bool:
+    """One teardown attempt (the caller holds the VM's lock); True when the VM may go. When blocked
+    (its host is gone or unreachable) the status says so and the requeue loop tries again, woken
+    by host changes and by the force-release annotation."""
+    meta = vm["metadata"]
+    uid = meta["uid"]
+    outcome = await delete_vm(vm, rt, st.view())
+    for type_, reason, message in outcome.events:
+        kopf.event(vm, type=type_, reason=reason, message=message)
+    if outcome.released:
+        st.requeue.pop(uid, None)
+        st.parked.pop(uid, None)
+        st.retry.done(uid)
+        return True
+    if outcome.status is not None:
+        patch = merge_patch(vm.get("status") or {}, outcome.status)
+        if patch:
+            await rt.kube.patch_status(PLURAL, meta["namespace"], meta["name"], patch)
+            vm["status"] = outcome.status
+    st.index(uid)
+    st.parked[uid] = outcome.error.code if outcome.error else ErrorCode.HOST_UNREACHABLE
+    st.retry.failed(uid, at_most=DELETE_RETRY_CAP_SECONDS)
+    return False
 
 
 @kopf.on.delete(GROUP, VERSION, PLURAL)
 @reconciler("virtualmachine", "VirtualMachine")
-async def delete_vm_handler(body: kopf.Body, meta: kopf.Meta, memo: kopf.Memo, retry: int, **_: Any) -> None:
-    uid = meta["uid"]
+async def delete_vm_handler(body: kopf.Body, meta: kopf.Meta, memo: kopf.Memo, patch: kopf.Patch, retry: int,
+                            **_: Any) -> None:
     async with _locked_vm(memo, meta, body) as (rt, st, vm):
         vm["metadata"] = dict(body.get("metadata") or {})  # annotations (force-release) from the event
-        outcome = await delete_vm(vm, rt, st.view())
-        for type_, reason, message in outcome.events:
-            kopf.event(vm, type=type_, reason=reason, message=message)
-        if outcome.released:
-            st.requeue.pop(uid, None)
-            st.parked.discard(uid)
-            return
-        if outcome.status is not None:
-            patch = merge_patch(vm.get("status") or {}, outcome.status)
-            if patch:
-                await rt.kube.patch_status(PLURAL, meta["namespace"], meta["name"], patch)
-                vm["status"] = outcome.status
-        st.index(uid)
-    message = outcome.error.message if outcome.error else "deletion blocked"
-    raise kopf.TemporaryError(message, delay=retry_delay(retry + 1, base=2.0, cap=DELETE_RETRY_CAP_SECONDS))
+        released = await _teardown(rt, st, vm)
+    if released:
+        patch.fns.append(_release_teardown)
+        return
+    if TEARDOWN_FINALIZER in (meta.get("finalizers") or []):
+        # A TemporaryError would make kopf sleep out its delay in this object's worker for as long as
+        # the host stays away. Our finalizer keeps the object once kopf's is gone; the requeue loop
+        # retries the teardown and removes it (`_retry_teardown`).
+        return
+    # Deleted before our finalizer was added: kopf's is all that holds it.
+    st = state_of(runtime_of(memo))
+    st.retry.done(meta["uid"])
+    error = (vm.get("status") or {}).get("error") or {}
+    raise kopf.TemporaryError(error.get("message") or "deletion blocked",
+                              delay=min(DELETE_RETRY_CAP_SECONDS, 2.0 * 2 ** min(retry, 4)))
 
 
 # --------------------------------------------------------------------------------------------
@@ -301,6 +389,7 @@ async def host_vm_sync(name: str, stopped: kopf.DaemonStopped, memo: kopf.Memo, 
     loop = asyncio.get_running_loop()
     hooked: Any = None
     subscribed = False
+    failures = 0  # rounds in a row the host did not answer: backoff (a host change wakes us anyway)
 
     def mark_dirty(uuid: str) -> None:  # on the operator's loop
         if uuid:
@@ -333,11 +422,14 @@ async def host_vm_sync(name: str, stopped: kopf.DaemonStopped, memo: kopf.Memo, 
                         await conn.call("subscribe", lambda c: domains.subscribe_lifecycle(c, on_event))
                         subscribed = True
                     timeout = await resync_host(rt, st, name, conn)
+                    failures = 0
                 except AppError as err:
-                    log.info("host resync failed", host=name, code=err.code.value, error=err.message)
+                    failures += 1
+                    log.info("host resync failed", host=name, code=err.code.value, error=err.message,
+                             attempt=failures)
                     st.full_synced.pop(name, None)  # once it answers again, refresh everything
                     await _report_host_lost(rt, st, name, err)
-                    timeout = RESYNC_SECONDS / 2
+                    timeout = min(HOST_RETRY_CAP_SECONDS, RESYNC_SECONDS / 2 * 2 ** min(failures - 1, 8))
                 except Exception:  # noqa: BLE001  (the loop must survive anything)
                     log.exception("host resync crashed", host=name)
             else:
@@ -438,7 +530,7 @@ async def resync_host(rt: Runtime, st: VmState, host: str, conn: Any) -> float:
                 if current is None or current["metadata"].get("deletionTimestamp"):
                     continue
                 try:
-                    outcome = await sync_vm(current, rt, st.view(), observed=obs)
+                    outcome = await sync_vm(current, rt, st.view(rt), observed=obs)
                     await _apply(rt, st, current, outcome)
                 except AppError as err:
                     log.info("VM resync failed", uid=uid, code=err.code.value, error=err.message)
@@ -466,47 +558,119 @@ async def resync_host(rt: Runtime, st: VmState, host: str, conn: Any) -> float:
 
 async def _check_orphans(rt: Runtime, st: VmState, host: str, conn: Any, observed: Mapping[str, Any]) -> None:
     st.orphan_checked[host] = time.monotonic()
+    owns = watched(rt.namespaces)
     unknown = orphans.unaccounted(observed, st.vms)
     candidates = await conn.call("owners", lambda c: domains.owners(c, unknown)) if unknown else {}
+    # Domains of namespaces this instance does not watch are another instance's to judge.
+    candidates = orphans.own_candidates(candidates, owns)
     confirmed = orphans.confirmed_orphans(candidates, st.orphan_candidates.get(host, set()))
     st.orphan_candidates[host] = {u for u, meta in candidates.items() if meta.owner is not None}
     ORPHANED_DOMAINS.labels(host).set(len(confirmed))
     entries = orphans.orphan_status(candidates, confirmed)
     current = ((st.hosts.get(host) or {}).get("status") or {}).get("orphanedDomains") or []
-    if entries != current:
+    if entries != orphans.own_entries(current, owns):
         if entries:
             log.warning("orphaned domains on host", host=host, domains=[e["uuid"] for e in entries])
-        await rt.kube.patch_status("libvirthosts", None, host, {"orphanedDomains": entries or None})
+        await _write_orphans(rt, st, host, entries, owns)
 
 
-# --------------------------------------------------------------------------------------------
-# Parked VMs: retried as soon as hosts or ISOImages change
-# --------------------------------------------------------------------------------------------
+ORPHAN_WRITE_ATTEMPTS = 5
 
-async def _parked_loop(rt: Runtime) -> None:
-    st = state_of(rt)
-    while True:
-        with contextlib.suppress(asyncio.TimeoutError, TimeoutError):
-            await asyncio.wait_for(st.parked_wake.wait(), timeout=PARKED_RECHECK_SECONDS)
-        st.parked_wake.clear()
-        await asyncio.sleep(0.2)
-        for uid in list(st.parked):
-            vm = st.vms.get(uid)
-            if vm is None or vm["metadata"].get("deletionTimestamp"):
-                st.parked.discard(uid)
-                continue
-            lock = st.lock(uid)
-            if lock.locked():
-                continue
+
+async def _write_orphans(rt: Runtime, st: VmState, host: str, entries: list[dict[str, Any]],
+                         owns: Callable[[str], bool]) -> None:
+    """Replace this instance's entries of the host's orphanedDomains, keeping every other instance's:
+    read the host fresh, merge, write with its resourceVersion as precondition; on a conflict (another
+    instance or the probe wrote meanwhile) read and merge again."""
+    for _ in range(ORPHAN_WRITE_ATTEMPTS):
+        obj = await rt.kube.get_object("libvirthosts", host)
+        if obj is None:
+            return
+        current = (obj.get("status") or {}).get("orphanedDomains") or []
+        merged = orphans.merge_entries(current, entries, owns)
+        if merged != current:
             try:
-                async with lock:
-                    vm = st.vms.get(uid)
-                    if vm is None:
-                        continue
-                    outcome = await sync_vm(vm, rt, st.view())
-                    await _apply(rt, st, vm, outcome)
-            except Exception:  # noqa: BLE001
-                log.exception("parked VM retry failed", uid=uid)
+                await rt.kube.patch_status("libvirthosts", None, host, {"orphanedDomains": merged or None},
+                                           resource_version=obj["metadata"]["resourceVersion"])
+            except ConflictError:
+                continue
+        cached = st.hosts.get(host)
+        if cached is not None:  # newer than the cache until the watch delivers it
+            cached["status"] = {**(cached.get("status") or {}), "orphanedDomains": merged}
+        return
+    log.info("orphanedDomains not written: the host's status kept changing", host=host)
+
+
+# --------------------------------------------------------------------------------------------
+# Waiting VMs: one requeue loop (backoff) + wake-ups from watch events
+# --------------------------------------------------------------------------------------------
+
+async def _retry_one(rt: Runtime, st: VmState, uid: str) -> None:
+    """A due VM: the same sync path as the handler (sync_vm + _apply, under the VM's lock)."""
+    vm = st.vms.get(uid)
+    if vm is not None and _held_for_teardown(vm):
+        await _retry_teardown(rt, st, uid)
+        return
+    if vm is None or vm["metadata"].get("deletionTimestamp"):
+        st.parked.pop(uid, None)
+        st.retry.done(uid)
+        return
+    lock = st.lock(uid)
+    if lock.locked():  # a handler or the host's round is on it; look again shortly unless it decides
+        st.retry.schedule(uid, BUSY_RETRY_SECONDS)
+        return
+    async with lock:
+        vm = st.vms.get(uid)
+        if vm is None or vm["metadata"].get("deletionTimestamp"):
+            return
+        try:
+            outcome = await sync_vm(vm, rt, st.view(rt))
+            await _apply(rt, st, vm, outcome)
+        except AppError as err:  # e.g. the status patch failed: back off and try again
+            log.info("requeued VM reconcile failed", uid=uid, code=err.code.value, error=err.message)
+            st.retry.failed(uid)
+
+
+def _held_for_teardown(vm: Mapping[str, Any]) -> bool:
+    """Deleting, kopf done with it (its finalizer gone), ours still there: the teardown is ours to retry."""
+    meta = vm.get("metadata") or {}
+    finalizers = meta.get("finalizers") or []
+    return bool(meta.get("deletionTimestamp")) and TEARDOWN_FINALIZER in finalizers and FINALIZER not in finalizers
+
+
+async def _retry_teardown(rt: Runtime, st: VmState, uid: str) -> None:
+    lock = st.lock(uid)
+    if lock.locked():
+        st.retry.schedule(uid, BUSY_RETRY_SECONDS)
+        return
+    async with lock:
+        vm = st.vms.get(uid)
+        if vm is None or not _held_for_teardown(vm):
+            return
+        meta = vm["metadata"]
+        try:
+            if await _teardown(rt, st, vm):
+                await rt.kube.remove_finalizer(PLURAL, meta["namespace"], meta["name"], TEARDOWN_FINALIZER)
+        except AppError as err:
+            log.info("VM teardown retry failed", uid=uid, code=err.code.value, error=err.message)
+            st.retry.failed(uid, at_most=DELETE_RETRY_CAP_SECONDS)
+
+
+async def _wake_loop(st: VmState) -> None:
+    """Host/namespace changes wake every parked VM, ISOImage changes those waiting for media (debounced)."""
+    while True:
+        waits = {asyncio.ensure_future(st.parked_wake.wait()), asyncio.ensure_future(st.media_wake.wait())}
+        try:
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in waits:
+                task.cancel()
+        await asyncio.sleep(WAKE_DEBOUNCE_SECONDS)
+        everything = st.parked_wake.is_set()
+        st.parked_wake.clear()
+        st.media_wake.clear()
+        st.retry.wake([uid for uid, code in st.parked.items()
+                       if everything or code is ErrorCode.ISO_NOT_FOUND])
 
 
 @kopf.on.cleanup()
@@ -514,8 +678,8 @@ async def stop_vm_loops(memo: kopf.Memo, **_: Any) -> None:
     rt = memo.get("runtime")
     if rt is None or "vm" not in rt.extras:
         return
-    task = rt.extras["vm"].parked_task
-    if task is not None and not task.done():
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError, Exception):
-            await task
+    for task in (rt.extras["vm"].parked_task, rt.extras["vm"].wake_task):
+        if task is not None and not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task

@@ -6,8 +6,11 @@ import datetime as dt
 from typing import Any, Protocol
 
 from ..core.conditions import timestamp
-from ..core.errors import AppError, ErrorCode
+from ..core.errors import AppError, ErrorCode, redact
 from ..core.metrics import ERRORS
+
+
+MESSAGE_LIMIT = 4096  # error text can come from a hostile host or server: status stays small
 
 
 class Remediator(Protocol):
@@ -25,7 +28,7 @@ async def error_status(err: AppError, previous: dict[str, Any] | None, kind: str
     since = previous.get("since") if previous and previous.get("code") == err.code.value else None
     return {
         "code": err.code.value,
-        "message": err.message,
+        "message": redact(err.message)[:MESSAGE_LIMIT],
         "context": err.context,
         "since": since or timestamp(),
         "remediation": links,
@@ -38,7 +41,7 @@ def human_message(err: AppError, status_error: dict[str, Any] | None = None) -> 
     links = (status_error or {}).get("remediation") or []
     if links:
         text += f" See {links[0]['url']}"
-    return f"[{err.code.value}] {text}"
+    return redact(f"[{err.code.value}] {text}")
 
 
 def retry_delay(attempt: int, base: float = 5.0, cap: float = 300.0) -> float:

@@ -7,6 +7,7 @@ from typing import Any
 
 from ..adapters.libvirt import ConnectOptions
 from ..adapters.libvirt.host_facts import HostFacts, probe_host
+from ..core import hosturi
 from ..core.api.host import LibvirtHostSpec
 from ..core.conditions import set_condition, summarize, timestamp
 from ..core.errors import AppError, ErrorCode
@@ -27,8 +28,15 @@ class HostOutcome:
 
 
 async def connect_options(spec: LibvirtHostSpec, rt: Runtime) -> ConnectOptions:
+    try:  # authoritative: the CRD's CEL rules say the same, but not the operator's own settings
+        parsed = hosturi.parse(spec.uri)
+        hosturi.check_policy(parsed, insecure=spec.insecure, allow_test_driver=rt.settings.allow_test_driver,
+                             test_driver_dirs=rt.settings.test_driver_dirs)
+    except hosturi.HostUriError as err:
+        raise AppError(ErrorCode.INVALID_SPEC, f"invalid LibvirtHost spec: uri refused: {err}", {"field": "spec.uri"}) from None
     credentials: dict[str, bytes] = {}
     ref = spec.credentials_secret_ref
+    needed = hosturi.secret_keys(parsed)
     if ref is not None:
         data = await rt.kube.read_secret(ref.namespace, ref.name)
         if data is None:
@@ -36,6 +44,14 @@ async def connect_options(spec: LibvirtHostSpec, rt: Runtime) -> ConnectOptions:
                            f"Secret {ref.namespace}/{ref.name} named by credentialsSecretRef does not exist",
                            {"secretRef": f"{ref.namespace}/{ref.name}"})
         credentials = data
+        missing = hosturi.missing_keys_message(f"{ref.namespace}/{ref.name}", needed, list(data)) if needed else None
+        if missing:
+            raise AppError(ErrorCode.CREDENTIALS_NOT_FOUND, missing, {"secretRef": f"{ref.namespace}/{ref.name}"})
+    elif needed is not None and parsed.ssh:
+        raise AppError(ErrorCode.CREDENTIALS_NOT_FOUND,
+                       f"credentialsSecretRef is missing: {parsed.scheme}:// needs a Secret with keys "
+                       f"{', '.join(needed.required)} (the operator checks {parsed.endpoint}'s host key "
+                       "against known_hosts, always)", {})
     return ConnectOptions(uri=spec.uri, max_concurrent_calls=spec.max_concurrent_calls,
                           credentials=credentials, call_timeout=rt.settings.libvirt_call_timeout)
 

@@ -6,9 +6,15 @@ exponential backoff (status.retry); after `iso_retry_limit` attempts the image i
 still retried, at the capped interval, so a recovered mirror or host heals it). Permanent failures
 (checksum mismatch, refused destination, 404, invalid spec) stall at once and wait for a spec change.
 
-Nothing is left behind by a checksum mismatch: the mismatch is detected before any upload and the
-downloader removes the file. The cache file is removed once every target host has the volume, and
-on deletion.
+Limits: at most `iso_max_concurrent_imports` imports run at once (the others wait, phase Pending,
+reason Queued). Before anything is downloaded each target pool's free space is read; a declared
+Content-Length larger than a pool's free space fails that host with STORAGE_FULL before the body is
+read, and the body is cut at the smallest of the size cap (spec.maxSize, never above the operator's
+`download_max_bytes`) and the largest free space among the target pools.
+
+Nothing is left behind by a failed import: the downloader removes its partial file unless it is
+resuming it within the same call, and the cache file is removed after any failure, once every target
+host has the volume, and on deletion.
 """
 
 from __future__ import annotations
@@ -20,30 +26,37 @@ import datetime as dt
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import pydantic
 
 from ..adapters.http import DownloadPolicy, Downloader
+from ..adapters.http.download import safe_url
 from ..adapters.libvirt import HostConnection
-from ..adapters.libvirt.volumes import delete_volume, upload_volume, volume_info, volume_name
+from ..adapters.libvirt.volumes import (
+    delete_volume, is_volume_of, pool_space, upload_volume, volume_info, volume_name,
+)
 from ..core.api.host import LibvirtHostSpec
 from ..core.api.iso import ISOImageSpec
 from ..core.conditions import READY, is_true, summarize, timestamp
 from ..core.errors import AppError, ErrorCode, OperationAborted
 from ..core.logs import get_logger
 from ..core.metrics import ISO_DOWNLOAD_SECONDS, ISO_FAILURES, ISO_IMPORT_SECONDS, ISO_UPLOAD_SECONDS
+from ..core.quantity import format_bytes, parse_quantity
 from .failures import error_status, human_message, retry_delay
 from .host import connect_options
+from . import plan
 from .runtime import Runtime
+from .tenancy import namespace_labels_of
 from .status import merge_patch
 
 log = get_logger(__name__)
 PLURAL = "isoimages"
 KIND = "ISOImage"
 PROGRESS_INTERVAL = 1.0  # at most one progress patch per second
+SLOT_POLL_SECONDS = 0.25  # how often an import waiting for a slot looks again (and for deletion)
 
 
 # --- status writing -----------------------------------------------------------------------------
@@ -98,8 +111,19 @@ class Target:
     problem: AppError | None = None  # named explicitly but missing or not Ready
 
 
-async def resolve_targets(spec: ISOImageSpec, rt: Runtime) -> list[Target]:
+async def resolve_targets(spec: ISOImageSpec, rt: Runtime, namespace: str = "") -> list[Target]:
+    """The hosts to import onto, with their pools. Tenancy (LibvirtHost allowedNamespaces,
+    namespaceSelector, allowedPools): a named host that refuses the image's namespace or pool is a
+    target with a problem; selected hosts that refuse it are skipped."""
     hosts = {h["metadata"]["name"]: h for h in await rt.kube.list_objects("libvirthosts")}
+    views = {n: plan.HostView.from_object(h) for n, h in hosts.items()}
+    ns_labels = (await namespace_labels_of(rt).get(namespace)
+                 if namespace and plan.needs_namespace_labels(views.values(), namespace) else None)
+    refused: list[AppError] = []
+
+    def refusal(t: Target) -> AppError | None:
+        return plan.image_denial(views[t.host], namespace, ns_labels, t.pool)
+
     targets = spec.targets
     names = list(targets.host_names) if targets else []
     selector = dict(targets.host_selector.match_labels) if targets and targets.host_selector else None
@@ -118,8 +142,10 @@ async def resolve_targets(spec: ISOImageSpec, rt: Runtime) -> list[Target]:
             chosen[name] = Target(name, spec.pool or "default", None, AppError(
                 ErrorCode.HOST_NOT_FOUND, f"LibvirtHost {name} named in spec.targets.hostNames does not exist",
                 {"host": name}))
+        elif (denied := refusal(t := target(name, obj))) is not None:
+            t.problem = denied
+            chosen[name] = t
         elif not ready(obj):
-            t = target(name, obj)
             t.problem = AppError(ErrorCode.HOST_UNREACHABLE, f"LibvirtHost {name} is not Ready", {"host": name})
             chosen[name] = t
         else:
@@ -130,8 +156,14 @@ async def resolve_targets(spec: ISOImageSpec, rt: Runtime) -> list[Target]:
             if name in chosen or not ready(obj):
                 continue
             if selector is None or all(labels.get(k) == v for k, v in selector.items()):
-                chosen[name] = target(name, obj)
+                if (denied := refusal(t := target(name, obj))) is not None:
+                    refused.append(denied)
+                else:
+                    chosen[name] = t
     if not chosen:
+        if refused:
+            raise AppError(refused[0].code, f"no Ready LibvirtHost matching the ISOImage's targets admits it "
+                           f"({len(refused)} refuse it); e.g. {refused[0].message}", refused[0].context)
         raise AppError(ErrorCode.NO_SCHEDULABLE_HOST,
                        "no Ready LibvirtHost matches the ISOImage's targets", {"kind": KIND})
     return [chosen[n] for n in sorted(chosen)]
@@ -199,6 +231,7 @@ async def reconcile_iso(namespace: str, name: str, uid: str, generation: int, sp
     conditions = list(status.get("conditions") or [])
     started = time.monotonic()
     hosts_status: dict[str, dict[str, Any]] | None = None
+    slot: _ImportSlots | None = None
     try:
         try:
             spec = ISOImageSpec.model_validate(spec_body)
@@ -208,7 +241,7 @@ async def reconcile_iso(namespace: str, name: str, uid: str, generation: int, sp
         if spec.checksum is None and not spec.skip_checksum_verification:
             raise AppError(ErrorCode.INVALID_SPEC, "spec.checksum is required unless skipChecksumVerification "
                            "is true", {"field": "spec.checksum"})
-        targets = await resolve_targets(spec, rt)
+        targets = await resolve_targets(spec, rt, namespace)
         hosts_status = {h.get("host"): dict(h) for h in status.get("hosts") or []}
         expected = _expected_checksum(spec, status)
         vol = volume_name(namespace, name, expected) if expected else None
@@ -229,11 +262,44 @@ async def reconcile_iso(namespace: str, name: str, uid: str, generation: int, sp
             new = _ready_status(status, conditions, generation, hosts_status, targets)
             return IsoOutcome(new, None, True, written=writer.current)
 
+        # -- one of the operator's import slots (bounded concurrency), then room in every target pool --
+        slot = await _acquire_slot(rt, should_stop, lambda running: writer.patch({
+            "phase": "Pending", "conditions": summarize(
+                conditions, ready=False, reason="Queued", generation=generation, reconciling=True,
+                message=f"waiting for an import slot: {running} import(s) running, the operator's limit "
+                        "(--max-concurrent-imports)")}))
+        final, part = cache_paths(rt, uid)
+        cap, cap_source = _size_cap(spec, rt)
+        rooms, refused = await _pool_rooms(todo, rt)
+        errors: list[AppError] = []
+        failed: set[str] = set()
+
+        def refuse(t: Target, err: AppError) -> None:
+            hosts_status[t.host] = {"host": t.host, "phase": "Failed", "pool": t.pool,
+                                    "message": f"[{err.code.value}] {err.message}"}
+            errors.append(err)
+            failed.add(t.host)
+            todo.remove(t)
+
+        for t, err in refused:
+            refuse(t, err)
+
+        def check_room(size: int, *, declared: bool) -> None:
+            """Hosts whose pool cannot hold size bytes fail with STORAGE_FULL; raise when none is left."""
+            for t in list(todo):
+                if rooms[t.host] < size:
+                    refuse(t, _storage_full(t, size, rooms[t.host], declared=declared))
+            if not todo:
+                raise errors[0]
+
+        if not todo:
+            await writer.patch({"hosts": _host_list(hosts_status)})
+            raise errors[0]
+
         # -- download (or reuse the verified cache file) --
         await writer.patch({"phase": "Downloading", "conditions": summarize(
             conditions, ready=False, reason="Importing", message=f"importing onto {len(todo)} host(s)",
             generation=generation, reconciling=True)})
-        final, part = cache_paths(rt, uid)
         cached_ok = (final.exists() and status.get("verifiedChecksum") and
                      status.get("sizeBytes") == final.stat().st_size)
         if not cached_ok:
@@ -247,8 +313,23 @@ async def reconcile_iso(namespace: str, name: str, uid: str, generation: int, sp
             async def progress(done: int, total: int | None) -> None:
                 await writer.progress(done, total)
 
+            async def check_total(total: int) -> None:  # Content-Length, before the body is read
+                check_room(total, declared=True)  # raises when no target has room
+                if failed:  # some hosts lack room: say so while the others download
+                    await writer.patch({"hosts": _host_list(hosts_status)})
+
+            room = max(rooms[t.host] for t in todo)
+
+            def too_large(size: int, declared: bool) -> AppError:
+                if cap is not None and size > cap:
+                    return _over_cap(spec.source.url, size, cap, cap_source, declared=declared)
+                check_room(size, declared=declared)  # raises: no target pool has room for size bytes
+                raise AssertionError("unreachable")
+
+            limit = room if cap is None else min(cap, room)
             result = await downloader.download(spec.source.url, part, checksum=spec.checksum,
-                                               progress=progress, should_stop=should_stop)
+                                               progress=progress, should_stop=should_stop, max_bytes=limit,
+                                               too_large=too_large, check_total=check_total)
             os.replace(part, final)
             ISO_DOWNLOAD_SECONDS.observe(result.seconds)
             log.info("image downloaded", bytes=result.size, seconds=round(result.seconds, 2),
@@ -258,9 +339,15 @@ async def reconcile_iso(namespace: str, name: str, uid: str, generation: int, sp
             expected = result.checksum if spec.checksum is None else spec.checksum
             if volume_name(namespace, name, expected) != vol:  # unverified content changed (or first time)
                 vol = volume_name(namespace, name, expected)
-                todo = [t for t in usable if not _host_done(hosts_status.get(t.host), t, vol)]
+                todo = [t for t in usable if t.host not in failed and not _host_done(hosts_status.get(t.host), t, vol)]
+                more_rooms, more_refused = await _pool_rooms([t for t in todo if t.host not in rooms], rt)
+                rooms.update(more_rooms)
+                for t, err in more_refused:
+                    refuse(t, err)
         size = final.stat().st_size
         assert vol is not None
+        if todo:
+            check_room(size, declared=False)
 
         # -- uploads --
         for t in todo:
@@ -274,7 +361,6 @@ async def reconcile_iso(namespace: str, name: str, uid: str, generation: int, sp
             watcher.cancel()
         if abort.is_set() and should_stop():
             raise OperationAborted("upload stopped on request")
-        errors: list[AppError] = []
         for entry, err in results:
             hosts_status[entry["host"]] = entry
             if err is not None:
@@ -293,10 +379,102 @@ async def reconcile_iso(namespace: str, name: str, uid: str, generation: int, sp
         remove_cache(rt, uid)
         return IsoOutcome(writer.current, None, False, aborted=True, written=writer.current)
     except AppError as err:
-        if err.code == ErrorCode.ISO_CHECKSUM_MISMATCH:
-            remove_cache(rt, uid)
+        # Nothing stays in the cache after a failed import: a 10 GiB body must not sit there until
+        # the ISOImage is deleted (partial files only live between the attempts of one download).
+        remove_cache(rt, uid)
         new = await _failed_status(err, writer.current, conditions, generation, rt, hosts_status)
         return IsoOutcome(new, err, False, written=writer.current)
+    except BaseException:
+        remove_cache(rt, uid)
+        raise
+    finally:
+        if slot is not None:
+            slot.release()
+
+
+# --- limits: import slots, sizes, pool space ------------------------------------------------------
+
+class _ImportSlots:
+    """At most `limit` imports at once, operator-wide (one event loop: a plain counter is enough)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.running = 0
+
+    def try_acquire(self) -> bool:
+        if self.running >= self.limit:
+            return False
+        self.running += 1
+        return True
+
+    def release(self) -> None:
+        self.running -= 1
+
+
+async def _acquire_slot(rt: Runtime, should_stop: Callable[[], bool],
+                        waiting: Callable[[int], Awaitable[None]]) -> _ImportSlots:
+    limit = max(1, rt.settings.iso_max_concurrent_imports)
+    slots = rt.extras.get("iso_import_slots")
+    if not isinstance(slots, _ImportSlots) or slots.limit != limit:  # new settings: new counter
+        slots = rt.extras["iso_import_slots"] = _ImportSlots(limit)
+    told = False
+    while not slots.try_acquire():
+        if should_stop():
+            raise OperationAborted("stopped while waiting for an import slot")
+        if not told:
+            await waiting(slots.running)
+            told = True
+        await asyncio.sleep(SLOT_POLL_SECONDS)
+    return slots
+
+
+def _size_cap(spec: ISOImageSpec, rt: Runtime) -> tuple[int | None, str]:
+    """The largest image accepted and where that limit comes from."""
+    operator_cap = rt.settings.download_max_bytes or None
+    own = parse_quantity(spec.max_size) if spec.max_size else None
+    if own is not None and (operator_cap is None or own <= operator_cap):
+        return own, "spec.maxSize"
+    return operator_cap, "the operator's --download-max-size"
+
+
+def _over_cap(url: str, size: int, cap: int, source: str, *, declared: bool) -> AppError:
+    what = (f"the server declares {size} bytes (Content-Length)" if declared
+            else f"the download was stopped at the limit ({size}+ bytes received)")
+    return AppError(ErrorCode.ISO_DOWNLOAD_FAILED,
+                    f"the image is larger than {format_bytes(cap)}, the limit set by {source}: {what}",
+                    {"url": safe_url(url), "limit": cap, "bytes": size, "permanent": "true"})
+
+
+def _storage_full(t: Target, size: int, available: int, *, declared: bool) -> AppError:
+    need = f"{size} bytes (Content-Length)" if declared else f"at least {size} bytes"
+    return AppError(ErrorCode.STORAGE_FULL,
+                    f"the image needs {need} but storage pool {t.pool} on host {t.host} has only "
+                    f"{available} bytes ({available / 2**30:.1f} GiB) free",
+                    {"host": t.host, "pool": t.pool, "needed": size, "available": available})
+
+
+async def _pool_rooms(todo: list[Target], rt: Runtime) -> tuple[dict[str, int], list[tuple[Target, AppError]]]:
+    """Free bytes in each target's pool (checked before any download), and the targets that failed."""
+    async def one(t: Target) -> int | AppError:
+        try:
+            assert t.spec is not None
+            _capacity, available = await pool_space(await host_connection(t.host, t.spec, rt), t.pool)
+            return available
+        except AppError as err:
+            if "host" in err.context:
+                return err
+            return AppError(err.code, f"{err.message} on host {t.host}", {**err.context, "host": t.host,
+                                                                          "pool": t.pool}, cause=err.cause or err)
+
+    answers = await asyncio.gather(*(one(t) for t in todo))
+    rooms: dict[str, int] = {}
+    refused: list[tuple[Target, AppError]] = []
+    for t, answer in zip(todo, answers, strict=True):
+        if isinstance(answer, AppError):
+            refused.append((t, answer))
+        else:
+            rooms[t.host] = answer
+    return rooms, refused
 
 
 async def _vanished(done: list[Target], vol: str, hosts_status: dict[str, dict[str, Any]],
@@ -420,7 +598,11 @@ async def referencing_vms(namespace: str, name: str, rt: Runtime) -> list[str]:
 
 async def delete_iso(namespace: str, name: str, uid: str, status: dict[str, Any] | None, rt: Runtime,
                      *, force: bool = False) -> None:
-    """Remove the volumes and the cache file; AppError(ISO_IN_USE) while a VM references the image."""
+    """Remove the volumes and the cache file; AppError(ISO_IN_USE) while a VM references the image.
+
+    Only volumes whose names are this ISOImage's own (`is_volume_of`: derived from its namespace and
+    name) are deleted: status lists where the image went, but a volume name written into status by
+    someone else never makes another image's or tenant's volume a deletion target."""
     users = await referencing_vms(namespace, name, rt)
     if users:
         raise AppError(ErrorCode.ISO_IN_USE,
@@ -432,6 +614,10 @@ async def delete_iso(namespace: str, name: str, uid: str, status: dict[str, Any]
     for entry in (status or {}).get("hosts") or []:
         host, pool, vol = entry.get("host"), entry.get("pool"), entry.get("volume")
         if not (host and pool and vol):
+            continue
+        if not is_volume_of(namespace, name, vol):
+            log.warning("status names a volume that is not this ISOImage's: left in place", host=host,
+                        pool=pool, volume=vol)
             continue
         obj = hosts.get(host)
         if obj is None:

@@ -20,6 +20,7 @@ import enum
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from ..core.api.host import LabelSelector, LabelSelectorRequirement
 from ..core.api.vm import StartFailure, VirtualMachineSpec
 from ..core.domain import DomainObservation, PowerState, StopCause
 from ..core.errors import AppError, ErrorCode
@@ -50,6 +51,12 @@ class HostView:
     default_pool: str = "default"
     deleting: bool = False
     last_probe_time: dt.datetime | None = None  # when `allocated` was measured
+    # Tenancy (LibvirtHost spec): None = unrestricted.
+    allowed_namespaces: frozenset[str] | None = None
+    namespace_selector: LabelSelector | None = None
+    allowed_pools: frozenset[str] | None = None
+    allowed_networks: frozenset[str] | None = None
+    allowed_bridges: frozenset[str] | None = None
 
     @classmethod
     def from_object(cls, obj: Mapping[str, Any]) -> HostView:
@@ -73,7 +80,33 @@ class HostView:
             default_pool=spec.get("defaultPool") or "default",
             deleting=bool(meta.get("deletionTimestamp")),
             last_probe_time=_parse_time(status.get("lastProbeTime")),
+            allowed_namespaces=_name_set(spec.get("allowedNamespaces")),
+            namespace_selector=_selector(spec.get("namespaceSelector")),
+            allowed_pools=_name_set(spec.get("allowedPools")),
+            allowed_networks=_name_set(spec.get("allowedNetworks")),
+            allowed_bridges=_name_set(spec.get("allowedBridges")),
         )
+
+    @property
+    def restricts_namespaces(self) -> bool:
+        return self.allowed_namespaces is not None or self.namespace_selector is not None
+
+
+def _name_set(value: Any) -> frozenset[str] | None:
+    return None if value is None else frozenset(str(v) for v in value)
+
+
+def _selector(value: Any) -> LabelSelector | None:
+    if value is None:
+        return None
+    try:
+        return LabelSelector.model_validate(value)
+    except ValueError:
+        # The CRD schema validates selectors; one it let through but we cannot read matches nothing.
+        return _MATCH_NOTHING
+
+
+_MATCH_NOTHING = LabelSelector(match_expressions=[LabelSelectorRequirement(key="-", operator="In", values=[])])
 
 
 def _parse_time(value: Any) -> dt.datetime | None:
@@ -196,8 +229,95 @@ def matches_selector(host: HostView, spec: VirtualMachineSpec) -> bool:
     return all(host.labels.get(k) == v for k, v in wanted.items())
 
 
+# --------------------------------------------------------------------------------------------
+# Tenancy: which namespaces a host admits, and which pools / networks / bridges it exposes
+# --------------------------------------------------------------------------------------------
+
+def admits_namespace(host: HostView, namespace: str, namespace_labels: Mapping[str, str] | None) -> bool:
+    """Neither allowedNamespaces nor namespaceSelector set: every namespace (back-compat). Else the
+    namespace must be listed or its labels match the selector. Unknown labels (None) match no selector."""
+    if not host.restricts_namespaces:
+        return True
+    if host.allowed_namespaces is not None and namespace in host.allowed_namespaces:
+        return True
+    return (host.namespace_selector is not None and namespace_labels is not None
+            and host.namespace_selector.matches(namespace_labels))
+
+
+def pools_of(spec: VirtualMachineSpec, host: HostView) -> list[str]:
+    """The storage pools the VM's new volumes go to on this host."""
+    return sorted({d.volume.pool or host.default_pool for d in spec.disks if d.volume is not None})
+
+
+def pool_allowed(host: HostView, pool: str) -> bool:
+    """allowedPools unset: any pool; set: those and defaultPool."""
+    return host.allowed_pools is None or pool == host.default_pool or pool in host.allowed_pools
+
+
+def _listed(allowed: frozenset[str] | None) -> str:
+    return ", ".join(sorted(allowed)) if allowed else "none"
+
+
+def namespace_denial(host: HostView, namespace: str, namespace_labels: Mapping[str, str] | None) -> AppError | None:
+    if admits_namespace(host, namespace, namespace_labels):
+        return None
+    how = []
+    if host.allowed_namespaces is not None:
+        how.append(f"allowedNamespaces: {_listed(host.allowed_namespaces)}")
+    if host.namespace_selector is not None:
+        how.append("namespaceSelector does not match the namespace's labels")
+    return AppError(ErrorCode.NAMESPACE_NOT_ALLOWED,
+                    f"LibvirtHost {host.name} does not admit namespace {namespace} ({'; '.join(how)})",
+                    {"host": host.name, "namespace": namespace})
+
+
+def pool_denial(host: HostView, pool: str, namespace: str, what: str = "VMs") -> AppError | None:
+    if pool_allowed(host, pool):
+        return None
+    return AppError(ErrorCode.POOL_NOT_ALLOWED,
+                    f"LibvirtHost {host.name} does not expose storage pool {pool} to {what} (allowedPools: "
+                    f"{_listed(host.allowed_pools)}; defaultPool {host.default_pool} is always allowed)",
+                    {"host": host.name, "pool": pool, "namespace": namespace})
+
+
+def host_denial(spec: VirtualMachineSpec, host: HostView, namespace: str,
+                namespace_labels: Mapping[str, str] | None) -> AppError | None:
+    """Why this host refuses this VM (namespace first, then pools, networks, bridges), or None."""
+    denial = namespace_denial(host, namespace, namespace_labels)
+    if denial is not None:
+        return denial
+    for pool in pools_of(spec, host):
+        denial = pool_denial(host, pool, namespace)
+        if denial is not None:
+            return denial
+    for iface in spec.interfaces:
+        allowed = {"network": host.allowed_networks, "bridge": host.allowed_bridges}.get(iface.type)
+        if allowed is not None and iface.source not in allowed:
+            field = "allowedNetworks" if iface.type == "network" else "allowedBridges"
+            return AppError(ErrorCode.NETWORK_NOT_ALLOWED,
+                            f"LibvirtHost {host.name} does not expose {iface.type} {iface.source} (interface "
+                            f"{iface.name}) to VMs ({field}: {_listed(allowed)})",
+                            {"host": host.name, iface.type: iface.source or "", "interface": iface.name,
+                             "namespace": namespace})
+    return None
+
+
+def image_denial(host: HostView, namespace: str, namespace_labels: Mapping[str, str] | None,
+                 pool: str) -> AppError | None:
+    """Why this host refuses an ISOImage of this namespace into this pool, or None."""
+    return namespace_denial(host, namespace, namespace_labels) or pool_denial(host, pool, namespace, "ISOImages")
+
+
+def needs_namespace_labels(hosts: Iterable[HostView], namespace: str) -> bool:
+    """Whether deciding on these hosts reads the namespace's labels (a selector that a listing
+    does not already settle)."""
+    return any(h.namespace_selector is not None and not (h.allowed_namespaces and namespace in h.allowed_namespaces)
+               for h in hosts)
+
+
 def choose_host(spec: VirtualMachineSpec, hosts: Iterable[HostView],
-                reserved: Iterable[Reservation] = ()) -> Placement:
+                reserved: Iterable[Reservation] = (), namespace: str = "",
+                namespace_labels: Mapping[str, str] | None = None) -> Placement:
     """Pick a Ready host matching hostSelector with room for the VM; most free memory wins
     (then most free CPUs, then name, so the choice is deterministic). No fit → a Placement whose
     error is HOST_NOT_FOUND (hostRef names no host), NO_SCHEDULABLE_HOST (no Ready host matches) or
@@ -213,6 +333,20 @@ def choose_host(spec: VirtualMachineSpec, hosts: Iterable[HostView],
                                         f"LibvirtHost {spec.host_ref} named by hostRef does not exist",
                                         {"host": spec.host_ref}))
     matching = [h for h in hosts if matches_selector(h, spec)]
+    # Tenancy before readiness: a host that refuses the VM is no candidate, Ready or not.
+    denials = {h.name: host_denial(spec, h, namespace, namespace_labels) for h in matching}
+    if matching and all(d is not None for d in denials.values()):
+        if spec.host_ref is not None:
+            return Placement(None, denials[spec.host_ref])
+        first = min((d for d in denials.values() if d is not None),
+                    key=lambda d: _TENANCY_ORDER.index(d.code))
+        names = sorted(denials)
+        shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+        return Placement(None, AppError(
+            first.code, f"none of the {len(names)} LibvirtHost(s) {_placement_scope(spec)} admits this VM "
+                        f"({shown}); e.g. {first.message}",
+            {**first.context, "matchingHosts": len(names)}))
+    matching = [h for h in matching if denials[h.name] is None]
     candidates = [h for h in matching if h.ready and not h.deleting]
     if not candidates:
         if spec.host_ref is not None:
@@ -249,6 +383,15 @@ def choose_host(spec: VirtualMachineSpec, hosts: Iterable[HostView],
     fits.sort(key=lambda f: (-f[0], -f[1], f[2].name))
     free_mem, free_cpu, host = fits[0]
     return Placement(host.name, None, free_cpu, free_mem)
+
+
+_TENANCY_ORDER = (ErrorCode.NAMESPACE_NOT_ALLOWED, ErrorCode.POOL_NOT_ALLOWED, ErrorCode.NETWORK_NOT_ALLOWED)
+
+
+def _placement_scope(spec: VirtualMachineSpec) -> str:
+    if spec.host_selector and spec.host_selector.match_labels:
+        return "matching hostSelector " + ",".join(f"{k}={v}" for k, v in sorted(spec.host_selector.match_labels.items()))
+    return "in the cluster"
 
 
 def domain_type_for(requested: str, host_domain_types: Iterable[str], previous: str | None = None) -> str:

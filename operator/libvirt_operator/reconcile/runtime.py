@@ -16,4 +16,7 @@ class Runtime:
     pool: HostPool
     kube: KubeClient
     remediator: Any | None = None  # adapters.rag.KnowledgeBase, or None when disabled
+    # The --namespace patterns this instance serves (empty: all namespaces). Sharded instances each
+    # report the orphaned domains of their own namespaces only.
+    namespaces: tuple[str, ...] = ()
     extras: dict[str, Any] = dataclasses.field(default_factory=dict)

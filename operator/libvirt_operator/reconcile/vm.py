@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 import pydantic
 
 from ..adapters.libvirt import domains
+from ..adapters.libvirt.volumes import volume_name as iso_volume_name
 from ..adapters.libvirt.domain_xml import DomainXMLError, build_domain_xml, definition_hash
 from ..core.api.common import FORCE_RELEASE_ANNOTATION
 from ..core.api.host import LibvirtHostSpec
@@ -36,6 +37,9 @@ log = get_logger(__name__)
 
 SCHEDULED, RESTART_REQUIRED = "Scheduled", "RestartRequired"
 SCHEDULING_CODES = {ErrorCode.NO_SCHEDULABLE_HOST, ErrorCode.INSUFFICIENT_RESOURCES}
+# A host refusing the VM (LibvirtHost tenancy fields): not retried on a timer, re-checked when a host
+# or a namespace changes.
+TENANCY_CODES = {ErrorCode.NAMESPACE_NOT_ALLOWED, ErrorCode.POOL_NOT_ALLOWED, ErrorCode.NETWORK_NOT_ALLOWED}
 _NOT_GUEST_FAULT = {ErrorCode.HOST_UNREACHABLE, ErrorCode.HOST_AUTH_FAILED, ErrorCode.LIBVIRT_TIMEOUT,
                     ErrorCode.HOST_NOT_FOUND}
 _OPERATION = {plan.Action.START: "start", plan.Action.SHUTDOWN: "stop", plan.Action.DESTROY: "stop"}
@@ -56,6 +60,14 @@ class ClusterView:
     # Told about each placement decision right after it is made (before any await), so the next
     # placement counts it even though the VM's status does not show the host yet.
     placed: Callable[[str, plan.Reservation | None], None] = lambda _uid, _reservation: None
+    # A namespace's labels (for LibvirtHost namespaceSelector); None when unknown. Read only when a
+    # host's selector has to decide.
+    namespace_labels: Callable[[str], Awaitable[Mapping[str, str] | None]] | None = None
+
+    async def labels_if_needed(self, hosts: list[plan.HostView], namespace: str) -> Mapping[str, str] | None:
+        if self.namespace_labels is None or not plan.needs_namespace_labels(hosts, namespace):
+            return None
+        return await self.namespace_labels(namespace)
 
     def reservations_for(self, hosts: list[str], uid: str) -> list[plan.Reservation]:
         if not hosts:
@@ -128,6 +140,8 @@ class _Stage:
         self.placed = False
         self.waiting_media = False
         self.start_failed = False
+        # Placed, but the host no longer admits the VM (tenancy): the domain as it is, left alone.
+        self.refused: DomainObservation | None = None
 
 
 async def sync_vm(body: Mapping[str, Any], rt: Runtime, view: ClusterView, *,
@@ -156,8 +170,11 @@ async def sync_vm(body: Mapping[str, Any], rt: Runtime, view: ClusterView, *,
         host = status.get("host")
         if not host:
             views = [plan.HostView.from_object(h) for h in view.hosts.values()]
+            labels = await view.labels_if_needed(
+                [v for v in views if plan.matches_selector(v, spec)], namespace)
             placement = plan.choose_host(
-                spec, views, view.reservations_for(plan.capacity_hosts(spec, views), uid))
+                spec, views, view.reservations_for(plan.capacity_hosts(spec, views), uid),
+                namespace=namespace, namespace_labels=labels)
             if placement.error is not None:
                 raise placement.error
             host = placement.host
@@ -180,7 +197,20 @@ async def sync_vm(body: Mapping[str, Any], rt: Runtime, view: ClusterView, *,
             raise AppError(ErrorCode.HOST_UNREACHABLE, f"the operator has no connection to LibvirtHost {host} yet",
                            {"host": host})
         hv = plan.HostView.from_object(host_obj)
+        refusal = plan.host_denial(spec, hv, namespace, await view.labels_if_needed([hv], namespace))
+        if refusal is not None:
+            # Placed earlier, refused now (the host's tenancy fields or the namespace's labels changed,
+            # or the spec asks for a pool/network the host does not expose): never define, redefine or
+            # start; never stop or delete a domain that exists either (that is the user's or the
+            # admin's call). Report the domain's power state as it is.
+            if observed is None:
+                details = await conn.call("get_domain", lambda c: domains.get_domain(c, uid))
+                observed = details.observation if details else ABSENT
+            stage.refused = observed
+            raise _refused(refusal, observed)
         dname = domain_name(namespace, name, uid)
+        if observed is not None and observed.exists and observed.name:
+            dname = observed.name  # the VM's own domain (found by UUID) keeps the name it was created with
         status.update({"domainName": dname, "domainUUID": uid, "runStrategy": spec.run_strategy})
 
         redefine = plan.RedefinePlan(False, False)
@@ -189,12 +219,19 @@ async def sync_vm(body: Mapping[str, Any], rt: Runtime, view: ClusterView, *,
             dtype = plan.domain_type_for(spec.domain_type, hv.domain_types, status.get("domainType"))
             status["domainType"] = dtype
             details = await conn.call("get_domain", lambda c: domains.get_domain(c, uid))
+            if details is not None and details.observation.name and details.observation.name != dname:
+                dname = details.observation.name  # created under an earlier naming scheme: keep it
+                status["domainName"] = dname
+            if details is None:  # before any volume is made: a name taken by another domain stops here
+                taken = await conn.call("find_by_name", lambda c: domains.find_by_name(c, dname))
+                if taken is not None and taken[0] != uid:
+                    raise _name_conflict(dname, host, taken[0], taken[1].owner, view)
             if details is not None and not status.get("mediaEjected") and plan.eject_media_now(
                     spec.install_media_policy, _time(status.get("firstBootTime")), False, details.observation):
                 _eject(status, events)
-            disks = await _resolve_media(spec, namespace, host, conn, view, stage,
+            disks = await _resolve_media(spec, namespace, host, hv, conn, view, stage,
                                          ejected=bool(status.get("mediaEjected")))
-            volumes, disks = await _ensure_volumes(spec, dname, hv, conn, disks, events)
+            volumes, disks = await _ensure_volumes(spec, uid, hv, conn, disks, events)
             status["volumes"] = volumes
             defn = DomainDefinition(
                 name=dname, uuid=uid, vcpus=spec.cpu, memory_bytes=parse_quantity(spec.memory), type=dtype,
@@ -209,16 +246,6 @@ async def sync_vm(body: Mapping[str, Any], rt: Runtime, view: ClusterView, *,
             redefine = plan.plan_redefine(desired, details.defined.definition_hash if details else None,
                                           details.live.definition_hash if details and details.live else None,
                                           observed.active)
-            if details is None:
-                taken = await conn.call("find_by_name", lambda c: domains.find_by_name(c, dname))
-                if taken is not None and taken[0] != uid:
-                    owner = taken[1].owner
-                    whose = (f"left behind by a deleted VirtualMachine {owner.namespace}/{owner.name} (uid {owner.uid})"
-                             if owner else "not managed by this operator")
-                    raise AppError(ErrorCode.LIBVIRT_ERROR,
-                                   f"a domain named {dname} with UUID {taken[0]} already exists on {host}, {whose}; "
-                                   "remove it from the host (virsh undefine) and the VM will be created",
-                                   {"host": host, "domain": dname, "uuid": taken[0]})
             if redefine.define:
                 await conn.call("define", lambda c: domains.define(c, xml))
                 VM_OPERATIONS.labels("create" if details is None else "redefine").inc()
@@ -314,6 +341,27 @@ async def host_connection(rt: Runtime, name: str, host_obj: Mapping[str, Any] | 
     return await rt.pool.ensure(name, await connect_options(spec, rt))
 
 
+def _refused(err: AppError, observed: DomainObservation) -> AppError:
+    if observed.active:
+        left = ("the running domain is left running (the operator never stops a VM for this); it will not be "
+                "restarted or redefined until the host admits it again")
+    elif observed.exists:
+        left = "the domain stays stopped: it is not started or redefined until the host admits it again"
+    else:
+        left = "no domain is created until the host admits it again"
+    return AppError(err.code, f"{err.message}; {left}", err.context)
+
+
+def _refused_printable(observed: DomainObservation) -> str:
+    if observed.state is PowerState.RUNNING:
+        return "Running"
+    if observed.state is PowerState.PAUSED:
+        return "Paused"
+    if observed.state is PowerState.SHUTTING_DOWN:
+        return "Stopping"
+    return "Stopped" if observed.exists else "ErrorUnschedulable"
+
+
 def _eject(status: dict[str, Any], events: list[Event]) -> None:
     status["mediaEjected"] = True
     events.append(("Normal", "MediaEjected", "the first run ended: install media removed from the cdroms"))
@@ -327,9 +375,40 @@ async def _act(action: plan.Action, conn: Any, uid: str) -> DomainObservation:
     return await conn.call("destroy", lambda c: domains.destroy(c, uid))
 
 
-async def _resolve_media(spec: VirtualMachineSpec, namespace: str, host: str, conn: Any, view: ClusterView,
-                         stage: _Stage, ejected: bool = False) -> list[DiskDefinition]:
-    """Disk definitions; cdroms point at the ISOImage volume's path on this host (empty once ejected)."""
+def _name_conflict(dname: str, host: str, uuid: str, owner: Owner | None, view: ClusterView) -> AppError:
+    """A domain with our name but another UUID: never adopted, redefined or deleted; say whose it is."""
+    if owner is None:
+        whose = "not managed by this operator"
+    else:
+        live = any((vm.get("metadata") or {}).get("uid") == owner.uid for vm in view.vms())
+        whose = (f"it belongs to VirtualMachine {owner.namespace}/{owner.name} (uid {owner.uid})"
+                 + ("" if live else ", which this operator does not see (deleted, or in a namespace it does "
+                    "not watch)"))
+    return AppError(ErrorCode.LIBVIRT_ERROR,
+                    f"a domain named {dname} with UUID {uuid} already exists on {host}, {whose}; it is left "
+                    "untouched. Remove or rename it on the host (virsh undefine) and the VM will be created",
+                    {"host": host, "domain": dname, "uuid": uuid})
+
+
+def _iso_volume(iso: Mapping[str, Any], namespace: str, ref: str, hv: plan.HostView) -> tuple[str, str] | None:
+    """(pool, volume) the importer gives this ISOImage on this host, derived from the ISOImage's own
+    identity (namespace, name, checksum) and the pool rule, never from the pool/volume in its status:
+    whoever can write that status cannot point a cdrom at another image's or tenant's volume."""
+    iso_spec = iso.get("spec") or {}
+    checksum = iso_spec.get("checksum") or (iso.get("status") or {}).get("verifiedChecksum")
+    if not checksum:
+        return None
+    try:
+        volume = iso_volume_name(namespace, ref, str(checksum))
+    except ValueError:
+        return None
+    return iso_spec.get("pool") or hv.default_pool, volume
+
+
+async def _resolve_media(spec: VirtualMachineSpec, namespace: str, host: str, hv: plan.HostView, conn: Any,
+                         view: ClusterView, stage: _Stage, ejected: bool = False) -> list[DiskDefinition]:
+    """Disk definitions; cdroms point at the ISOImage volume's path on this host (empty once ejected).
+    The volume's name is derived from the ISOImage and checked to exist on the host."""
     disks: list[DiskDefinition] = []
     for disk in spec.disks:
         if disk.cdrom is None:
@@ -340,17 +419,18 @@ async def _resolve_media(spec: VirtualMachineSpec, namespace: str, host: str, co
             continue
         ref = disk.cdrom.iso_image_ref.name
         iso = view.iso(namespace, ref)
-        entry = None
+        entry = expected = None
         if iso is not None:
+            # The import's progress as reported; what is attached is decided below, from the host.
             entry = next((h for h in (iso.get("status") or {}).get("hosts") or []
-                          if h.get("host") == host and h.get("phase") == "Ready" and h.get("volume")), None)
-        if entry is None:
+                          if h.get("host") == host and h.get("phase") == "Ready"), None)
+            expected = _iso_volume(iso, namespace, ref, hv)
+        if entry is None or expected is None:
             stage.waiting_media = True
             why = "does not exist" if iso is None else f"is not Ready on LibvirtHost {host}"
             raise AppError(ErrorCode.ISO_NOT_FOUND, f"ISOImage {namespace}/{ref} for disk {disk.name} {why}",
                            {"isoImage": ref, "host": host, "disk": disk.name})
-        pool = entry.get("pool") or "default"
-        vol = entry["volume"]
+        pool, vol = expected
         path = await conn.call("volume_path", lambda c, p=pool, v=vol: domains.volume_path(c, p, v))
         if path is None:
             stage.waiting_media = True
@@ -361,22 +441,25 @@ async def _resolve_media(spec: VirtualMachineSpec, namespace: str, host: str, co
     return disks
 
 
-async def _ensure_volumes(spec: VirtualMachineSpec, dname: str, hv: plan.HostView, conn: Any,
+async def _ensure_volumes(spec: VirtualMachineSpec, uid: str, hv: plan.HostView, conn: Any,
                           disks: list[DiskDefinition], events: list[Event]
                           ) -> tuple[list[dict[str, str]], list[DiskDefinition]]:
+    """Each volume disk gets the volume named with the VM's uid (created when missing), or the
+    earlier-scheme volume its own domain already uses. The returned list is the informational
+    status.volumes: nothing ever reads it back to decide what to attach or delete."""
     requests = []
     for disk in spec.disks:
         if disk.volume is not None:
-            requests.append(domains.VolumeRequest(disk.volume.pool or hv.default_pool,
-                                                  volume_name(dname, disk.name), parse_quantity(disk.volume.size)))
+            requests.append(domains.VolumeRequest(disk.volume.pool or hv.default_pool, volume_name(uid, disk.name),
+                                                  parse_quantity(disk.volume.size), disk.name))
     if not requests:
         return [], disks
-    results = await conn.call("ensure_volumes", lambda c: domains.ensure_volumes(c, requests))
-    by_name = {r.name: r for r in results}
+    results = await conn.call("ensure_volumes", lambda c: domains.ensure_volumes(c, uid, requests))
+    by_disk = {r.disk: r for r in results}
     out = []
     for d in disks:
         if d.device == "disk":
-            r = by_name[volume_name(dname, d.name)]
+            r = by_disk[d.name]
             out.append(dataclasses.replace(d, path=r.path, pool=r.pool, volume=r.name))
         else:
             out.append(d)
@@ -413,7 +496,9 @@ async def _failed(err: AppError, old_status: Mapping[str, Any], status: dict[str
     status["error"] = err_status
     status["observedGeneration"] = generation
     requeue = None
-    if stage.start_failed:
+    if stage.refused is not None:
+        status["printableStatus"] = _refused_printable(stage.refused)
+    elif stage.start_failed:
         status["printableStatus"] = "CrashLoopBackOff"
         retry_after = _time((status.get("startFailure") or {}).get("retryAfter"))
         if retry_after is not None:
@@ -434,10 +519,12 @@ async def _failed(err: AppError, old_status: Mapping[str, Any], status: dict[str
 # --------------------------------------------------------------------------------------------
 
 async def delete_vm(body: Mapping[str, Any], rt: Runtime, view: ClusterView) -> DeleteOutcome:
-    """Destroy, undefine (NVRAM too) and delete the operator's volumes. A host that is gone or
-    unreachable blocks release with a condition until it returns, or until the VM carries the
-    annotation virt.libvirt-operator.io/force-release: "true" (then the finalizer is released and
-    whatever is left on the host is abandoned)."""
+    """Destroy, undefine (NVRAM too) and delete the VM's volumes: those named with its uid and those
+    its own domain (UUID = uid) uses under the earlier naming scheme; decided on the host, never from
+    status.volumes or status.domainName (whoever can patch status must not choose what is deleted).
+    A host that is gone or unreachable blocks release with a condition until it returns, or until the
+    VM carries the annotation virt.libvirt-operator.io/force-release: "true" (then the finalizer is
+    released and whatever is left on the host is abandoned)."""
     meta = body.get("metadata") or {}
     uid = meta.get("uid", "")
     generation = int(meta.get("generation") or 0)
@@ -446,15 +533,15 @@ async def delete_vm(body: Mapping[str, Any], rt: Runtime, view: ClusterView) -> 
     host = status.get("host")
     if not host:
         return DeleteOutcome(True, None, [])
-    volumes = {(v["pool"], v["name"]) for v in status.get("volumes") or [] if v.get("pool") and v.get("name")}
     host_obj = view.hosts.get(host)
+    default_pool = plan.HostView.from_object(host_obj).default_pool if host_obj else "default"
+    # Where to look for volumes named with the VM's uid (the adapter adds its domain's disks' pools).
+    # Pools from status only widen the search: a name without this uid is never deleted.
+    pools = {default_pool}
+    pools.update(str(v["pool"]) for v in status.get("volumes") or [] if isinstance(v, dict) and v.get("pool"))
     try:
         spec = VirtualMachineSpec.model_validate(body.get("spec") or {})
-        dname = status.get("domainName") or domain_name(meta.get("namespace", ""), meta.get("name", ""), uid)
-        default_pool = plan.HostView.from_object(host_obj).default_pool if host_obj else "default"
-        for disk in spec.disks:  # deterministic names: ours even if status lost them
-            if disk.volume is not None:
-                volumes.add((disk.volume.pool or default_pool, volume_name(dname, disk.name)))
+        pools.update(disk.volume.pool or default_pool for disk in spec.disks if disk.volume is not None)
     except pydantic.ValidationError:
         pass
     try:
@@ -464,7 +551,9 @@ async def delete_vm(body: Mapping[str, Any], rt: Runtime, view: ClusterView) -> 
                            f"LibvirtHost {host} is gone: the domain and its volumes cannot be removed; set the "
                            f'annotation {FORCE_RELEASE_ANNOTATION}: "true" to release the VM anyway',
                            {"host": host})
-        deleted = await conn.call("teardown", lambda c: domains.teardown(c, uid, sorted(volumes)))
+        if not uid:
+            raise AppError(ErrorCode.INVALID_SPEC, "the VirtualMachine has no uid", {"host": host})
+        deleted = await conn.call("teardown", lambda c: domains.teardown(c, uid, sorted(pools)))
     except AppError as err:
         if force:
             return DeleteOutcome(True, None, [("Warning", "ForceReleased",

@@ -9,8 +9,15 @@ Safety (SSRF guard):
     original Host header and (https) the original name as SNI and for certificate verification, so a
     second DNS answer cannot send it elsewhere;
   * environment proxies are ignored (a proxy would resolve names itself, outside the guard);
-  * `allowed` networks win over `denied` ones: they are exceptions, not an exclusive allowlist.
-    Default deny list: see core.settings (link-local/metadata and loopback).
+  * only public unicast addresses by default: loopback, private, CGNAT, link-local, ULA, NAT64 and
+    IPv4-mapped forms of those, 6to4, Teredo, multicast, documentation, benchmarking and reserved
+    ranges are refused (`special_purpose`); `allowed` networks (--download-allow) open exceptions,
+    `denied` ones (core.settings: cloud metadata endpoints, plus --download-deny) close more; between
+    the two the most specific network wins (see `classify`).
+
+Size: a cap (`max_bytes`) is enforced against Content-Length before the body is read and again
+while streaming (a missing or lying Content-Length changes nothing); `check_total` lets the caller
+refuse a declared size (e.g. no room in the target pools) before the body is read.
 
 Secrets: the Authorization header value and the CA bundle are never logged or put in errors; the
 header is only sent to the URL's own origin (dropped after a cross-origin redirect). URLs in messages
@@ -38,6 +45,7 @@ import httpx
 from ...core.errors import AppError, ErrorCode, OperationAborted
 from ...core.logs import get_logger
 from ...core.metrics import ISO_BYTES
+from ...core.quantity import format_bytes
 from ...core.settings import Settings
 
 log = get_logger(__name__)
@@ -46,6 +54,8 @@ IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 ProgressFn = Callable[[int, int | None], Awaitable[None]]
 StopFn = Callable[[], bool]
+TotalFn = Callable[[int], Awaitable[None]]  # the declared size, before the body: raise to refuse it
+TooLargeFn = Callable[[int, bool], AppError]  # (bytes, declared by Content-Length?) → the error to raise
 
 _REDIRECTS = {301, 302, 303, 307, 308}
 _RETRYABLE_STATUS = {408, 425, 429, 500, 502, 503, 504}
@@ -62,13 +72,15 @@ class DownloadPolicy:
     attempts: int = 3
     retry_delay: float = 1.0  # before the 2nd attempt; doubles after each failure
     chunk_size: int = 1 << 20
+    max_bytes: int | None = None  # the largest body accepted (operator-wide cap); None: unbounded
 
     @classmethod
     def from_settings(cls, settings: Settings, **overrides: Any) -> DownloadPolicy:
         values: dict[str, Any] = dict(
             denied=tuple(settings.download_denied_networks), allowed=tuple(settings.download_allowed_networks),
             connect_timeout=settings.download_connect_timeout, read_timeout=settings.download_read_timeout,
-            max_redirects=settings.download_max_redirects, attempts=settings.download_attempts)
+            max_redirects=settings.download_max_redirects, attempts=settings.download_attempts,
+            max_bytes=settings.download_max_bytes or None)
         values.update(overrides)
         return cls(**values)
 
@@ -114,22 +126,127 @@ def parse_checksum(checksum: str | None) -> tuple[str, str] | None:
 
 
 # --- SSRF guard ---------------------------------------------------------------------------------
+#
+# Downloads become volumes a VM in the same namespace can boot and read, so a download reaching an
+# internal service is a read-back SSRF. Default: only globally routable unicast addresses. The
+# special-purpose ranges below (IANA special-purpose registries, plus what Python's `is_global`
+# misses on 3.11: multicast, NAT64, 6to4, site-local, IPv4-compatible IPv6) are refused unless an
+# allowed network (`--download-allow`) covers the address.
 
-def _normalise(ip: IPAddress) -> IPAddress:
+_V4_SPECIAL: tuple[tuple[str, str], ...] = (
+    ("0.0.0.0/8", "'this network'"),
+    ("10.0.0.0/8", "private (RFC 1918)"),
+    ("100.64.0.0/10", "carrier-grade NAT (RFC 6598)"),
+    ("127.0.0.0/8", "loopback"),
+    ("169.254.0.0/16", "link-local (cloud metadata)"),
+    ("172.16.0.0/12", "private (RFC 1918)"),
+    ("192.0.0.0/24", "IETF protocol assignments"),
+    ("192.0.2.0/24", "documentation (TEST-NET-1)"),
+    ("192.88.99.0/24", "6to4 relay anycast (deprecated)"),
+    ("192.168.0.0/16", "private (RFC 1918)"),
+    ("198.18.0.0/15", "benchmarking (RFC 2544)"),
+    ("198.51.100.0/24", "documentation (TEST-NET-2)"),
+    ("203.0.113.0/24", "documentation (TEST-NET-3)"),
+    ("224.0.0.0/4", "multicast"),
+    ("240.0.0.0/4", "reserved"),
+    ("255.255.255.255/32", "broadcast"),
+)
+_V6_SPECIAL: tuple[tuple[str, str], ...] = (
+    ("::/128", "unspecified"),
+    ("::1/128", "loopback"),
+    ("::/96", "IPv4-compatible IPv6 (deprecated)"),
+    ("::/8", "reserved"),
+    ("64:ff9b:1::/48", "local-use NAT64 (RFC 8215)"),
+    ("100::/64", "discard-only (RFC 6666)"),
+    ("2001::/23", "IETF protocol assignments"),
+    ("2001::/32", "Teredo"),
+    ("2001:db8::/32", "documentation"),
+    ("2002::/16", "6to4 (deprecated; may embed a private IPv4 address)"),
+    ("3fff::/20", "documentation"),
+    ("5f00::/16", "SRv6 SIDs"),
+    ("fc00::/7", "unique local (ULA)"),
+    ("fe80::/10", "link-local"),
+    ("fec0::/10", "site-local (deprecated)"),
+    ("ff00::/8", "multicast"),
+)
+SPECIAL_NETWORKS: tuple[tuple[IPNetwork, str], ...] = tuple(
+    (ipaddress.ip_network(net), why) for net, why in (*_V4_SPECIAL, *_V6_SPECIAL))
+NAT64_WELL_KNOWN = ipaddress.IPv6Network("64:ff9b::/96")
+
+
+@dataclasses.dataclass(frozen=True)
+class Verdict:
+    """Whether downloads may connect to an address, and why."""
+
+    allowed: bool
+    reason: str  # "allowed by 10.20.0.0/16", "private (RFC 1918)", "public", …
+    address: str  # the address checked (an embedded IPv4 address when it decided)
+
+
+def _embedded_v4(ip: IPAddress) -> ipaddress.IPv4Address | None:
+    """The IPv4 address an IPv6 address really reaches: IPv4-mapped (::ffff:a.b.c.d, the same
+    socket destination) or NAT64's well-known prefix (64:ff9b::a.b.c.d, translated by the gateway)."""
     if isinstance(ip, ipaddress.IPv6Address):
         if ip.ipv4_mapped is not None:
             return ip.ipv4_mapped
-        if ip.sixtofour is not None:
-            return ip.sixtofour
-    return ip
+        if ip in NAT64_WELL_KNOWN:
+            return ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
+    return None
+
+
+def special_purpose(ip: IPAddress) -> str | None:
+    """Why ip is not a public unicast address (None when it is one). IPv4-mapped and NAT64 forms
+    are judged by their embedded IPv4 address."""
+    embedded = _embedded_v4(ip)
+    if embedded is not None:
+        inner = special_purpose(embedded)
+        return f"{inner}, embedded in {ip}" if inner else None
+    matches = [(net, why) for net, why in SPECIAL_NETWORKS if net.version == ip.version and ip in net]
+    if matches:
+        return max(matches, key=lambda m: m[0].prefixlen)[1]  # the most specific name
+    if ip.is_multicast:
+        return "multicast"
+    if ip.is_loopback or ip.is_unspecified:
+        return "loopback"
+    if ip.is_link_local:
+        return "link-local"
+    if ip.is_reserved or ip.is_private or not ip.is_global:
+        return "not globally routable"
+    return None
+
+
+def classify(ip: IPAddress | str, policy: DownloadPolicy) -> Verdict:
+    """Explicit networks first, the most specific one wins (allowed wins a tie: `--download-allow
+    127.0.0.0/8` overrides the default deny of 127.0.0.0/8, and an allow of 0.0.0.0/0 does not open
+    the metadata endpoints, which are denied more specifically); then special-purpose ranges are
+    refused. IPv4-mapped and NAT64 forms are checked as their embedded IPv4 address too."""
+    addr = ipaddress.ip_address(ip) if isinstance(ip, str) else ip
+    embedded = _embedded_v4(addr)
+    views = [addr] if embedded is None else [addr, embedded]
+    best: tuple[int, bool, IPNetwork, IPAddress] | None = None
+    for view in views:
+        for allowed, nets in ((True, policy.allowed), (False, policy.denied)):
+            for net in nets:
+                if net.version == view.version and view in net:
+                    # lengths in IPv6 terms, so an IPv4 /8 compares with IPv6 rules as ::ffff:0:0/104
+                    key = (net.prefixlen + (96 if net.version == 4 else 0), allowed, net, view)
+                    if best is None or key[:2] > best[:2]:
+                        best = key
+    if best is not None:
+        _, allowed, net, view = best
+        if allowed:
+            return Verdict(True, f"allowed by {net}", str(view))
+        why = special_purpose(view)
+        return Verdict(False, f"denied by {net}" + (f": {why}" if why else ""), str(view))
+    why = special_purpose(addr)
+    if why is not None:
+        return Verdict(False, why, str(embedded or addr))
+    return Verdict(True, "public", str(addr))
 
 
 def check_destination(ip: IPAddress | str, policy: DownloadPolicy) -> bool:
-    """True when downloads may connect to ip: allowed networks first, then the deny list."""
-    addr = _normalise(ipaddress.ip_address(ip) if isinstance(ip, str) else ip)
-    if any(addr in net for net in policy.allowed if net.version == addr.version):
-        return True
-    return not any(addr in net for net in policy.denied if net.version == addr.version)
+    """True when downloads may connect to ip (see classify)."""
+    return classify(ip, policy).allowed
 
 
 async def resolve_checked(host: str, port: int, policy: DownloadPolicy, url: httpx.URL) -> list[str]:
@@ -154,14 +271,24 @@ async def resolve_checked(host: str, port: int, policy: DownloadPolicy, url: htt
     if not candidates:
         raise _fail(f"host {host} resolved to no address", url)
     for ip in candidates:
-        if not check_destination(ip, policy):
-            raise _fail(f"refusing to download from {host}: it resolves to {ip}, a denied destination "
-                        "(link-local, cloud metadata or loopback; see downloadDeniedNetworks)", url,
-                        permanent=True, address=ip)
+        verdict = classify(ip, policy)
+        if not verdict.allowed:
+            via = "" if literal is not None else f"it resolves to {ip}, "
+            raise _fail(f"refusing to download from {host}: {via}a denied destination ({verdict.reason}); "
+                        "downloads reach only public addresses unless the operator allows the network "
+                        "(--download-allow CIDR, Helm value download.allow)", url,
+                        permanent=True, address=ip, refused=verdict.reason)
     return candidates
 
 
 # --- the downloader -----------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class _SizeRules:
+    limit: int | None
+    too_large: TooLargeFn
+    check_total: TotalFn | None
+
 
 class _Retry(Exception):
     """A failure worth another attempt (server error, connection dropped, truncated body)."""
@@ -267,9 +394,22 @@ class Downloader:
         return f"Downloader(policy={self.policy!r})"
 
     async def download(self, url: str, dest: Path, *, checksum: str | None = None,
-                       progress: ProgressFn | None = None, should_stop: StopFn | None = None) -> DownloadResult:
-        """Download url into dest (replaced); verify checksum when given. dest is removed on failure."""
+                       progress: ProgressFn | None = None, should_stop: StopFn | None = None,
+                       max_bytes: int | None = None, too_large: TooLargeFn | None = None,
+                       check_total: TotalFn | None = None) -> DownloadResult:
+        """Download url into dest (replaced); verify checksum when given. dest is removed on failure
+        (a partial file lives only between the attempts of this call, for Range resume).
+
+        The body may not exceed max_bytes (or the policy's, whichever is smaller): a larger declared
+        Content-Length is refused before the body is read, a longer body is cut at the limit. The
+        error is `too_large(bytes, declared)` when given, else a permanent ISO_DOWNLOAD_FAILED.
+        check_total(size) runs once the server declared the size, before the body is read.
+        """
         expected = parse_checksum(checksum)
+        caps = [n for n in (max_bytes, self.policy.max_bytes) if n is not None]
+        limit = min(caps) if caps else None
+        size_rules = _SizeRules(
+            limit, too_large or (lambda size, declared: _too_large(url, limit or 0, size, declared)), check_total)
         start_url = httpx.URL(url)
         if start_url.scheme not in ("http", "https") or not start_url.host:
             raise _fail("only http:// and https:// URLs with a host are supported", url, permanent=True)
@@ -286,7 +426,7 @@ class Downloader:
         try:
             async with httpx.AsyncClient(timeout=timeout, verify=self._verify, trust_env=False,
                                          follow_redirects=False) as client:
-                result = await self._attempts(client, start_url, sink, progress, should_stop)
+                result = await self._attempts(client, start_url, sink, progress, should_stop, size_rules)
             await sink.finish()
             algo = expected[0] if expected else "sha256"
             actual = sink.digest(algo)
@@ -311,7 +451,8 @@ class Downloader:
                     dest.unlink()
 
     async def _attempts(self, client: httpx.AsyncClient, url: httpx.URL, sink: _Sink,
-                        progress: ProgressFn | None, should_stop: StopFn | None) -> tuple[int, int]:
+                        progress: ProgressFn | None, should_stop: StopFn | None,
+                        rules: _SizeRules) -> tuple[int, int]:
         policy = self.policy
         validator: str | None = None  # ETag (strong) or Last-Modified of the body being written
         ranges = False
@@ -353,7 +494,12 @@ class Downloader:
                         etag = response.headers.get("etag")
                         validator = etag if etag and not etag.startswith("W/") else \
                             response.headers.get("last-modified")
-                    await self._stream(response, sink, total, progress, should_stop)
+                    if total is not None:  # declared: refuse before reading the body
+                        if rules.limit is not None and total > rules.limit:
+                            raise rules.too_large(total, True)
+                        if rules.check_total is not None:
+                            await rules.check_total(total)
+                    await self._stream(response, sink, total, progress, should_stop, rules)
                     await sink.drain()
                     if total is not None and sink.size != total:
                         raise _Retry(f"body ended after {sink.size} of {total} bytes")
@@ -371,13 +517,16 @@ class Downloader:
         raise AssertionError("unreachable")
 
     async def _stream(self, response: httpx.Response, sink: _Sink, total: int | None,
-                      progress: ProgressFn | None, should_stop: StopFn | None) -> None:
+                      progress: ProgressFn | None, should_stop: StopFn | None, rules: _SizeRules) -> None:
         received = sink.size  # where this response starts (after a drain)
         batch: list[bytes] = []
         batched = 0
+        limit = rules.limit
         async for piece in response.aiter_raw():  # as read from the socket (≤ 64 KiB)
             if should_stop is not None and should_stop():
                 raise OperationAborted("download stopped on request")
+            if limit is not None and received + len(piece) > limit:  # whatever Content-Length said
+                raise rules.too_large(received + len(piece), False)
             batch.append(piece)
             batched += len(piece)
             received += len(piece)
@@ -441,9 +590,18 @@ class Downloader:
 
 async def download(url: str, dest: Path, *, policy: DownloadPolicy, checksum: str | None = None,
                    ca_bundle: bytes | None = None, authorization: str | None = None,
-                   progress: ProgressFn | None = None, should_stop: StopFn | None = None) -> DownloadResult:
+                   progress: ProgressFn | None = None, should_stop: StopFn | None = None,
+                   max_bytes: int | None = None, too_large: TooLargeFn | None = None,
+                   check_total: TotalFn | None = None) -> DownloadResult:
     return await Downloader(policy, ca_bundle=ca_bundle, authorization=authorization).download(
-        url, dest, checksum=checksum, progress=progress, should_stop=should_stop)
+        url, dest, checksum=checksum, progress=progress, should_stop=should_stop, max_bytes=max_bytes,
+        too_large=too_large, check_total=check_total)
+
+
+def _too_large(url: str, limit: int, size: int, declared: bool) -> AppError:
+    what = f"the server declares {size} bytes" if declared else f"the body exceeded it ({size}+ bytes)"
+    return _fail(f"the image is larger than the download limit of {format_bytes(limit)}: {what}", url,
+                 permanent=True, limit=limit, bytes=size)
 
 
 def _cache_error(err: OSError, dest: Path) -> AppError:

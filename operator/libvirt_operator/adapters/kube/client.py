@@ -2,7 +2,8 @@
 
 Used for reading Secrets, listing resources and patching the status of objects other than the one a
 handler is running for (e.g. a host resync that refreshes many VMs with one libvirt call).
-It only ever writes the `status` subresource of our own kinds.
+It only ever writes the `status` subresource of our own kinds, and removes the operator's own
+teardown finalizer (handlers.vm) once a blocked VM deletion could finish.
 """
 
 from __future__ import annotations
@@ -24,6 +25,10 @@ def _api_error(err: ApiException, what: str) -> AppError:
         return AppError(ErrorCode.KUBERNETES_API_ERROR, f"{what}: not found", {"status": 404}, cause=err)
     return AppError(ErrorCode.KUBERNETES_API_ERROR, f"{what}: HTTP {err.status} {err.reason}",
                     {"status": err.status}, cause=err)
+
+
+class ConflictError(AppError):
+    """A write whose resourceVersion precondition failed (HTTP 409): someone else wrote first."""
 
 
 class KubeClient:
@@ -63,19 +68,71 @@ class KubeClient:
             raise _api_error(err, f"listing {plural}") from err
         return result.get("items", [])
 
-    async def patch_status(self, plural: str, namespace: str | None, name: str,
-                           status: dict[str, Any]) -> None:
-        body = {"status": status}
+    async def get_object(self, plural: str, name: str, namespace: str | None = None) -> dict[str, Any] | None:
+        """One object, fresh from the apiserver, by a list with a field selector (the operator's RBAC
+        has list, not get, on its kinds). None when it does not exist."""
         try:
             if namespace:
-                await self.custom.patch_namespaced_custom_object_status(
-                    GROUP, VERSION, namespace, plural, name, body, field_manager=FIELD_MANAGER,
-                    _content_type="application/merge-patch+json")
+                result = await self.custom.list_namespaced_custom_object(
+                    GROUP, VERSION, namespace, plural, field_selector=f"metadata.name={name}")
             else:
-                await self.custom.patch_cluster_custom_object_status(
-                    GROUP, VERSION, plural, name, body, field_manager=FIELD_MANAGER,
-                    _content_type="application/merge-patch+json")
+                result = await self.custom.list_cluster_custom_object(
+                    GROUP, VERSION, plural, field_selector=f"metadata.name={name}")
+        except ApiException as err:
+            raise _api_error(err, f"reading {plural} {namespace or ''}/{name}") from err
+        items = result.get("items", [])
+        return items[0] if items else None
+
+    async def namespace_labels(self, name: str) -> dict[str, str] | None:
+        """A namespace's labels (None: no such namespace), by a list with a field selector (list/watch
+        on namespaces is what the operator has, for its namespace cache)."""
+        try:
+            result = await self.core.list_namespace(field_selector=f"metadata.name={name}")
+        except ApiException as err:
+            raise _api_error(err, f"reading namespace {name}") from err
+        return dict(result.items[0].metadata.labels or {}) if result.items else None
+
+    async def remove_finalizer(self, plural: str, namespace: str, name: str, finalizer: str) -> bool:
+        """Remove one finalizer (a JSON patch that tests its position first, so a concurrent change of
+        the list fails instead of removing another one). False when it is not there (or the object is gone)."""
+        obj = await self.get_object(plural, name, namespace)
+        finalizers = list(((obj or {}).get("metadata") or {}).get("finalizers") or [])
+        if finalizer not in finalizers:
+            return False
+        index = finalizers.index(finalizer)
+        ops = [{"op": "test", "path": f"/metadata/finalizers/{index}", "value": finalizer},
+               {"op": "remove", "path": f"/metadata/finalizers/{index}"}]
+        try:
+            await self.custom.patch_namespaced_custom_object(
+                GROUP, VERSION, namespace, plural, name, ops, field_manager=FIELD_MANAGER,
+                _content_type="application/json-patch+json")
         except ApiException as err:
             if err.status == 404:
-                return  # deleted meanwhile: nothing to report on
+                return False
+            raise _api_error(err, f"removing finalizer {finalizer} of {plural} {namespace}/{name}") from err
+        return True
+
+    async def patch_status(self, plural: str, namespace: str | None, name: str,
+                           status: dict[str, Any], resource_version: str | None = None) -> dict[str, Any] | None:
+        """Merge-patch the status subresource. With `resource_version`, only if the object is still at
+        that version (else ConflictError): a read-modify-write that cannot lose a concurrent write.
+        Returns the object as written (None when it is gone)."""
+        body: dict[str, Any] = {"status": status}
+        if resource_version is not None:
+            body["metadata"] = {"resourceVersion": resource_version}
+        try:
+            if namespace:
+                return await self.custom.patch_namespaced_custom_object_status(
+                    GROUP, VERSION, namespace, plural, name, body, field_manager=FIELD_MANAGER,
+                    _content_type="application/merge-patch+json")
+            return await self.custom.patch_cluster_custom_object_status(
+                GROUP, VERSION, plural, name, body, field_manager=FIELD_MANAGER,
+                _content_type="application/merge-patch+json")
+        except ApiException as err:
+            if err.status == 404:
+                return None  # deleted meanwhile: nothing to report on
+            if err.status == 409 and resource_version is not None:
+                raise ConflictError(ErrorCode.KUBERNETES_API_ERROR,
+                                    f"status of {plural} {namespace or ''}/{name} changed meanwhile",
+                                    {"status": 409}, cause=err) from err
             raise _api_error(err, f"patching status of {plural} {namespace or ''}/{name}") from err

@@ -11,16 +11,18 @@ import concurrent.futures
 import contextlib
 import dataclasses
 import os
+import re
+import shlex
 import shutil
 import tempfile
 import threading
 import time
-import urllib.parse
 from collections.abc import Callable, Mapping
 from typing import TypeVar
 
 import libvirt
 
+from ...core import hosturi
 from ...core.errors import AppError, ErrorCode
 from ...core.logs import get_logger
 from ...core.metrics import HOST_CONNECTED, LIBVIRT_CALL_SECONDS, LIBVIRT_CALLS
@@ -42,7 +44,14 @@ class ConnectOptions:
 
 
 class _CredentialFiles:
-    """Materialises Secret data as the files libvirt's transports read (0600, private dir)."""
+    """Materialises Secret data as the files libvirt's transports read (0600, private 0700 dir).
+
+    Only the operator sets the parameters that name files or programs (users may not: core/hosturi.py).
+    qemu+ssh:// runs the `ssh` binary, which knows no `known_hosts=` parameter: libvirt runs the
+    wrapper written here instead (`command=`), which execs ssh with a generated config (strict host
+    key checking against the Secret's known_hosts only, batch mode, this key only, no agent, no
+    proxies) and its log in the same directory, read back to explain a failure.
+    """
 
     SSH_KEYS = {"ssh-privatekey": "id_key", "known_hosts": "known_hosts"}
     TLS_KEYS = {"ca.crt": "cacert.pem", "tls.crt": "clientcert.pem", "tls.key": "clientkey.pem"}
@@ -50,26 +59,75 @@ class _CredentialFiles:
     def __init__(self, credentials: Mapping[str, bytes]) -> None:
         self.dir = tempfile.mkdtemp(prefix="lvop-cred-")
         os.chmod(self.dir, 0o700)
+        self.ssh_log = os.path.join(self.dir, "ssh.log")
         for key, value in credentials.items():
             fname = self.SSH_KEYS.get(key) or self.TLS_KEYS.get(key)
             if fname:
-                path = os.path.join(self.dir, fname)
-                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-                with os.fdopen(fd, "wb") as fh:
-                    fh.write(value)
+                self._write(fname, value, 0o600)
 
-    def uri_for(self, uri: str) -> str:
-        parts = urllib.parse.urlsplit(uri)
-        query = dict(urllib.parse.parse_qsl(parts.query))
-        transport = parts.scheme.partition("+")[2]
-        if transport in ("ssh", "libssh", "libssh2"):
-            if os.path.exists(os.path.join(self.dir, "id_key")):
-                query.setdefault("keyfile", os.path.join(self.dir, "id_key"))
-            if os.path.exists(os.path.join(self.dir, "known_hosts")):
-                query.setdefault("known_hosts", os.path.join(self.dir, "known_hosts"))
-        elif transport == "tls" and os.path.exists(os.path.join(self.dir, "cacert.pem")):
-            query.setdefault("pkipath", self.dir)
-        return urllib.parse.urlunsplit(parts._replace(query=urllib.parse.urlencode(query)))
+    def _write(self, fname: str, data: bytes, mode: int) -> str:
+        path = os.path.join(self.dir, fname)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        return path
+
+    def path(self, fname: str) -> str:
+        return os.path.join(self.dir, fname)
+
+    def uri_for(self, parsed: hosturi.HostUri) -> str:
+        extra: list[tuple[str, str]] = []
+        if parsed.transport == "ssh":
+            extra = [("command", self._ssh_wrapper()), ("no_tty", "1")]
+        elif parsed.ssh:  # libssh, libssh2: libvirt reads the files itself and verifies the host key
+            extra = [("keyfile", self.path("id_key")), ("known_hosts", self.path("known_hosts")),
+                     ("known_hosts_verify", "normal"), ("sshauth", "privkey")]
+        elif parsed.tls and os.path.exists(self.path("cacert.pem")):
+            extra = [("pkipath", self.dir)]
+        return parsed.render(extra)
+
+    def _ssh_wrapper(self) -> str:
+        ssh = shutil.which("ssh") or "/usr/bin/ssh"
+        config = "\n".join([
+            "Host *",
+            f'  UserKnownHostsFile "{self.path("known_hosts")}"',
+            "  GlobalKnownHostsFile /dev/null",
+            "  StrictHostKeyChecking yes",
+            "  CheckHostIP no",
+            "  UpdateHostKeys no",
+            f'  IdentityFile "{self.path("id_key")}"',
+            "  IdentitiesOnly yes",
+            "  IdentityAgent none",
+            "  BatchMode yes",
+            "  PreferredAuthentications publickey",
+            "  PasswordAuthentication no",
+            "  KbdInteractiveAuthentication no",
+            "  ConnectTimeout 10",
+            "  ServerAliveInterval 10",
+            "  ServerAliveCountMax 3",
+            "  ProxyCommand none",
+            "  ProxyJump none",
+            "  ControlMaster no",
+            "  ControlPath none",
+            "  ForwardAgent no",
+            "  ForwardX11 no",
+            "  ClearAllForwardings yes",
+            "  PermitLocalCommand no",
+            "  LogLevel ERROR",
+            "",
+        ])
+        cfg = self._write("ssh_config", config.encode(), 0o600)
+        script = (f"#!/bin/sh\n# written by libvirt-operator: ssh with the Secret's known_hosts, strict checking\n"
+                  f"exec {shlex.quote(ssh)} -F {shlex.quote(cfg)} -E {shlex.quote(self.ssh_log)} \"$@\"\n")
+        return self._write("ssh", script.encode(), 0o700)
+
+    def ssh_failure(self) -> str | None:
+        """What ssh logged (its own messages only, never file contents), if anything."""
+        try:
+            with open(self.ssh_log, errors="replace") as fh:
+                return fh.read(8192)
+        except OSError:
+            return None
 
     def remove(self) -> None:
         shutil.rmtree(self.dir, ignore_errors=True)
@@ -96,17 +154,28 @@ class HostConnection:
             if self._conn is not None and self._alive:
                 return self._conn
             self._drop_locked()
-            uri = self.options.uri
+            parsed = _checked_uri(self.options)
+            uri = parsed.render()
             if self.options.credentials:
                 self._creds = _CredentialFiles(self.options.credentials)
-                uri = self._creds.uri_for(uri)
+                uri = self._creds.uri_for(parsed)
             started = time.perf_counter()
             try:
                 conn = libvirt.openAuth(uri, [[libvirt.VIR_CRED_AUTHNAME, libvirt.VIR_CRED_PASSPHRASE],
                                               _no_interactive_auth, None], 0)
             except libvirt.libvirtError as err:
                 LIBVIRT_CALLS.labels(self.name, "connect", "error").inc()
-                raise _connect_error(err, self.name) from err
+                if parsed.driver == "test":  # its parse errors quote the file: never pass them on
+                    raise AppError(ErrorCode.HOST_UNREACHABLE,
+                                   f"libvirt's test driver could not load {parsed.test_file or 'its default host'}"
+                                   " (not a readable test-driver host file; details withheld as they may "
+                                   "quote the file)", {"host": self.name, "operation": "connect"}) from None
+                ssh_log = None
+                if parsed.transport == "ssh":
+                    ssh_log = self._creds.ssh_failure() if self._creds else None
+                elif parsed.ssh:
+                    ssh_log = str(err)
+                raise _connect_error(err, self.name, parsed, ssh_log) from err
             finally:
                 LIBVIRT_CALL_SECONDS.labels(self.name, "connect").observe(time.perf_counter() - started)
             LIBVIRT_CALLS.labels(self.name, "connect", "ok").inc()
@@ -127,6 +196,11 @@ class HostConnection:
 
     def _drop_locked(self) -> None:
         if self._conn is not None:
+            # Event callbacks hold references to the connection: left registered, close() only drops
+            # ours and the transport (socket, ssh child) stays open for the life of the process.
+            for callback_id in list(getattr(self._conn, "domainEventCallbackID", None) or ()):
+                with contextlib.suppress(libvirt.libvirtError):
+                    self._conn.domainEventDeregisterAny(callback_id)
             with contextlib.suppress(libvirt.libvirtError):
                 self._conn.unregisterCloseCallback()
             with contextlib.suppress(libvirt.libvirtError):
@@ -198,7 +272,56 @@ def _no_interactive_auth(credentials: list, _opaque: object) -> int:
     return -1  # the operator never prompts: credentials come from Secrets
 
 
-def _connect_error(err: libvirt.libvirtError, host: str) -> AppError:
+def _checked_uri(options: ConnectOptions) -> hosturi.HostUri:
+    """The URI's grammar again (reconcile checked it with the settings) and the Secret keys it needs."""
+    try:
+        parsed = hosturi.parse(options.uri)
+    except hosturi.HostUriError as err:
+        raise AppError(ErrorCode.INVALID_SPEC, f"invalid LibvirtHost spec: uri refused: {err}", {"field": "spec.uri"}) from None
+    needed = hosturi.secret_keys(parsed)
+    if parsed.ssh and needed is not None:
+        missing = hosturi.missing_keys_message("credentialsSecretRef", needed, list(options.credentials))
+        if missing:
+            raise AppError(ErrorCode.CREDENTIALS_NOT_FOUND, missing, {})
+    return parsed
+
+
+# ssh's own log (qemu+ssh) or libvirt's libssh/libssh2 transport errors (qemu+libssh, qemu+libssh2)
+_SSH_KEY_CHANGED = re.compile(r"REMOTE HOST IDENTIFICATION HAS CHANGED|Host key for \S+ has changed"
+                              r"|SSH HOST KEY VERIFICATION FAILED|differs from stored identity")
+_SSH_KEY_UNKNOWN = re.compile(r"No \S+ host key is known for|no suitable callback for host key verification")
+_SSH_KEY_REFUSED = re.compile(r"Permission denied \(([^)]*)\)")
+
+
+def _ssh_error(parsed: hosturi.HostUri, ssh_log: str, host: str) -> AppError | None:
+    context = {"host": host, "operation": "connect"}
+    where = parsed.endpoint
+    if _SSH_KEY_CHANGED.search(ssh_log):
+        return AppError(ErrorCode.HOST_AUTH_FAILED,
+                        f"host key mismatch for {where}: the key it presented is not the one in the Secret's "
+                        "known_hosts (ssh host key verification failed)", context)
+    if _SSH_KEY_UNKNOWN.search(ssh_log):
+        return AppError(ErrorCode.HOST_AUTH_FAILED,
+                        f"host key mismatch for {where}: the Secret's known_hosts has no key for it (entries for "
+                        "a port other than 22 are written [host]:port; ssh host key verification failed)", context)
+    if "Host key verification failed" in ssh_log:
+        return AppError(ErrorCode.HOST_AUTH_FAILED,
+                        f"host key mismatch for {where} (ssh host key verification failed)", context)
+    refused = _SSH_KEY_REFUSED.search(ssh_log)
+    if refused:
+        return AppError(ErrorCode.HOST_AUTH_FAILED,
+                        f"{where} refused the ssh key in the Secret's ssh-privatekey for user "
+                        f"{parsed.user or '(default)'}: Permission denied ({refused.group(1)})", context)
+    return None
+
+
+def _connect_error(err: libvirt.libvirtError, host: str, parsed: hosturi.HostUri | None = None,
+                   ssh_log: str | None = None) -> AppError:
+    if parsed is not None and ssh_log:
+        ssh = _ssh_error(parsed, ssh_log, host)
+        if ssh is not None:
+            ssh.cause = err
+            return ssh
     app = classify_libvirt_error(err, host=host, operation="connect")
     if app.code in (ErrorCode.LIBVIRT_ERROR, ErrorCode.VM_NOT_FOUND, ErrorCode.LIBVIRT_TIMEOUT):
         return AppError(ErrorCode.HOST_UNREACHABLE, app.message, app.context, cause=err)

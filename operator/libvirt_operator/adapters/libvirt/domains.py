@@ -12,7 +12,10 @@ from collections.abc import Callable, Iterable
 import libvirt
 
 from ...core.errors import AppError, ErrorCode
-from ...core.domain import ABSENT, DomainObservation, PowerState, StopCause
+from ...core.domain import (
+    ABSENT, DomainObservation, PowerState, StopCause, legacy_volume_name, owned_volume_prefix, owns_volume,
+)
+from ...core.logs import get_logger
 from .pools import active_pool, find_pool, find_volume, volume_xml
 from .domain_xml import DomainMetadata, interface_macs, parse_metadata
 
@@ -33,6 +36,7 @@ _SHUTOFF_CAUSES = {
     libvirt.VIR_DOMAIN_SHUTOFF_FAILED: StopCause.FAILURE,
 }
 _NOT_FOUND = {libvirt.VIR_ERR_NO_DOMAIN}
+log = get_logger(__name__)
 
 
 def observation(state: int, reason: int, name: str | None = None, uuid: str | None = None) -> DomainObservation:
@@ -159,8 +163,9 @@ def undefine(conn: libvirt.virConnect, uuid: str) -> bool:
 @dataclasses.dataclass(frozen=True)
 class VolumeRequest:
     pool: str
-    name: str
+    name: str          # core.domain.volume_name(uid, disk): named with the owner's uid
     size_bytes: int
+    disk: str = ""     # the spec's disk name (to recognise a volume of the earlier naming scheme)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -169,19 +174,78 @@ class VolumeResult:
     name: str
     path: str
     created: bool
+    disk: str = ""
 
 
-def ensure_volumes(conn: libvirt.virConnect, requests: Iterable[VolumeRequest]) -> list[VolumeResult]:
-    """Create the qcow2 volumes that do not exist yet; existing ones (same deterministic name) are kept."""
+@dataclasses.dataclass(frozen=True)
+class OwnDomain:
+    """What the VM's own domain (UUID = the VM's uid) says on the host: its name and the file each of
+    its disks (our ua-disk-<name> aliases, device=disk) uses. The only evidence, besides a volume's
+    name, that a volume belongs to a VM; never taken from the Kubernetes status."""
+
+    name: str
+    disk_sources: dict[str, str]
+
+
+def disk_sources(xml: str) -> dict[str, str]:
+    """Disk name (from our ua-disk- alias) → source file, for device=disk only (cdroms are ISOImages')."""
+    result: dict[str, str] = {}
+    for disk in ET.fromstring(xml).iterfind("./devices/disk[@device='disk']"):
+        alias, source = disk.find("alias"), disk.find("source")
+        name = alias.get("name", "") if alias is not None else ""
+        path = source.get("file") if source is not None else None
+        if name.startswith("ua-disk-") and path:
+            result[name[len("ua-disk-"):]] = path
+    return result
+
+
+def own_domain(conn: libvirt.virConnect, uid: str) -> OwnDomain | None:
+    """The domain whose UUID is this uid (the VM's own), or None."""
+    dom = _lookup(conn, uid)
+    if dom is None:
+        return None
+    sources: dict[str, str] = {}
+    xmls = [dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)] if dom.isPersistent() else []
+    if dom.isActive():
+        xmls.append(dom.XMLDesc(0))
+    for xml in xmls:
+        for disk, path in disk_sources(xml).items():
+            sources.setdefault(disk, path)
+    return OwnDomain(dom.name(), sources)
+
+
+def _legacy_volume(pool: libvirt.virStoragePool, own: OwnDomain | None, disk: str) -> libvirt.virStorageVol | None:
+    """A volume of the earlier scheme (``<domain>-<disk>``) that the VM's own domain uses for that
+    very disk; anything else with such a name is not the VM's."""
+    if own is None or not disk or disk not in own.disk_sources:
+        return None
+    vol = find_volume(pool, legacy_volume_name(own.name, disk))
+    if vol is None or vol.path() != own.disk_sources[disk]:
+        return None
+    return vol
+
+
+def ensure_volumes(conn: libvirt.virConnect, uid: str, requests: Iterable[VolumeRequest]) -> list[VolumeResult]:
+    """Create the qcow2 volumes that do not exist yet. An existing volume is kept only when its name
+    carries this VM's uid, or when the VM's own domain already uses it for that disk (volumes of
+    the earlier naming scheme, after an upgrade); no other volume is ever adopted."""
+    requests = list(requests)
+    for req in requests:
+        if not owns_volume(uid, req.name):
+            raise AppError(ErrorCode.INVALID_SPEC, f"volume {req.name} is not named for VirtualMachine uid {uid}",
+                           {"volume": req.name[:64]})
+    own = own_domain(conn, uid) if any(r.disk for r in requests) else None
     results = []
     for req in requests:
         pool = active_pool(conn, req.pool)
         vol = find_volume(pool, req.name)
         created = False
         if vol is None:
+            vol = _legacy_volume(pool, own, req.disk)
+        if vol is None:
             vol = pool.createXML(volume_xml(req.name, req.size_bytes, "qcow2"), 0)
             created = True
-        results.append(VolumeResult(req.pool, req.name, vol.path(), created))
+        results.append(VolumeResult(req.pool, vol.name(), vol.path(), created, req.disk))
     return results
 
 
@@ -194,28 +258,89 @@ def volume_path(conn: libvirt.virConnect, pool: str, name: str) -> str | None:
     return vol.path() if vol is not None else None
 
 
-def delete_volumes(conn: libvirt.virConnect, volumes: Iterable[tuple[str, str]]) -> list[str]:
-    """Delete (pool, name) volumes; missing pools/volumes are fine. Returns the names deleted."""
-    deleted = []
-    for pool_name, name in volumes:
-        try:
-            pool = conn.storagePoolLookupByName(pool_name)
-        except libvirt.libvirtError as err:
-            if err.get_error_code() == libvirt.VIR_ERR_NO_STORAGE_POOL:
+def _volume_by_path(conn: libvirt.virConnect, path: str) -> libvirt.virStorageVol | None:
+    try:
+        return conn.storageVolLookupByPath(path)
+    except libvirt.libvirtError as err:
+        if err.get_error_code() in (libvirt.VIR_ERR_NO_STORAGE_VOL, libvirt.VIR_ERR_NO_STORAGE_POOL):
+            return None
+        raise
+
+
+def _paths_used_by_others(conn: libvirt.virConnect, uid: str) -> set[str]:
+    """Disk files used by any other domain on the host (one XML read per domain: only asked for
+    volumes of the earlier, ambiguous naming scheme)."""
+    used: set[str] = set()
+    for dom in conn.listAllDomains(0):
+        with contextlib.suppress(libvirt.libvirtError):
+            if dom.UUIDString() == uid:
                 continue
-            raise
-        vol = find_volume(pool, name)
-        if vol is not None:
+            root = ET.fromstring(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE if dom.isPersistent() else 0))
+            for source in root.iterfind("./devices/disk/source"):
+                if source.get("file"):
+                    used.add(source.get("file", ""))
+    return used
+
+
+def delete_owned_volumes(conn: libvirt.virConnect, uid: str, pools: Iterable[str],
+                         own: OwnDomain | None) -> list[str]:
+    """Delete the VM's volumes, decided from the host alone: (a) every volume named with its uid in
+    the given pools and in the pools its domain's disks live in; (b) volumes of the earlier naming
+    scheme that its own domain used for the matching disk, unless another domain uses that file too.
+    Missing pools/volumes are fine. Returns the names deleted."""
+    prefix = owned_volume_prefix(uid)
+    targets: dict[str, libvirt.virStorageVol] = {}
+    legacy: dict[str, libvirt.virStorageVol] = {}
+    pool_names = set(pools)
+    for disk, path in (own.disk_sources.items() if own is not None else ()):
+        vol = _volume_by_path(conn, path)
+        if vol is None:
+            continue
+        name = vol.name()
+        if owns_volume(uid, name):
+            targets[path] = vol
+        elif own is not None and name == legacy_volume_name(own.name, disk):
+            legacy[path] = vol
+        with contextlib.suppress(libvirt.libvirtError):
+            pool_names.add(vol.storagePoolLookupByVolume().name())
+    for pool_name in sorted(pool_names):
+        pool = find_pool(conn, pool_name)
+        if pool is None or not pool.isActive():
+            continue
+        with contextlib.suppress(libvirt.libvirtError):
+            pool.refresh(0)
+        for vol in pool.listAllVolumes(0):
+            if vol.name().startswith(prefix):
+                targets.setdefault(vol.path(), vol)
+    if legacy:
+        shared = _paths_used_by_others(conn, uid)
+        for path, vol in legacy.items():
+            if path in shared:
+                log.warning("volume of the earlier naming scheme is used by another domain too: kept",
+                            volume=vol.name(), path=path)
+            else:
+                targets.setdefault(path, vol)
+    deleted = []
+    for path in sorted(targets):
+        vol = targets[path]
+        try:
+            name = vol.name()
             vol.delete(0)
-            deleted.append(name)
+        except libvirt.libvirtError as err:
+            if err.get_error_code() == libvirt.VIR_ERR_NO_STORAGE_VOL:
+                continue  # gone meanwhile
+            raise
+        deleted.append(name)
     return deleted
 
 
-def teardown(conn: libvirt.virConnect, uuid: str, volumes: Iterable[tuple[str, str]]) -> list[str]:
-    """Delete path in one call: power off, undefine (with NVRAM), delete the operator's volumes."""
+def teardown(conn: libvirt.virConnect, uuid: str, pools: Iterable[str]) -> list[str]:
+    """Delete path in one call: read what the VM's own domain uses, power off, undefine (with NVRAM),
+    delete the VM's volumes (see `delete_owned_volumes`). Never a volume because status lists it."""
+    own = own_domain(conn, uuid)
     destroy(conn, uuid)
     undefine(conn, uuid)
-    return delete_volumes(conn, volumes)
+    return delete_owned_volumes(conn, uuid, pools, own)
 
 
 def eject_cdroms(conn: libvirt.virConnect, uuid: str) -> int:

@@ -41,19 +41,50 @@ def domain_types_from_capabilities(caps_xml: str) -> tuple[str, ...]:
     return tuple(t for t in order if t in found)
 
 
+# Only running (or paused/blocked) domains consume host resources.
+_ACTIVE = (libvirt.VIR_DOMAIN_RUNNING, libvirt.VIR_DOMAIN_PAUSED, libvirt.VIR_DOMAIN_BLOCKED)
+_STATS = libvirt.VIR_DOMAIN_STATS_STATE | libvirt.VIR_DOMAIN_STATS_VCPU | libvirt.VIR_DOMAIN_STATS_BALLOON
+_GONE = (libvirt.VIR_ERR_NO_DOMAIN,)
+
+
+@dataclasses.dataclass(frozen=True)
+class DomainUsage:
+    domains: int
+    cpus: int
+    memory_bytes: int
+
+
+def domain_usage(conn: libvirt.virConnect) -> DomainUsage:
+    """How many domains the host has and what its running ones use, in ONE bulk call
+    (getAllDomainStats: state, vcpu and balloon groups, all from the daemon's memory).
+
+    Domains come and go while we look (VMs are created and deleted all the time): a domain that
+    vanishes between the listing and a per-domain call is simply no longer there, never a failed
+    probe. The per-domain fallback (info()) only runs for drivers that do not report the vcpu or
+    balloon groups (libvirt's test driver), and tolerates VIR_ERR_NO_DOMAIN."""
+    count = cpus = memory = 0
+    for dom, stats in conn.getAllDomainStats(_STATS, 0):
+        state = stats.get("state.state")
+        vcpus, max_kib = stats.get("vcpu.current"), stats.get("balloon.maximum")
+        if state is None or ((vcpus is None or max_kib is None) and state in _ACTIVE):
+            try:
+                state, max_kib, _mem_kib, vcpus, _ = dom.info()
+            except libvirt.libvirtError as err:
+                if err.get_error_code() in _GONE:
+                    continue  # undefined since the listing: it neither counts nor consumes anything
+                raise
+        count += 1
+        if state in _ACTIVE:
+            cpus += int(vcpus)
+            memory += int(max_kib) * 1024
+    return DomainUsage(count, cpus, memory)
+
+
 def probe_host(conn: libvirt.virConnect) -> HostFacts:
     model, memory_mib, cpus, *_ = conn.getInfo()
     caps = conn.getCapabilities()
     arch = ET.fromstring(caps).findtext("./host/cpu/arch") or model
-    allocated_cpus = allocated_mem = 0
-    domains = conn.listAllDomains()
-    for dom in domains:
-        # info(): state, maxMem KiB, mem KiB, vcpus, cpuTime — one call per domain but all from the
-        # daemon's memory; only running domains consume host resources.
-        state, max_kib, _mem_kib, vcpus, _ = dom.info()
-        if state in (libvirt.VIR_DOMAIN_RUNNING, libvirt.VIR_DOMAIN_PAUSED, libvirt.VIR_DOMAIN_BLOCKED):
-            allocated_cpus += vcpus
-            allocated_mem += max_kib * 1024
+    usage = domain_usage(conn)
     return HostFacts(
         hostname=conn.getHostname(),
         arch=arch,
@@ -62,7 +93,7 @@ def probe_host(conn: libvirt.virConnect) -> HostFacts:
         hypervisor=f"{conn.getType()} {_version(conn.getVersion())}",
         libvirt_version=_version(conn.getLibVersion()),
         domain_types=domain_types_from_capabilities(caps),
-        domains=len(domains),
-        allocated_cpus=allocated_cpus,
-        allocated_memory_bytes=allocated_mem,
+        domains=usage.domains,
+        allocated_cpus=usage.cpus,
+        allocated_memory_bytes=usage.memory_bytes,
     )

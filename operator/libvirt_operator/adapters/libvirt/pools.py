@@ -19,6 +19,18 @@ def active_pool(conn: libvirt.virConnect, name: str) -> libvirt.virStoragePool:
     return pool
 
 
+def pool_space_blocking(conn: libvirt.virConnect, name: str) -> tuple[int, int]:
+    """(capacity, available) bytes of an active pool, refreshed first (a dir pool then reports its
+    filesystem's free space). STORAGE_POOL_NOT_FOUND when it is missing or not started."""
+    pool = active_pool(conn, name)  # a missing pool: libvirtError, classified STORAGE_POOL_NOT_FOUND
+    try:
+        pool.refresh(0)
+    except libvirt.libvirtError:
+        pass  # a refresh racing another one is harmless
+    _state, capacity, _allocation, available = pool.info()
+    return int(capacity), int(available)
+
+
 def find_pool(conn: libvirt.virConnect, name: str) -> libvirt.virStoragePool | None:
     try:
         return conn.storagePoolLookupByName(name)

@@ -20,7 +20,7 @@ from ...core.errors import AppError, ErrorCode, OperationAborted
 from ...core.metrics import ISO_BYTES
 from .connection import HostConnection
 from .errors import classify_libvirt_error
-from .pools import active_pool, find_pool, find_volume, volume_xml
+from .pools import active_pool, find_pool, find_volume, pool_space_blocking, volume_xml
 
 UPLOAD_CHUNK = 1024 * 1024
 _SLUG = re.compile(r"[^a-z0-9]+")
@@ -39,13 +39,30 @@ def volume_name(namespace: str, name: str, checksum: str) -> str:
     digest = _SLUG.sub("", digest.lower())[:16]
     if len(digest) < 8:
         raise ValueError("volume names need a hex checksum of at least 8 characters")
-    ident = hashlib.sha256(f"{namespace}/{name}".encode()).hexdigest()[:8]
-    slug = _SLUG.sub("-", f"{namespace}-{name}".lower()).strip("-")
-    budget = MAX_NAME - len("iso---") - len(ident) - len(digest)
-    slug = slug[:budget].strip("-") or "x"
-    result = f"iso-{slug}-{ident}-{digest}"
+    result = f"{_volume_prefix(namespace, name, len(digest))}{digest}"
     assert VOLUME_NAME_RE.match(result) and len(result) <= MAX_NAME
     return result
+
+
+def _volume_prefix(namespace: str, name: str, digest_len: int) -> str:
+    ident = hashlib.sha256(f"{namespace}/{name}".encode()).hexdigest()[:8]
+    slug = _SLUG.sub("-", f"{namespace}-{name}".lower()).strip("-")
+    budget = MAX_NAME - len("iso---") - len(ident) - digest_len
+    slug = slug[:budget].strip("-") or "x"
+    return f"iso-{slug}-{ident}-"
+
+
+def is_volume_of(namespace: str, name: str, volume: str) -> bool:
+    """Whether `volume` is a name `volume_name` gives this ISOImage (for any content checksum).
+
+    The digest has no dashes and <id> a fixed length, so a name parses one way only: another
+    ISOImage's volume never matches. Deletion uses this instead of trusting names from status."""
+    for digest_len in range(8, 17):
+        prefix = _volume_prefix(namespace, name, digest_len)
+        rest = volume[len(prefix):]
+        if volume.startswith(prefix) and len(rest) == digest_len and rest.isalnum() and rest == rest.lower():
+            return True
+    return False
 
 
 def _check_name(name: str) -> None:
@@ -186,5 +203,10 @@ async def volume_info(host: HostConnection, pool_name: str, vol_name: str) -> tu
     return await host.call("volume.info", lambda conn: volume_info_blocking(conn, pool_name, vol_name))
 
 
-__all__ = ["UploadedVolume", "classify_libvirt_error", "delete_volume", "upload_volume", "volume_info",
-           "volume_name"]
+async def pool_space(host: HostConnection, pool_name: str) -> tuple[int, int]:
+    """(capacity, available) bytes of the pool (see pools.pool_space_blocking)."""
+    return await host.call("pool.info", lambda conn: pool_space_blocking(conn, pool_name))
+
+
+__all__ = ["UploadedVolume", "classify_libvirt_error", "delete_volume", "is_volume_of", "upload_volume",
+           "volume_info", "volume_name"]

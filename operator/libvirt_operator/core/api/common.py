@@ -13,6 +13,9 @@ GROUP = "virt.libvirt-operator.io"
 VERSION = "v1alpha1"
 API_VERSION = f"{GROUP}/{VERSION}"
 CATEGORY = "libvirt"
+# A Kubernetes object name (DNS-1123 subdomain) and a namespace name (DNS-1123 label).
+OBJECT_NAME_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
+NAMESPACE_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
 FINALIZER = f"{GROUP}/finalizer"
 FORCE_RELEASE_ANNOTATION = f"{GROUP}/force-release"
 
@@ -81,17 +84,32 @@ class ErrorStatus(ApiModel):
         default_factory=list, description="Runbooks most relevant to this error, best first.")
 
 
+def quantity_rules(field: str, minimum: str, maximum: str) -> list[dict[str, str]]:
+    """CEL rules (Kubernetes' quantity library) bounding a quantity-valued field of the object they sit on.
+    A malformed quantity is left to the field's pattern, which reports it."""
+    value = f"quantity(self.{field})"
+    guard = f"!has(self.{field}) || !isQuantity(self.{field}) || "
+    return [
+        {"rule": f"{guard}{value}.compareTo(quantity('{minimum}')) >= 0",
+         "message": f"{field} must be at least {minimum}", "fieldPath": f".{field}"},
+        {"rule": f"{guard}{value}.compareTo(quantity('{maximum}')) <= 0",
+         "message": f"{field} must be at most {maximum}", "fieldPath": f".{field}"},
+    ]
+
+
 class LocalObjectReference(ApiModel):
     """A reference to an object in the same namespace."""
 
-    name: str = Field(description="Name of the referenced object.", min_length=1, max_length=253)
+    name: str = Field(description="Name of the referenced object.", min_length=1, max_length=253,
+                      pattern=OBJECT_NAME_PATTERN)
 
 
 class SecretReference(ApiModel):
     """A reference to a Secret in a given namespace."""
 
-    name: str = Field(description="Name of the Secret.", min_length=1, max_length=253)
-    namespace: str = Field(description="Namespace of the Secret.", min_length=1, max_length=63)
+    name: str = Field(description="Name of the Secret.", min_length=1, max_length=253, pattern=OBJECT_NAME_PATTERN)
+    namespace: str = Field(description="Namespace of the Secret.", min_length=1, max_length=63,
+                           pattern=NAMESPACE_PATTERN)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -3,17 +3,70 @@
 from __future__ import annotations
 
 import datetime as dt
-from typing import ClassVar, Literal
+from collections.abc import Mapping
+from typing import Annotated, ClassVar, Literal
 
-from pydantic import Field
+from pydantic import ConfigDict, Field
 
 from .common import (
     ApiModel, Condition, ErrorStatus, PrinterColumn, Resource, ResourceInfo, SecretReference,
     age_column, conditions_field, observed_generation_field, ready_column, reason_column,
 )
+from .common import NAMESPACE_PATTERN
 
 URI_PATTERN = r"^(qemu(\+(ssh|libssh|libssh2|tls|tcp|unix))?|test)://[^\s]*$"
+_PARAM_RE = "mode=(auto|legacy)|proxy=(auto|netcat|native)"  # core/hosturi.py ALLOWED_PARAMS
 DomainType = Literal["kvm", "qemu", "test"]
+
+
+LABEL_KEY_MAX = 317  # [prefix (DNS subdomain, 253) /] name (63)
+LABEL_VALUE_PATTERN = r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$"
+RESOURCE_NAME_PATTERN = r"^[^/\s]+$"  # a libvirt pool, network or bridge name
+MAX_TENANCY_ENTRIES = 256
+_SET = {"x-kubernetes-list-type": "set"}
+
+
+class LabelSelectorRequirement(ApiModel):
+    """One requirement of a label selector (metav1.LabelSelectorRequirement)."""
+
+    model_config = ConfigDict(json_schema_extra={"x-kubernetes-validations": [
+        {"rule": "self.operator in ['In', 'NotIn'] ? size(self.values) > 0 : size(self.values) == 0",
+         "message": "In and NotIn need values; Exists and DoesNotExist take none"},
+    ]})
+
+    key: str = Field(description="The label key the requirement applies to.", min_length=1,
+                     max_length=LABEL_KEY_MAX)
+    operator: Literal["In", "NotIn", "Exists", "DoesNotExist"] = Field(
+        description="In, NotIn, Exists or DoesNotExist.")
+    values: list[Annotated[str, Field(max_length=63, pattern=LABEL_VALUE_PATTERN)]] = Field(
+        default_factory=list, max_length=64,
+        description="Values for In and NotIn (non-empty); empty for Exists and DoesNotExist.")
+
+
+class LabelSelector(ApiModel):
+    """A label query (metav1.LabelSelector): matchLabels and matchExpressions are ANDed. An empty
+    selector matches everything."""
+
+    match_labels: dict[Annotated[str, Field(max_length=LABEL_KEY_MAX)],
+                       Annotated[str, Field(max_length=63, pattern=LABEL_VALUE_PATTERN)]] = Field(
+        default_factory=dict, max_length=32, description="Labels that must all be present with these values.")
+    match_expressions: list[LabelSelectorRequirement] = Field(
+        default_factory=list, max_length=32, description="Requirements that must all hold.")
+
+    def matches(self, labels: Mapping[str, str]) -> bool:
+        if any(labels.get(k) != v for k, v in self.match_labels.items()):
+            return False
+        for req in self.match_expressions:
+            present = req.key in labels
+            if req.operator == "In" and not (present and labels[req.key] in req.values):
+                return False
+            if req.operator == "NotIn" and present and labels[req.key] in req.values:
+                return False
+            if req.operator == "Exists" and not present:
+                return False
+            if req.operator == "DoesNotExist" and present:
+                return False
+        return True
 
 
 class LibvirtHostSpec(ApiModel):
@@ -21,7 +74,9 @@ class LibvirtHostSpec(ApiModel):
 
     uri: str = Field(
         description=("libvirt connection URI, e.g. qemu+ssh://root@host/system, qemu+tls://host/system, "
-                     "qemu:///system (the operator's own node) or test:///default (libvirt's test driver)."),
+                     "qemu:///system (the operator's own node) or test:///default (libvirt's test driver, "
+                     "only on an operator started with --allow-test-driver). Query parameters: only mode and "
+                     "proxy; keys, known_hosts and certificates come from credentialsSecretRef."),
         pattern=URI_PATTERN, max_length=2048)
     credentials_secret_ref: SecretReference | None = Field(
         default=None,
@@ -39,6 +94,37 @@ class LibvirtHostSpec(ApiModel):
     probe_interval_seconds: int = Field(
         default=30, ge=5, le=3600,
         description="How often the operator probes the host and resynchronises its domains.")
+    # --- tenancy: who may use this host, and what it exposes to them ---
+    allowed_namespaces: list[Annotated[str, Field(max_length=63, pattern=NAMESPACE_PATTERN)]] | None = Field(
+        default=None, max_length=MAX_TENANCY_ENTRIES, json_schema_extra=_SET,
+        description=("Namespaces whose VirtualMachines and ISOImages may use this host. A namespace is admitted "
+                     "when it is listed here OR its labels match namespaceSelector. When neither field is set, "
+                     "every namespace is admitted (the behaviour before these fields existed, so upgrades keep "
+                     "working); set either one to restrict the host. An empty list admits no namespace by name. "
+                     "A VM of a namespace that is not admitted is not placed here (hostRef: Scheduled=False, "
+                     "reason NamespaceNotAllowed; hostSelector: the host is skipped). A VM already placed here "
+                     "whose namespace stops being admitted is never defined, redefined or started again, but a "
+                     "running domain is not stopped: its Ready condition says NamespaceNotAllowed."))
+    namespace_selector: LabelSelector | None = Field(
+        default=None,
+        description=("Admit the namespaces whose labels match this selector (in addition to allowedNamespaces). "
+                     "An empty selector ({}) admits every namespace. Label changes take effect at the next "
+                     "reconcile (within seconds)."))
+    allowed_pools: list[Annotated[str, Field(max_length=253, pattern=RESOURCE_NAME_PATTERN)]] | None = Field(
+        default=None, max_length=MAX_TENANCY_ENTRIES, json_schema_extra=_SET,
+        description=("Storage pools VM volumes and ISOImages may use on this host. Unset: any pool (the behaviour "
+                     "before this field existed). Set: only these, plus defaultPool, which is always allowed "
+                     "(it is where volumes and images go unless a resource names a pool). A VM asking for "
+                     "another pool is refused with reason PoolNotAllowed and nothing is created."))
+    allowed_networks: list[Annotated[str, Field(max_length=253, pattern=RESOURCE_NAME_PATTERN)]] | None = Field(
+        default=None, max_length=MAX_TENANCY_ENTRIES, json_schema_extra=_SET,
+        description=("libvirt networks that interfaces of type network may join on this host. Unset: any "
+                     "network. Set: only these (an empty list: none); others are refused with reason "
+                     "NetworkNotAllowed. Interfaces of type user are always allowed."))
+    allowed_bridges: list[Annotated[str, Field(max_length=15, pattern=RESOURCE_NAME_PATTERN)]] | None = Field(
+        default=None, max_length=MAX_TENANCY_ENTRIES, json_schema_extra=_SET,
+        description=("Host bridges that interfaces of type bridge may attach to on this host. Unset: any bridge. "
+                     "Set: only these (an empty list: none); others are refused with reason NetworkNotAllowed."))
 
 
 class HostResources(ApiModel):
@@ -101,6 +187,23 @@ class LibvirtHost(Resource):
         {"rule": "!self.uri.startsWith('qemu+tcp://') || self.insecure",
          "message": "qemu+tcp:// is unauthenticated and unencrypted: set insecure: true to allow it, "
                     "or use qemu+tls:// or qemu+ssh://"},
+        # The URI may not name files, sockets or programs nor weaken verification (core/hosturi.py
+        # repeats these checks at reconcile, plus the operator's --allow-test-driver setting).
+        {"rule": r"self.uri.matches(r'^[-A-Za-z0-9._~:/?&=@+\[\]]*$')",
+         "message": "the URI may contain only letters, digits and - . _ ~ : / ? & = @ + [ ] "
+                    "(no whitespace, fragments, percent-encoding or ';')"},
+        {"rule": r"!self.uri.matches(r'^[a-z0-9+]+://[^/?@]*:[^/?@]*@')",
+         "message": "the URI may not carry a password (user:password@): use credentialsSecretRef"},
+        {"rule": "!self.uri.contains('?') || self.uri.matches(r'^[^?]*[?](" + _PARAM_RE + ")(&(" + _PARAM_RE
+                 + "))*$')",
+         "message": "only the query parameters mode (auto|legacy) and proxy (auto|netcat|native) are "
+                    "allowed: keyfile, known_hosts, pkipath, command, socket, no_verify and the like are set "
+                    "by the operator from credentialsSecretRef"},
+        {"rule": r"!self.uri.startsWith('qemu') || self.uri.matches(r'^qemu(\+[a-z0-9]+)?://[^/?]*/(system|session)([?].*)?$')",
+         "message": "qemu URIs end in /system or /session (optionally followed by ?mode=…&proxy=…)"},
+        {"rule": r"!self.uri.startsWith('test:') || (self.uri.matches(r'^test:///(default|[A-Za-z0-9._-]+(/[A-Za-z0-9._-]+)*\.xml)$') && !self.uri.matches(r'/[.][.]?(/|$)'))",
+         "message": "test:// URIs are test:///default or test:///abs/path.xml (no host, query, '.' or '..'), "
+                    "and need an operator started with --allow-test-driver"},
     ]
 
     spec: LibvirtHostSpec = Field(description="How to reach the host.")

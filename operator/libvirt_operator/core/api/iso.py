@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import datetime as dt
-from typing import ClassVar, Literal
+from typing import Annotated, ClassVar, Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
+from ..quantity import QUANTITY_PATTERN, parse_quantity
 from .common import (
+    OBJECT_NAME_PATTERN,
     ApiModel, Condition, ErrorStatus, LocalObjectReference, PrinterColumn, Resource, ResourceInfo,
-    age_column, conditions_field, observed_generation_field, ready_column, reason_column,
+    age_column, conditions_field, observed_generation_field, quantity_rules, ready_column, reason_column,
 )
 from .vm import HostSelector
 
@@ -30,7 +32,8 @@ class ISOSource(ApiModel):
 class ISOTargets(ApiModel):
     """Which hosts receive a copy."""
 
-    host_names: list[str] = Field(default_factory=list, description="Explicit LibvirtHost names.")
+    host_names: list[Annotated[str, Field(max_length=253, pattern=OBJECT_NAME_PATTERN)]] = Field(
+        default_factory=list, max_length=64, description="Explicit LibvirtHost names (at most 64).")
     host_selector: HostSelector | None = Field(
         default=None, description="Hosts with these labels. Without names or selector: every Ready host.")
 
@@ -39,13 +42,25 @@ class ISOImageSpec(ApiModel):
     """Install media to import."""
 
     source: ISOSource = Field(description="Where to download the image from.")
-    checksum: str | None = Field(default=None, pattern=CHECKSUM_PATTERN,
+    checksum: str | None = Field(default=None, pattern=CHECKSUM_PATTERN, max_length=135,
                                  description="sha256:<hex> or sha512:<hex> of the image. Immutable.")
     skip_checksum_verification: bool = Field(
         default=False, description="Explicit opt-out of checksum verification (not recommended).")
     targets: ISOTargets | None = Field(default=None, description="Target hosts; default: every Ready host.")
     pool: str | None = Field(default=None, max_length=253,
                              description="Storage pool on the hosts; default: each host's defaultPool.")
+    max_size: str | None = Field(
+        default=None, pattern=QUANTITY_PATTERN, max_length=32,
+        description="Largest image accepted, as a quantity (e.g. 8Gi): a larger Content-Length is refused "
+                    "before the download and the body is cut there. Can only lower the operator's limit "
+                    "(--download-max-size, default 16Gi).")
+
+    @field_validator("max_size")
+    @classmethod
+    def _positive_size(cls, value: str | None) -> str | None:
+        if value is not None and parse_quantity(value) < 1:
+            raise ValueError("maxSize must be at least 1 byte")
+        return value
 
 
 class Progress(ApiModel):
@@ -109,6 +124,7 @@ class ISOImage(Resource):
         {"rule": "self.source.url == oldSelf.source.url", "message": "source.url is immutable"},
         {"rule": "has(self.checksum) == has(oldSelf.checksum) && (!has(self.checksum) || self.checksum == oldSelf.checksum)",
          "message": "checksum is immutable"},
+        *quantity_rules("maxSize", "1", "1Ei"),
     ]
 
     spec: ISOImageSpec = Field(description="Image source and targets.")
