@@ -10,27 +10,38 @@ load kopf's copy lags behind our own writes, and a stale copy (no error, older o
 would start the import again on every tick. A permanent failure is final until the generation
 changes; retryable ones back off exponentially (the count lives in the record, so a stale copy
 cannot reset it). The status is used only for the first look after a start.
+
+A blocked deletion (a VM still uses the image, a host did not answer) costs no kopf worker: the
+delete handler records DeletionBlocked and returns, the operator's own teardown finalizer (added at
+create/resume) keeps the image, and one requeue loop (handlers.requeue) retries it with backoff, woken
+when a VM that referenced the image changes or goes (handlers.vm calls `wake_deletions`).
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import dataclasses
 import datetime as dt
 import time
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import kopf
 
-from ..core.api.common import FORCE_RELEASE_ANNOTATION, GROUP, VERSION
+from ..core.api.common import FINALIZER, FORCE_RELEASE_ANNOTATION, GROUP, VERSION
 from ..core.conditions import READY, get_condition
 from ..core.errors import AppError
+from ..core.logs import get_logger
 from ..reconcile.failures import parse_time, retry_delay
 from ..reconcile.iso import PLURAL, deletion_blocked_status, delete_iso, due, reconcile_iso
 from ..reconcile.runtime import Runtime
 from ..reconcile.status import merge_patch
 from .instrument import reconciler
+from .requeue import Requeue
 from .startup import runtime_of
 
+log = get_logger(__name__)
 TICK_SECONDS = 2.0
 _ATTEMPTS = "iso_attempts"
 
@@ -121,18 +132,170 @@ async def import_iso(name: str, namespace: str, spec: dict[str, Any], status: di
                            _next_due(outcome.status, rt, time.monotonic(), ours=True))
 
 
+# Our own finalizer, next to kopf's (added at create/resume: none can be added once a deletion
+# started): it keeps an ISOImage whose deletion is blocked (a VM still uses it, a host did not answer)
+# after kopf's finalizer is gone, so the retries run in ONE requeue loop instead of sleeping in a kopf
+# worker. Woken at once when a VM that referenced the image changes or goes (`wake_deletions`).
+TEARDOWN_FINALIZER = f"{GROUP}/teardown"
+_TEARDOWN = "iso_teardown"
+DELETE_RETRY_BASE_SECONDS = 2.0
+DELETE_RETRY_CAP_SECONDS = 30.0
+DELETE_RETRY_CONCURRENCY = 4
+BUSY_RETRY_SECONDS = 0.5
+
+
+class TeardownState:
+    """Blocked ISOImage deletions of this process: keys "namespace/name" in one requeue heap."""
+
+    def __init__(self) -> None:
+        self.retry = Requeue(DELETE_RETRY_BASE_SECONDS, DELETE_RETRY_CAP_SECONDS)
+        self.task: asyncio.Task[None] | None = None
+
+    def ensure_loop(self, rt: Runtime) -> None:
+        # Started from a handler so it inherits kopf's context (Kubernetes Event posting).
+        if self.task is None or self.task.done():
+            self.task = asyncio.create_task(
+                self.retry.run(lambda key: _retry_deletion(rt, self, key), concurrency=DELETE_RETRY_CONCURRENCY),
+                name="iso-teardown-loop")
+
+
+def teardown_of(rt: Runtime) -> TeardownState:
+    state = rt.extras.get(_TEARDOWN)
+    if state is None:
+        state = rt.extras[_TEARDOWN] = TeardownState()
+    return state
+
+
+def wake_deletions(rt: Runtime, namespace: str, names: Iterable[str]) -> None:
+    """A VM that referenced these ISOImages changed or is gone: blocked deletions are due at once."""
+    state = rt.extras.get(_TEARDOWN)
+    if state is not None:
+        state.retry.wake(f"{namespace}/{name}" for name in names)
+
+
+def _held_for_teardown(meta: Mapping[str, Any]) -> bool:
+    """Deleting, kopf done with it (its finalizer gone), ours still there: the deletion is ours to retry."""
+    finalizers = meta.get("finalizers") or []
+    return bool(meta.get("deletionTimestamp")) and TEARDOWN_FINALIZER in finalizers and FINALIZER not in finalizers
+
+
+def _hold_for_teardown(body: Any) -> None:
+    """A kopf patch function (applied with kopf's own patch of the object)."""
+    finalizers = body.setdefault("metadata", {}).setdefault("finalizers", [])
+    if TEARDOWN_FINALIZER not in finalizers:
+        finalizers.append(TEARDOWN_FINALIZER)
+
+
+def _release_teardown(body: Any) -> None:
+    """A kopf patch function: drop our finalizer in the same patch that drops kopf's."""
+    finalizers = (body.get("metadata") or {}).get("finalizers") or []
+    while TEARDOWN_FINALIZER in finalizers:
+        finalizers.remove(TEARDOWN_FINALIZER)
+
+
+@kopf.on.resume(GROUP, VERSION, PLURAL)
+@kopf.on.create(GROUP, VERSION, PLURAL)
+async def hold_image(meta: kopf.Meta, patch: kopf.Patch, **_: Any) -> None:
+    if not meta.get("deletionTimestamp") and TEARDOWN_FINALIZER not in (meta.get("finalizers") or []):
+        patch.fns.append(_hold_for_teardown)
+
+
+@kopf.on.event(GROUP, VERSION, PLURAL)
+async def watch_held_images(type: str | None, name: str, namespace: str, meta: kopf.Meta, memo: kopf.Memo,
+                            **_: Any) -> None:
+    """An ISOImage held only by our finalizer (e.g. after a restart) is retried by the loop."""
+    if type == "DELETED" or not _held_for_teardown(meta):
+        return
+    rt = runtime_of(memo)
+    state = teardown_of(rt)
+    key = f"{namespace}/{name}"
+    if key not in state.retry:
+        state.retry.schedule(key, 0)
+    state.ensure_loop(rt)
+
+
+async def _blocked(rt: Runtime, err: AppError, namespace: str, name: str, status: dict[str, Any],
+                   generation: int) -> None:
+    new = await deletion_blocked_status(err, status, generation, rt)
+    patch = merge_patch(status, new)
+    if patch:
+        await rt.kube.patch_status(PLURAL, namespace, name, patch)
+
+
 @kopf.on.delete(GROUP, VERSION, PLURAL)
 @reconciler("isoimage", "ISOImage")
 async def delete_image(name: str, namespace: str, status: dict[str, Any], meta: dict[str, Any],
-                       body: kopf.Body, memo: kopf.Memo, retry: int, **_: Any) -> None:
+                       body: kopf.Body, memo: kopf.Memo, patch: kopf.Patch, retry: int, **_: Any) -> None:
     rt = runtime_of(memo)
     force = (meta.get("annotations") or {}).get(FORCE_RELEASE_ANNOTATION) == "true"
     attempts_of(rt).pop(meta["uid"], None)
+    held = TEARDOWN_FINALIZER in (meta.get("finalizers") or [])
+    state = teardown_of(rt)
+    key = f"{namespace}/{name}"
     try:
         await delete_iso(namespace, name, meta["uid"], dict(status or {}), rt, force=force)
     except AppError as err:
-        new = await deletion_blocked_status(err, dict(status or {}), meta.get("generation") or 0, rt)
-        await rt.kube.patch_status(PLURAL, namespace, name, merge_patch(dict(status or {}), new))
+        await _blocked(rt, err, namespace, name, dict(status or {}), meta.get("generation") or 0)
         if retry == 0:
             kopf.event(body, type="Warning", reason=err.reason, message=err.message)
+        if held:
+            # Return: kopf drops its finalizer, ours keeps the object; the requeue loop retries
+            # (`_retry_deletion`) without holding a kopf worker, and removes ours when it may go.
+            state.retry.failed(key)
+            state.ensure_loop(rt)
+            return
+        # Deleted before our finalizer was added: kopf's is all that holds it.
         raise kopf.TemporaryError(err.message, delay=min(30.0, 2.0 * (2 ** min(retry, 4))))
+    state.retry.done(key)
+    if held:
+        # Ours goes first, by itself, while kopf's still holds the object: a patch function in kopf's
+        # final patch can lose a resourceVersion race, and kopf never returns to an object without its
+        # own finalizer.
+        try:
+            await rt.kube.remove_finalizer(PLURAL, namespace, name, TEARDOWN_FINALIZER)
+            return
+        except AppError as err:
+            log.info("removing the teardown finalizer failed; kopf's patch tries again",
+                     iso=key, code=err.code.value, error=err.message)
+    patch.fns.append(_release_teardown)
+
+
+async def _retry_deletion(rt: Runtime, state: TeardownState, key: str) -> None:
+    namespace, name = key.split("/", 1)
+    obj = await rt.kube.get_object(PLURAL, name, namespace)
+    meta = (obj or {}).get("metadata") or {}
+    if obj is None or not meta.get("deletionTimestamp") or TEARDOWN_FINALIZER not in (meta.get("finalizers") or []):
+        state.retry.done(key)
+        return
+    if not _held_for_teardown(meta):  # kopf's finalizer not removed yet: look again shortly
+        state.retry.schedule(key, BUSY_RETRY_SECONDS)
+        return
+    status = dict(obj.get("status") or {})
+    force = (meta.get("annotations") or {}).get(FORCE_RELEASE_ANNOTATION) == "true"
+    try:
+        await delete_iso(namespace, name, meta["uid"], status, rt, force=force)
+    except AppError as err:
+        log.info("ISOImage deletion still blocked", namespace=namespace, name=name, code=err.code.value,
+                 error=err.message)
+        try:
+            await _blocked(rt, err, namespace, name, status, meta.get("generation") or 0)
+        finally:
+            state.retry.failed(key)
+        return
+    try:
+        await rt.kube.remove_finalizer(PLURAL, namespace, name, TEARDOWN_FINALIZER)
+    except AppError as err:
+        log.info("ISOImage finalizer removal failed", namespace=namespace, name=name, error=err.message)
+        state.retry.failed(key)
+        return
+    state.retry.done(key)
+
+
+@kopf.on.cleanup()
+async def stop_iso_teardown(memo: kopf.Memo, **_: Any) -> None:
+    rt = memo.get("runtime")
+    state = rt.extras.get(_TEARDOWN) if rt is not None else None
+    if state is not None and state.task is not None and not state.task.done():
+        state.task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await state.task

@@ -44,6 +44,7 @@ from ..reconcile.status import merge_patch
 from ..reconcile.tenancy import namespace_labels_of, watched
 from ..reconcile.vm import TENANCY_CODES, ClusterView, VmOutcome, delete_vm, host_lost_status, sync_vm
 from .instrument import reconciler
+from .iso import wake_deletions as wake_iso_deletions
 from .requeue import Requeue
 from .startup import runtime_of
 
@@ -205,6 +206,11 @@ async def watch_isos(type: str | None, name: str, namespace: str, body: kopf.Bod
 async def watch_vms(type: str | None, uid: str, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
     st = state_of(runtime_of(memo))
     before = st.vms.get(uid)
+    if type == "DELETED" or (before is not None and before.get("spec") != dict(body.get("spec") or {})):
+        # A blocked ISOImage deletion (handlers.iso) may wait for this VM: look again at once.
+        names = _iso_refs(before) | _iso_refs(body)
+        if names:
+            wake_iso_deletions(runtime_of(memo), body["metadata"]["namespace"], names)
     if type == "DELETED":
         st.forget(uid)
     else:
@@ -213,6 +219,8 @@ async def watch_vms(type: str | None, uid: str, body: kopf.Body, memo: kopf.Memo
         if _held_for_teardown(st.vms[uid]):
             if uid not in st.retry:
                 st.retry.schedule(uid, 0)  # e.g. after a restart: nobody else will look at it
+            elif before is None or not _held_for_teardown(before):
+                st.retry.wake([uid])  # just handed over by kopf: not after an old waiting backoff
             elif ((before or {}).get("metadata") or {}).get("annotations") != body["metadata"].get("annotations"):
                 st.retry.wake([uid])  # e.g. the force-release annotation
     if st.parked_task is None or st.parked_task.done():
@@ -222,6 +230,13 @@ async def watch_vms(type: str | None, uid: str, body: kopf.Body, memo: kopf.Memo
             st.retry.run(lambda key: _retry_one(rt, st, key), concurrency=RETRY_CONCURRENCY), name="vm-requeue-loop")
     if st.wake_task is None or st.wake_task.done():
         st.wake_task = asyncio.create_task(_wake_loop(st), name="vm-wake-loop")
+
+
+def _iso_refs(vm: Mapping[str, Any] | None) -> set[str]:
+    """The ISOImages a VM's cdroms name."""
+    disks = ((vm or {}).get("spec") or {}).get("disks") or []
+    return {ref["name"] for disk in disks
+            if (ref := ((disk or {}).get("cdrom") or {}).get("isoImageRef") or {}).get("name")}
 
 
 async def _load_hosts(rt: Runtime, st: VmState) -> None:
@@ -362,7 +377,15 @@ async def delete_vm_handler(body: kopf.Body, meta: kopf.Meta, memo: kopf.Memo, p
         vm["metadata"] = dict(body.get("metadata") or {})  # annotations (force-release) from the event
         released = await _teardown(rt, st, vm)
     if released:
-        patch.fns.append(_release_teardown)
+        # Our finalizer goes first, by itself, while kopf's still holds the object: a patch function
+        # in kopf's final patch can lose a resourceVersion race, and kopf never comes back to an object
+        # without its own finalizer.
+        try:
+            await rt.kube.remove_finalizer(PLURAL, meta["namespace"], meta["name"], TEARDOWN_FINALIZER)
+        except AppError as err:
+            log.info("removing the teardown finalizer failed; kopf's patch tries again", uid=meta["uid"],
+                     code=err.code.value, error=err.message)
+            patch.fns.append(_release_teardown)
         return
     if TEARDOWN_FINALIZER in (meta.get("finalizers") or []):
         # A TemporaryError would make kopf sleep out its delay in this object's worker for as long as
