@@ -24,12 +24,12 @@ import contextlib
 import dataclasses
 import datetime as dt
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from typing import Any
 
 import kopf
 
-from ..core.api.common import FINALIZER, FORCE_RELEASE_ANNOTATION, GROUP, VERSION
+from ..core.api.common import FORCE_RELEASE_ANNOTATION, GROUP, VERSION
 from ..core.conditions import READY, get_condition
 from ..core.errors import AppError
 from ..core.logs import get_logger
@@ -39,6 +39,7 @@ from ..reconcile.runtime import Runtime
 from ..reconcile.status import merge_patch
 from .instrument import reconciler
 from .requeue import Requeue
+from .teardown import TEARDOWN_FINALIZER, held_for_teardown, hold_for_teardown, release_teardown
 from .startup import runtime_of
 
 log = get_logger(__name__)
@@ -136,7 +137,6 @@ async def import_iso(name: str, namespace: str, spec: dict[str, Any], status: di
 # started): it keeps an ISOImage whose deletion is blocked (a VM still uses it, a host did not answer)
 # after kopf's finalizer is gone, so the retries run in ONE requeue loop instead of sleeping in a kopf
 # worker. Woken at once when a VM that referenced the image changes or goes (`wake_deletions`).
-TEARDOWN_FINALIZER = f"{GROUP}/teardown"
 _TEARDOWN = "iso_teardown"
 DELETE_RETRY_BASE_SECONDS = 2.0
 DELETE_RETRY_CAP_SECONDS = 30.0
@@ -173,38 +173,18 @@ def wake_deletions(rt: Runtime, namespace: str, names: Iterable[str]) -> None:
         state.retry.wake(f"{namespace}/{name}" for name in names)
 
 
-def _held_for_teardown(meta: Mapping[str, Any]) -> bool:
-    """Deleting, kopf done with it (its finalizer gone), ours still there: the deletion is ours to retry."""
-    finalizers = meta.get("finalizers") or []
-    return bool(meta.get("deletionTimestamp")) and TEARDOWN_FINALIZER in finalizers and FINALIZER not in finalizers
-
-
-def _hold_for_teardown(body: Any) -> None:
-    """A kopf patch function (applied with kopf's own patch of the object)."""
-    finalizers = body.setdefault("metadata", {}).setdefault("finalizers", [])
-    if TEARDOWN_FINALIZER not in finalizers:
-        finalizers.append(TEARDOWN_FINALIZER)
-
-
-def _release_teardown(body: Any) -> None:
-    """A kopf patch function: drop our finalizer in the same patch that drops kopf's."""
-    finalizers = (body.get("metadata") or {}).get("finalizers") or []
-    while TEARDOWN_FINALIZER in finalizers:
-        finalizers.remove(TEARDOWN_FINALIZER)
-
-
 @kopf.on.resume(GROUP, VERSION, PLURAL)
 @kopf.on.create(GROUP, VERSION, PLURAL)
 async def hold_image(meta: kopf.Meta, patch: kopf.Patch, **_: Any) -> None:
     if not meta.get("deletionTimestamp") and TEARDOWN_FINALIZER not in (meta.get("finalizers") or []):
-        patch.fns.append(_hold_for_teardown)
+        patch.fns.append(hold_for_teardown)
 
 
 @kopf.on.event(GROUP, VERSION, PLURAL)
 async def watch_held_images(type: str | None, name: str, namespace: str, meta: kopf.Meta, memo: kopf.Memo,
                             **_: Any) -> None:
     """An ISOImage held only by our finalizer (e.g. after a restart) is retried by the loop."""
-    if type == "DELETED" or not _held_for_teardown(meta):
+    if type == "DELETED" or not held_for_teardown(meta):
         return
     rt = runtime_of(memo)
     state = teardown_of(rt)
@@ -257,7 +237,7 @@ async def delete_image(name: str, namespace: str, status: dict[str, Any], meta: 
         except AppError as err:
             log.info("removing the teardown finalizer failed; kopf's patch tries again",
                      iso=key, code=err.code.value, error=err.message)
-    patch.fns.append(_release_teardown)
+    patch.fns.append(release_teardown)
 
 
 async def _retry_deletion(rt: Runtime, state: TeardownState, key: str) -> None:
@@ -267,7 +247,7 @@ async def _retry_deletion(rt: Runtime, state: TeardownState, key: str) -> None:
     if obj is None or not meta.get("deletionTimestamp") or TEARDOWN_FINALIZER not in (meta.get("finalizers") or []):
         state.retry.done(key)
         return
-    if not _held_for_teardown(meta):  # kopf's finalizer not removed yet: look again shortly
+    if not held_for_teardown(meta):  # kopf's finalizer not removed yet: look again shortly
         state.retry.schedule(key, BUSY_RETRY_SECONDS)
         return
     status = dict(obj.get("status") or {})

@@ -31,7 +31,7 @@ import kopf
 
 from ..adapters.libvirt import domains
 from ..adapters.libvirt.events import deliver, ensure_event_thread
-from ..core.api.common import FINALIZER, GROUP, VERSION
+from ..core.api.common import GROUP, VERSION
 from ..core.domain import ABSENT
 from ..core.errors import AppError, ErrorCode
 from ..core.logs import get_logger
@@ -46,6 +46,7 @@ from ..reconcile.vm import TENANCY_CODES, ClusterView, VmOutcome, delete_vm, hos
 from .instrument import reconciler
 from .iso import wake_deletions as wake_iso_deletions
 from .requeue import Requeue
+from .teardown import TEARDOWN_FINALIZER, held_for_teardown, hold_for_teardown, release_teardown
 from .startup import runtime_of
 
 log = get_logger(__name__)
@@ -315,33 +316,13 @@ async def reconcile_vm(body: kopf.Body, meta: kopf.Meta, memo: kopf.Memo, patch:
     """Never raises TemporaryError for a VM that waits: kopf would sleep out the delay in this
     object's worker. The status says what it waits for; `_apply` queues the retry (`st.retry`)."""
     if not meta.get("deletionTimestamp") and TEARDOWN_FINALIZER not in (meta.get("finalizers") or []):
-        patch.fns.append(_hold_for_teardown)
+        patch.fns.append(hold_for_teardown)
     async with _locked_vm(memo, meta, body) as (rt, st, vm):
         if vm["metadata"].get("deletionTimestamp"):
             return
         st.retry.reset(meta["uid"])  # a new spec (or a restart): the backoff starts over
         outcome = await sync_vm(vm, rt, st.view(rt))
         await _apply(rt, st, vm, outcome)
-
-
-# Our own finalizer, next to kopf's (added by the spec-driven handler: none can be added once a
-# deletion started): it keeps a VM whose teardown is blocked after kopf's is gone, so the retries
-# run in the requeue loop instead of sleeping in a kopf worker.
-TEARDOWN_FINALIZER = f"{GROUP}/teardown"
-
-
-def _hold_for_teardown(body: Any) -> None:
-    """A kopf patch function (applied with kopf's own patch of the object)."""
-    finalizers = body.setdefault("metadata", {}).setdefault("finalizers", [])
-    if TEARDOWN_FINALIZER not in finalizers:
-        finalizers.append(TEARDOWN_FINALIZER)
-
-
-def _release_teardown(body: Any) -> None:
-    """A kopf patch function: drop our finalizer in the same patch that drops kopf's."""
-    finalizers = (body.get("metadata") or {}).get("finalizers") or []
-    while TEARDOWN_FINALIZER in finalizers:
-        finalizers.remove(TEARDOWN_FINALIZER)
 
 
 async def _teardown(rt: Runtime, st: VmState, vm: dict[str, Any]) -> bool:
@@ -385,7 +366,7 @@ async def delete_vm_handler(body: kopf.Body, meta: kopf.Meta, memo: kopf.Memo, p
         except AppError as err:
             log.info("removing the teardown finalizer failed; kopf's patch tries again", uid=meta["uid"],
                      code=err.code.value, error=err.message)
-            patch.fns.append(_release_teardown)
+            patch.fns.append(release_teardown)
         return
     if TEARDOWN_FINALIZER in (meta.get("finalizers") or []):
         # A TemporaryError would make kopf sleep out its delay in this object's worker for as long as
@@ -655,10 +636,7 @@ async def _retry_one(rt: Runtime, st: VmState, uid: str) -> None:
 
 
 def _held_for_teardown(vm: Mapping[str, Any]) -> bool:
-    """Deleting, kopf done with it (its finalizer gone), ours still there: the teardown is ours to retry."""
-    meta = vm.get("metadata") or {}
-    finalizers = meta.get("finalizers") or []
-    return bool(meta.get("deletionTimestamp")) and TEARDOWN_FINALIZER in finalizers and FINALIZER not in finalizers
+    return held_for_teardown(vm.get("metadata") or {})
 
 
 async def _retry_teardown(rt: Runtime, st: VmState, uid: str) -> None:
