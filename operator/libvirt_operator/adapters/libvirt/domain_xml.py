@@ -140,13 +140,23 @@ def parse_metadata(xml: str) -> DomainMetadata:
     return DomainMetadata(owner, vm.findtext(f"{_M}definitionHash"))
 
 
+def _by_alias(xml: str, devices: str, prefix: str, child: str, attribute: str) -> dict[str, str]:
+    """Our device name (from its `<prefix><name>` alias) → an attribute of one of its child elements."""
+    result: dict[str, str] = {}
+    for device in ET.fromstring(xml).iterfind(devices):
+        alias_el, value_el = device.find("alias"), device.find(child)
+        alias = alias_el.get("name", "") if alias_el is not None else ""
+        value = value_el.get(attribute) if value_el is not None else None
+        if alias.startswith(prefix) and value:
+            result[alias[len(prefix):]] = value
+    return result
+
+
 def interface_macs(xml: str) -> dict[str, str]:
     """Interface name (from our ua-net- alias) → MAC address, for status."""
-    result: dict[str, str] = {}
-    for iface in ET.fromstring(xml).iterfind("./devices/interface"):
-        alias_el, mac_el = iface.find("alias"), iface.find("mac")
-        alias = alias_el.get("name", "") if alias_el is not None else ""
-        mac = mac_el.get("address") if mac_el is not None else None
-        if alias.startswith("ua-net-") and mac:
-            result[alias[len("ua-net-"):]] = mac
-    return result
+    return _by_alias(xml, "./devices/interface", "ua-net-", "mac", "address")
+
+
+def disk_sources(xml: str) -> dict[str, str]:
+    """Disk name (from our ua-disk- alias) → source file, for device=disk only (cdroms are ISOImages')."""
+    return _by_alias(xml, "./devices/disk[@device='disk']", "ua-disk-", "source", "file")

@@ -17,7 +17,7 @@ from ...core.domain import (
 )
 from ...core.logs import get_logger
 from .pools import active_pool, find_pool, find_volume, volume_xml
-from .domain_xml import DomainMetadata, interface_macs, parse_metadata
+from .domain_xml import DomainMetadata, disk_sources, interface_macs, parse_metadata
 
 _STATES = {
     libvirt.VIR_DOMAIN_NOSTATE: PowerState.UNKNOWN,
@@ -185,18 +185,6 @@ class OwnDomain:
 
     name: str
     disk_sources: dict[str, str]
-
-
-def disk_sources(xml: str) -> dict[str, str]:
-    """Disk name (from our ua-disk- alias) → source file, for device=disk only (cdroms are ISOImages')."""
-    result: dict[str, str] = {}
-    for disk in ET.fromstring(xml).iterfind("./devices/disk[@device='disk']"):
-        alias, source = disk.find("alias"), disk.find("source")
-        name = alias.get("name", "") if alias is not None else ""
-        path = source.get("file") if source is not None else None
-        if name.startswith("ua-disk-") and path:
-            result[name[len("ua-disk-"):]] = path
-    return result
 
 
 def own_domain(conn: libvirt.virConnect, uid: str) -> OwnDomain | None:
