@@ -8,7 +8,9 @@ if _ROOT not in sys.path:
 
 pytest_plugins = [
     "tests.harness.pytest_controlplane",
+    "tests.harness.pytest_cluster",
     "tests.harness.pytest_libvirt",
     "tests.harness.pytest_operator",
+    "tests.harness.pytest_prometheus",
     "tests.harness.pytest_rag",
 ]

@@ -9,13 +9,7 @@ import uuid
 import pytest
 
 from tests.harness.kube import condition
-
-try:
-    import libvirt
-except ImportError:
-    libvirt = None
-else:
-    libvirt.registerErrorHandler(lambda *_a: None, None)
+from tests.harness.libvirt_module import libvirt
 
 pytestmark = pytest.mark.e2e
 VM = "virtualmachines"

@@ -12,8 +12,11 @@ import yaml
 from kubernetes import client, config, utils
 from kubernetes.client.exceptions import ApiException
 
+from libvirt_operator.devenv.resources import apply_crds
+
 GROUP, VERSION = "virt.libvirt-operator.io", "v1alpha1"
-KINDS = {"libvirthosts": "LibvirtHost", "virtualmachines": "VirtualMachine", "isoimages": "ISOImage"}
+KINDS = {"libvirthosts": "LibvirtHost", "virtualmachines": "VirtualMachine", "isoimages": "ISOImage",
+         "virtualmachinesnapshots": "VirtualMachineSnapshot", "virtualmachinerestores": "VirtualMachineRestore"}
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -26,23 +29,9 @@ class Kube:
 
     # --- CRDs and namespaces ---
     def apply_crds(self, crd_dir: Path = REPO / "crds") -> list[str]:
-        names = []
-        for path in sorted(crd_dir.glob("*.yaml")):
-            doc = yaml.safe_load(path.read_text())
-            name = doc["metadata"]["name"]
-            try:
-                current = self.ext.read_custom_resource_definition(name)
-                doc["metadata"]["resourceVersion"] = current.metadata.resource_version
-                self.ext.replace_custom_resource_definition(name, doc)
-            except ApiException as err:
-                if err.status != 404:
-                    raise
-                self.ext.create_custom_resource_definition(doc)
-            names.append(name)
-        for name in names:
-            self.wait_for(lambda n=name: _established(self.ext.read_custom_resource_definition(n)),
-                          timeout=30, what=f"CRD {name} established")
-        return names
+        """Apply the CRD files in ``crd_dir`` (the same code path as `make run`), wait for Established."""
+        docs = [yaml.safe_load(path.read_text()) for path in sorted(crd_dir.glob("*.yaml"))]
+        return apply_crds(self.api, docs)
 
     def new_namespace(self, prefix: str = "t") -> str:
         name = f"{prefix}-{uuid.uuid4().hex[:8]}"
@@ -112,6 +101,3 @@ class Kube:
 def condition(obj: dict[str, Any], ctype: str) -> dict[str, Any] | None:
     return next((c for c in (obj.get("status") or {}).get("conditions") or [] if c["type"] == ctype), None)
 
-
-def _established(crd: Any) -> bool:
-    return any(c.type == "Established" and c.status == "True" for c in (crd.status.conditions or []))

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from libvirt_operator.cli.operator_main import OperatorOptions, run_operator
+from libvirt_operator.core.logs import configure
 from libvirt_operator.core.settings import Settings
 
 
@@ -27,6 +28,7 @@ class InProcessOperator:
         self.memo: Any = None
 
     def start(self, timeout: float = 30) -> InProcessOperator:
+        configure("console", "INFO")  # as `run` does: stderr, never stdout (a CLI test captures stdout)
         os.environ["KUBECONFIG"] = str(self.kubeconfig)
         ready = threading.Event()
         self._stop = threading.Event()

@@ -16,7 +16,8 @@ Fixtures:
                        ISO path and the two serial-console markers it prints when it boots)
 
 A missing prerequisite (not root, packages missing, no ``libvirt`` module) skips the test,
-except under ``CI=true`` where it fails: CI must run these. ``LIBVIRT_OPERATOR_KEEP_HOSTS=1``
+except under ``CI=true`` where it fails: CI must run these (``unavailable(what, reason)``, for
+other harness prerequisites too). ``LIBVIRT_OPERATOR_KEEP_HOSTS=1``
 keeps the daemons' directories (configs, logs) after the session.
 """
 
@@ -42,7 +43,8 @@ def _in_ci() -> bool:
     return os.environ.get("CI", "").strip().lower() in ("true", "1", "yes")
 
 
-def _unavailable(what: str, reason: str) -> NoReturn:
+def unavailable(what: str, reason: str) -> NoReturn:
+    """Skip the test for a missing prerequisite; fail it under ``CI=true``."""
     if _in_ci():
         pytest.fail(f"{what} unavailable in CI: {reason}", pytrace=False)
     pytest.skip(f"{what} unavailable: {reason}")
@@ -52,7 +54,7 @@ def _require_libvirt_python() -> None:
     try:
         import libvirt  # noqa: F401
     except ImportError as exc:
-        _unavailable("libvirt-python", str(exc))
+        unavailable("libvirt-python", str(exc))
 
 
 class BootIso(NamedTuple):
@@ -147,7 +149,7 @@ class LibvirtdFactory:
 def libvirtd_factory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LibvirtdFactory]:
     ok, reason = libvirtd_available()
     if not ok:
-        _unavailable("libvirtd", reason)
+        unavailable("libvirtd", reason)
     factory = LibvirtdFactory(tmp_path_factory)
     try:
         yield factory
@@ -164,7 +166,7 @@ def libvirtd(libvirtd_factory: LibvirtdFactory) -> LibvirtDaemon:
 def test_iso(tmp_path_factory: pytest.TempPathFactory) -> BootIso:
     ok, reason = iso_build_available()
     if not ok:
-        _unavailable("test ISO build", reason)
+        unavailable("test ISO build", reason)
     path, markers = build_test_iso(tmp_path_factory.mktemp("test-iso"))
     return BootIso(path, markers)
 

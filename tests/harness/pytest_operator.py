@@ -30,8 +30,26 @@ def operator(kube, kubeconfig, rag_index, tmp_path_factory) -> Iterator[InProces
                         allow_test_driver=True, test_driver_dirs=(str(tmp_path_factory.getbasetemp()),))
     op = InProcessOperator(kubeconfig, settings=settings)
     op.start()
+    _SESSION_OPERATORS.append(op)
     yield op
+    _SESSION_OPERATORS.remove(op)
     op.stop()
+
+
+_SESSION_OPERATORS: list[InProcessOperator] = []
+
+
+@pytest.fixture(scope="module")
+def without_session_operator() -> Iterator[None]:
+    """For a module whose tests run operators of their own (e.g. processes they kill -9): the session
+    operator, when an earlier test started it, is stopped for the module (it watches every namespace
+    and would act on the module's objects too) and started again afterwards."""
+    paused = [op for op in _SESSION_OPERATORS if op._thread is not None]
+    for op in paused:
+        op.stop()
+    yield
+    for op in paused:
+        op.start()
 
 
 @pytest.fixture

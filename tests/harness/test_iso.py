@@ -1,145 +1,20 @@
-"""A tiny bootable ISO that proves a guest really booted.
+"""The bootable test ISO is the product's dev-time one (libvirt_operator.devenv.testiso), which the
+embedded default boots as its sample; re-exported for the fixtures (pytest_libvirt.test_iso).
 
-``build_test_iso(dest_dir)`` makes (or takes from the cache) an ISO built with ``grub-mkrescue``
-from the sources in ``tests/harness/testiso/``: GRUB writes to the first serial port and echoes
-the first marker, then ``multiboot``s a ~1 KiB 32-bit kernel (``kernel.S``, assembled with
-``gcc -m32``) that writes the second marker to COM1 (0x3F8) and halts (``cli; hlt``). Give the
-guest a ``<serial type='file'>`` and both markers show up in that file about a second after
-``create()`` under QEMU TCG; the halted guest then uses almost no CPU.
-
-Only the GRUB modules the boot needs go onto the ISO, so it is ~0.8 MB (a default
-``grub-mkrescue`` image is ~9.5 MB). Needs ``gcc`` with 32-bit support (``gcc-multilib``),
-``grub-mkrescue`` (``grub-pc-bin``, ``grub-common``) and ``xorriso``: see
-``hack/install-system-deps.sh``. Built ISOs are cached by a hash of the sources under
-``${LIBVIRT_OPERATOR_CACHE:-$HOME/.cache/libvirt-operator}/testiso/``.
-
-(The module is named ``test_iso`` as asked; it holds no ``test*`` functions or ``Test*``
-classes, so pytest collects nothing from it.)
-"""
+(No ``test*`` functions or ``Test*`` classes here, so pytest collects nothing from this module.)"""
 
 from __future__ import annotations
 
-import hashlib
-import os
-import shutil
-import subprocess
-import tempfile
-from pathlib import Path
-
-__all__ = [
-    "GRUB_MARKER",
-    "KERNEL_MARKER",
-    "MARKERS",
-    "SOURCE_DIR",
-    "build_test_iso",
-    "iso_build_available",
-    "iso_cache_dir",
-]
-
-SOURCE_DIR = Path(__file__).resolve().parent / "testiso"
-SOURCES = ("grub.cfg", "kernel.S", "linker.ld")
-
-GRUB_MARKER = "LVOP-TESTISO-GRUB-OK"
-KERNEL_MARKER = "LVOP-TESTISO-KERNEL-OK"
-MARKERS: tuple[str, str] = (GRUB_MARKER, KERNEL_MARKER)
-
-_GCC_FLAGS = [
-    "-m32", "-ffreestanding", "-nostdlib", "-static", "-no-pie",
-    "-Wl,--build-id=none",
-]  # fmt: skip
-_GRUB_MODULES = "multiboot normal serial terminal echo boot iso9660 biosdisk"
-_MKRESCUE_FLAGS = [
-    f"--install-modules={_GRUB_MODULES}",
-    "--fonts=",
-    "--locales=",
-    "--themes=",
-]
-# Bump when the build steps change in a way the sources' hash would not show.
-_RECIPE = "2"
-
-_TOOLS = ("gcc", "grub-mkrescue", "xorriso")
-
-
-def iso_cache_dir() -> Path:
-    base = os.environ.get("LIBVIRT_OPERATOR_CACHE") or str(
-        Path.home() / ".cache" / "libvirt-operator"
-    )
-    return Path(base) / "testiso"
-
-
-def iso_build_available() -> tuple[bool, str]:
-    """Whether the tools to build the ISO are installed: ``(True, "")`` or ``(False, why)``."""
-    missing = [t for t in _TOOLS if shutil.which(t) is None]
-    if missing:
-        return False, f"missing programs: {', '.join(missing)} (run hack/install-system-deps.sh)"
-    if not Path("/usr/lib/grub/i386-pc").is_dir():
-        return False, "no /usr/lib/grub/i386-pc (package grub-pc-bin; run hack/install-system-deps.sh)"
-    return True, ""
-
-
-def _source_hash() -> str:
-    h = hashlib.sha256()
-    h.update(f"recipe {_RECIPE}\n{_GCC_FLAGS}\n{_MKRESCUE_FLAGS}\n".encode())
-    for name in SOURCES:
-        data = (SOURCE_DIR / name).read_bytes()
-        h.update(f"{name} {len(data)}\n".encode())
-        h.update(data)
-    return h.hexdigest()[:24]
-
-
-def _run(cmd: list[str], cwd: Path) -> None:
-    res = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=120)
-    if res.returncode != 0:
-        raise RuntimeError(
-            f"test ISO build step failed ({res.returncode}): {' '.join(cmd)}\n"
-            f"{res.stdout[-2000:]}{res.stderr[-4000:]}"
-        )
-
-
-def _build(dest: Path) -> None:
-    """Build the ISO into ``dest`` (written atomically)."""
-    ok, reason = iso_build_available()
-    if not ok:
-        raise RuntimeError(f"cannot build the test ISO: {reason}")
-    for marker, source in ((GRUB_MARKER, "grub.cfg"), (KERNEL_MARKER, "kernel.S")):
-        if marker not in (SOURCE_DIR / source).read_text():
-            raise RuntimeError(f"{source} lost its marker {marker!r}")
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="build-", dir=dest.parent) as tmp_s:
-        tmp = Path(tmp_s)
-        tree = tmp / "tree"
-        (tree / "boot" / "grub").mkdir(parents=True)
-        shutil.copyfile(SOURCE_DIR / "grub.cfg", tree / "boot" / "grub" / "grub.cfg")
-        _run(
-            [
-                "gcc", *_GCC_FLAGS,
-                f"-Wl,-T,{SOURCE_DIR / 'linker.ld'}",
-                "-o", str(tree / "boot" / "kernel.elf"),
-                str(SOURCE_DIR / "kernel.S"),
-            ],
-            tmp,
-        )  # fmt: skip
-        if shutil.which("grub-file"):
-            _run(["grub-file", "--is-x86-multiboot", str(tree / "boot" / "kernel.elf")], tmp)
-        iso = tmp / "test.iso"
-        _run(["grub-mkrescue", *_MKRESCUE_FLAGS, "-o", str(iso), str(tree)], tmp)
-        os.replace(iso, dest)
-
-
-def build_test_iso(dest_dir: str | os.PathLike[str]) -> tuple[Path, tuple[str, str]]:
-    """Return ``(path, (grub_marker, kernel_marker))`` with the ISO copied into ``dest_dir``.
-
-    The ISO is built once per version of the sources and reused from the cache after that;
-    the copy in ``dest_dir`` (``test-<hash>.iso``) is the caller's to modify or delete.
-    """
-    digest = _source_hash()
-    cached = iso_cache_dir() / f"test-{digest}.iso"
-    if not cached.is_file():
-        _build(cached)
-    dest_dir = Path(dest_dir)
-    dest_dir.mkdir(parents=True, exist_ok=True)
-    path = dest_dir / cached.name
-    tmp = path.with_name(path.name + ".tmp")
-    shutil.copyfile(cached, tmp)
-    os.replace(tmp, path)
-    return path, MARKERS
+from libvirt_operator.devenv.testiso import (  # noqa: F401 - re-exports
+    DISK_MARKER_ABSENT,
+    DISK_MARKER_PRESENT,
+    DISK_MARKER_WRITTEN,
+    GRUB_MARKER,
+    KERNEL_MARKER,
+    MARKERS,
+    NO_DISK,
+    SOURCE_DIR,
+    build_test_iso,
+    iso_build_available,
+    iso_cache_dir,
+)

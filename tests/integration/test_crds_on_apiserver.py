@@ -16,7 +16,7 @@ def _reject(fn, *args, **kwargs) -> str:
 def test_crds_are_established_and_printer_columns_served(kube) -> None:
     crd = kube.ext.read_custom_resource_definition("virtualmachines.virt.libvirt-operator.io")
     columns = [c.name for c in crd.spec.versions[0].additional_printer_columns]
-    assert columns == ["Host", "Status", "Ready", "Reason", "Age"]
+    assert columns == ["Host", "Status", "IP", "Ready", "Reason", "Age"]
     assert crd.spec.names.short_names == ["lvvm"]
 
 

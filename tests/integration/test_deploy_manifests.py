@@ -8,6 +8,7 @@ not started: the session operator may already be serving this apiserver and the 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
@@ -30,12 +31,12 @@ CHART = REPO / "charts" / "libvirt-operator"
 NAMESPACE = "libvirt-operator"
 SERVICE_ACCOUNT = "libvirt-operator"
 GROUP = "virt.libvirt-operator.io"
-KINDS = ("libvirthosts", "virtualmachines", "isoimages")
+KINDS = ("libvirthosts", "virtualmachines", "isoimages", "virtualmachinesnapshots", "virtualmachinerestores")
 FIELD_MANAGER = "test-deploy-manifests"
 
 # Everything the operator does on the API, derived from the code. (verb, group, resource, subresource)
 REQUIRED: list[tuple[str, str, str, str]] = [
-    # kopf watches each kind it has handlers for (handlers/host.py, vm.py, iso.py): list, then watch.
+    # kopf watches each kind it has handlers for (handlers/host.py, vm.py, iso.py, snapshot.py): list, then watch.
     # KubeClient.list_objects (adapters/kube/client.py) lists libvirthosts (reconcile/iso.py,
     # handlers/vm.py _load_hosts) and virtualmachines (reconcile/iso.py: is the ISO in use?).
     *[(verb, GROUP, kind, "") for kind in KINDS for verb in ("list", "watch")],
@@ -112,6 +113,15 @@ def _rule_set(rules: list[dict[str, Any]]) -> set[tuple[str, str, str, str]]:
     return out
 
 
+def status_of(fn: Any, *args: Any, **kwargs: Any) -> int:
+    """The HTTP status a client call ends with (200 when it succeeds)."""
+    try:
+        fn(*args, **kwargs)
+    except ApiException as err:
+        return err.status
+    return 200
+
+
 # ------------------------------------------------------------------------------------ no apiserver
 
 
@@ -133,9 +143,28 @@ def test_cluster_role_grants_exactly_what_the_code_uses() -> None:
     assert _rule_set(chart_role["rules"]) == set(REQUIRED)
 
 
+# Leader election (--leader-elect): the operator's own Lease in its namespace, nothing more.
+LEASE_NAME = "libvirt-operator"
+LEASE_RULES = [{"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "verbs": ["create"]},
+               {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "resourceNames": [LEASE_NAME],
+                "verbs": ["get", "update"]}]
+
+
+def test_leader_election_role_is_the_lease_only() -> None:
+    role, binding = _by_kind("Role"), _by_kind("RoleBinding")
+    assert role["metadata"]["namespace"] == NAMESPACE and role["rules"] == LEASE_RULES
+    assert binding["roleRef"]["name"] == role["metadata"]["name"]
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": SERVICE_ACCOUNT, "namespace": NAMESPACE}]
+
+
 def test_deployment_runs_the_operator_locked_down() -> None:
     dep = _by_kind("Deployment")
-    assert dep["spec"]["replicas"] == 1 and dep["spec"]["strategy"]["type"] == "Recreate"
+    # two replicas, one writer (leader election); rollouts start the new pod before stopping the old
+    assert dep["spec"]["replicas"] == 2 and dep["spec"]["strategy"] == {
+        "type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1}}
+    pdb = _by_kind("PodDisruptionBudget")
+    assert pdb["spec"]["minAvailable"] == 1
+    assert pdb["spec"]["selector"]["matchLabels"] == dep["spec"]["selector"]["matchLabels"]
     pod = dep["spec"]["template"]["spec"]
     (ctr,) = pod["containers"]
     assert pod["serviceAccountName"] == SERVICE_ACCOUNT
@@ -160,6 +189,9 @@ def test_deployment_runs_the_operator_locked_down() -> None:
     ctx = main.commands["run"].make_context("run", [*entrypoint[2:], *ctr["args"]])
     assert ctx.params["log_format"] == "json" and ctx.params["liveness_port"] == 8081
     assert ctx.params["iso_cache_dir"].startswith("/var/cache/libvirt-operator/")
+    assert ctx.params["leader_elect"] is True and ctx.params["leader_election_id"] == LEASE_NAME
+    env = {e["name"]: e["valueFrom"]["fieldRef"]["fieldPath"] for e in ctr["env"]}
+    assert env == {"POD_NAME": "metadata.name", "POD_NAMESPACE": "metadata.namespace"}
     svc = _by_kind("Service")
     assert svc["spec"]["ports"] == [{"name": "metrics", "port": 8080, "targetPort": "metrics", "protocol": "TCP"}]
     assert svc["spec"]["selector"] == dep["spec"]["selector"]["matchLabels"]
@@ -182,7 +214,7 @@ def _apply(dyn: DynamicClient, doc: dict[str, Any], **kwargs: Any) -> Any:
 @pytest.fixture(scope="module")
 def rbac_installed(dyn) -> None:
     """Namespace, ServiceAccount, ClusterRole and ClusterRoleBinding, for real (idempotent)."""
-    for kind in ("Namespace", "ServiceAccount", "ClusterRole", "ClusterRoleBinding"):
+    for kind in ("Namespace", "ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding"):
         _apply(dyn, _by_kind(kind))
 
 
@@ -208,25 +240,34 @@ def helm_binary() -> str:
     return out.stdout.strip().splitlines()[-1]
 
 
+def _helm(helm: str, tmp_path: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "HELM_CACHE_HOME": str(tmp_path / "c"),
+           "HELM_CONFIG_HOME": str(tmp_path / "g"), "HELM_DATA_HOME": str(tmp_path / "d")}
+    return subprocess.run([helm, *args], env=env, check=check, capture_output=True, text=True)
+
+
 @pytest.mark.parametrize("sets", [
     [],
     ["watchNamespaces={team-*,prod}", "remediationBaseUrl=https://runbooks.example/rag",
-     "download.allow={10.0.0.0/8}", "download.deny={192.168.0.0/16}", "knowledgeBase.enabled=false"],
+     "download.allow={10.0.0.0/8}", "download.deny={192.168.0.0/16}", "knowledgeBase.enabled=false",
+     "leaderElection.leaseName=lvop-lock", "leaderElection.leaseDuration=20",
+     "leaderElection.renewDeadline=12", "leaderElection.retryPeriod=2"],
 ], ids=["defaults", "namespaced"])
 def test_helm_chart_renders_and_applies_with_server_side_dry_run(dyn, rbac_installed, tmp_path, sets,
                                                                 helm_binary) -> None:
-    """helm is built from the pinned module hack/helm (hack/ensure-helm.sh, cached by go.sum)."""
-    helm = helm_binary
-    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "HELM_CACHE_HOME": str(tmp_path / "c"),
-           "HELM_CONFIG_HOME": str(tmp_path / "g"), "HELM_DATA_HOME": str(tmp_path / "d")}
-    args = [helm, "template", "lvop", str(CHART), "--namespace", NAMESPACE, "--kube-version", "1.34.0"]
+    """helm is built from the pinned module hack/helm (hack/ensure-helm.sh, cached by go.sum) with the
+    Kubernetes version of its client-go: plain `helm template` (no --kube-version) satisfies the chart's
+    kubeVersion."""
+    args = ["template", "lvop", str(CHART), "--namespace", NAMESPACE]
     for value in sets:
         args += ["--set", value]
-    rendered = subprocess.run(args, env=env, check=True, capture_output=True, text=True).stdout
+    rendered = _helm(helm_binary, tmp_path, *args).stdout
     docs = [d for d in yaml.safe_load_all(rendered) if d]
-    assert sorted(d["kind"] for d in docs) == ["ClusterRole", "ClusterRoleBinding", "Deployment", "NetworkPolicy",
-                                               "Service", "ServiceAccount", *["ValidatingAdmissionPolicy"] * 3,
-                                               *["ValidatingAdmissionPolicyBinding"] * 3]
+    assert sorted(d["kind"] for d in docs) == ["ClusterRole", "ClusterRoleBinding", "ConfigMap",  # Grafana dashboard
+                                               "Deployment", "NetworkPolicy", "PodDisruptionBudget",
+                                               "Role", "RoleBinding",  # the leader-election Lease
+                                               "Service", "ServiceAccount", *["ValidatingAdmissionPolicy"] * 4,
+                                               *["ValidatingAdmissionPolicyBinding"] * 4]
     policies = {d["metadata"]["name"]: d for d in docs if d["kind"] == "ValidatingAdmissionPolicy"}
     writers = policies["lvop-libvirt-operator-status-writers"]["spec"]["validations"][0]["expression"]
     assert f"'system:serviceaccount:{NAMESPACE}:lvop-libvirt-operator'" in writers
@@ -234,14 +275,67 @@ def test_helm_chart_renders_and_applies_with_server_side_dry_run(dyn, rbac_insta
         _apply(dyn, doc, dry_run="All")
     (role,) = [d for d in docs if d["kind"] == "ClusterRole"]
     assert _rule_set(role["rules"]) == set(REQUIRED)
+    lease = "lvop-lock" if sets else "lvop-libvirt-operator"
+    (lease_role,) = [d for d in docs if d["kind"] == "Role"]
+    assert lease_role["metadata"]["namespace"] == NAMESPACE
+    assert lease_role["rules"] == [{**r, "resourceNames": [lease]} if "resourceNames" in r else r
+                                   for r in LEASE_RULES]
     (dep,) = [d for d in docs if d["kind"] == "Deployment"]
+    assert dep["spec"]["replicas"] == 2 and dep["spec"]["strategy"]["rollingUpdate"] == {
+        "maxUnavailable": 0, "maxSurge": 1}
     ctr = dep["spec"]["template"]["spec"]["containers"][0]
     manifest_ctr = _by_kind("Deployment")["spec"]["template"]["spec"]["containers"][0]
     assert ctr["securityContext"] == manifest_ctr["securityContext"]
+    assert ctr["env"] == manifest_ctr["env"]  # POD_NAME, POD_NAMESPACE from the downward API
+    assert {"--leader-elect", f"--leader-election-id={lease}", f"--leader-election-namespace={NAMESPACE}"} \
+        <= set(ctr["args"])
+    from libvirt_operator.cli import main
+    params = main.commands["run"].make_context("run", list(ctr["args"])).params
+    assert params["leader_elect"] and params["leader_election_namespace"] == NAMESPACE
     if sets:
         assert {"--namespace=team-*", "--namespace=prod", "--no-knowledge-base",
                 "--remediation-base-url=https://runbooks.example/rag", "--download-allow=10.0.0.0/8",
                 "--download-deny=192.168.0.0/16"} <= set(ctr["args"])
+        assert (params["leader_election_lease_duration"], params["leader_election_renew_deadline"],
+                params["leader_election_retry_period"]) == (20, 12.0, 2.0)
+
+
+def test_helm_chart_without_leader_election_runs_one_recreated_pod(tmp_path, helm_binary) -> None:
+    rendered = _helm(helm_binary, tmp_path, "template", "lvop", str(CHART), "--namespace", NAMESPACE,
+                     "--set", "leaderElection.enabled=false", "--set", "replicaCount=1").stdout
+    docs = [d for d in yaml.safe_load_all(rendered) if d]
+    kinds = {d["kind"] for d in docs}
+    assert not kinds & {"Role", "RoleBinding", "PodDisruptionBudget"}
+    (dep,) = [d for d in docs if d["kind"] == "Deployment"]
+    assert dep["spec"]["replicas"] == 1 and dep["spec"]["strategy"] == {"type": "Recreate"}
+    assert "--no-leader-elect" in dep["spec"]["template"]["spec"]["containers"][0]["args"]
+
+
+def test_helm_lint_passes(tmp_path, helm_binary) -> None:
+    res = _helm(helm_binary, tmp_path, "lint", str(CHART), "--strict", check=False)
+    assert res.returncode == 0, res.stdout + res.stderr
+
+
+@pytest.mark.parametrize(("value", "message"), [
+    ("replicaCount=two", "at '/replicaCount': got string, want integer"),
+    ("replicaCount=0", "at '/replicaCount': minimum: got 0, want 1"),
+    ("logLevel=LOUD", "at '/logLevel': value must be one of"),
+    ("image.pullPolicy=Sometimes", "at '/image/pullPolicy': value must be one of"),
+    ("metrics.port=70000", "at '/metrics/port': maximum"),
+    ("download.maxSize=lots", "at '/download/maxSize'"),
+    ("download.allow={not-a-cidr}", "at '/download/allow/0'"),
+    ("download.maxConcurrentImports=0", "at '/download/maxConcurrentImports': minimum"),
+    ("replicas=3", "additional properties 'replicas' not allowed"),  # a typo of replicaCount
+    ("leaderElection.enabled=false", "at '/replicaCount': maximum: got 2, want 1"),  # two writers
+    ("leaderElection.leaseDuration=5", "leaseDuration (5) must be longer than leaderElection.renewDeadline (7)"),
+    ("leaderElection.retryPeriod=6", "renewDeadline (7) must be longer than 1.2 × leaderElection.retryPeriod (6)"),
+    ("leaderElection.leaseName=Not_A_Name", "at '/leaderElection/leaseName'"),
+])
+def test_helm_refuses_wrong_values_with_a_clear_message(tmp_path, helm_binary, value: str, message: str) -> None:
+    """values.schema.json (types, enums, ranges; unknown keys) and the template's cross-field checks fail
+    `helm template` -- hence `helm install`/`upgrade`, which validate the same way -- before anything applies."""
+    res = _helm(helm_binary, tmp_path, "template", "lvop", str(CHART), "--set", value, check=False)
+    assert res.returncode != 0 and message in res.stderr, res.stderr
 
 
 def _pod_from_template(name: str, template: dict[str, Any]) -> dict[str, Any]:
@@ -330,13 +424,6 @@ def test_real_requests_as_the_operator(kube, sa_api, namespace) -> None:
                                           _preload_content=False).release_conn()
     client.ApiextensionsV1Api(sa_api).list_custom_resource_definition(limit=1)
 
-    def status_of(fn: Any, *args: Any, **kwargs: Any) -> int:
-        try:
-            fn(*args, **kwargs)
-        except ApiException as err:
-            return err.status
-        return 200
-
     merge = {"_content_type": "application/merge-patch+json"}
     # patch (main resource and /status) is authorized: the object is merely absent
     assert status_of(custom.patch_namespaced_custom_object, GROUP, "v1alpha1", namespace, "virtualmachines",
@@ -374,3 +461,25 @@ def test_real_requests_as_the_operator(kube, sa_api, namespace) -> None:
     # no Pods, no ConfigMaps
     assert status_of(core.list_namespaced_pod, namespace) == 403
     assert status_of(core.read_namespaced_config_map, "kube-root-ca.crt", namespace) == 403
+
+
+def test_lease_requests_as_the_operator(kube, sa_api, namespace) -> None:
+    """Leader election as the operator's ServiceAccount: its own Lease in its namespace (create, get,
+    update), nothing else (another Lease, list, delete, another namespace: 403)."""
+    coord, admin = client.CoordinationV1Api(sa_api), client.CoordinationV1Api(kube.api)
+    with contextlib.suppress(ApiException):
+        admin.delete_namespaced_lease(LEASE_NAME, NAMESPACE)
+
+    body = {"metadata": {"name": LEASE_NAME}, "spec": {"holderIdentity": "rbac-check", "leaseDurationSeconds": 10}}
+    coord.create_namespaced_lease(NAMESPACE, body)
+    try:
+        lease = coord.read_namespaced_lease(LEASE_NAME, NAMESPACE)
+        lease.spec.holder_identity = "rbac-check-2"
+        coord.replace_namespaced_lease(LEASE_NAME, NAMESPACE, lease)
+        assert coord.read_namespaced_lease(LEASE_NAME, NAMESPACE).spec.holder_identity == "rbac-check-2"
+        assert status_of(coord.delete_namespaced_lease, LEASE_NAME, NAMESPACE) == 403
+        assert status_of(coord.list_namespaced_lease, NAMESPACE) == 403
+        assert status_of(coord.read_namespaced_lease, "kube-controller-manager", NAMESPACE) == 403
+        assert status_of(coord.create_namespaced_lease, namespace, body) == 403
+    finally:
+        admin.delete_namespaced_lease(LEASE_NAME, NAMESPACE)

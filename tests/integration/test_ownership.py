@@ -14,14 +14,10 @@ from libvirt_operator.adapters.libvirt.domain_xml import build_domain_xml
 from libvirt_operator.adapters.libvirt.volumes import volume_name as iso_volume_name
 from libvirt_operator.core.domain import DiskDefinition, DomainDefinition, Owner
 from tests.harness.kube import GROUP, VERSION, Kube
+from tests.harness.libvirt_module import libvirt
 from tests.integration.test_vm_lifecycle import (
     HOST, RUNNING, VM, delete_and_wait, domains, make_host, make_vm, on_host, status, uniq, volumes, wait_printable,
 )
-
-try:
-    import libvirt
-except ImportError:  # the fixtures skip with the reason
-    libvirt = None
 
 SHA = "sha256:" + "7a" * 32
 

@@ -27,14 +27,18 @@ def test_failure_shows_code_sentence_and_runbooks_then_clears(kube, operator, te
     assert error["context"]["host"] == name
     assert error["since"] == first["since"], "since stays while the same error persists"
     top = error["remediation"][0]
-    # From the knowledge base, not the fixed fallback link: a relevance score.
-    assert top["url"].endswith("/runbooks/host-unreachable.md")
+    # From the knowledge base, not the fixed fallback link: a relevance score, and the section of
+    # the runbook for this cause (the port is closed), not the runbook as a whole.
+    assert top["url"].endswith("/runbooks/host-unreachable.md#connection-refused")
+    assert len(error["remediation"]) == 3 and all(set(r) == {"title", "url", "score"} for r in error["remediation"])
     assert top["score"] > 0  # the fixed fallback link scores 0
     ready = condition(host, "Ready")
     assert ready["status"] == "False" and ready["reason"] == "HostUnreachable"
     assert ready["message"].startswith("[HOST_UNREACHABLE]") and ready["message"].endswith(top["url"])
     events = kube.core.list_event_for_all_namespaces(field_selector=f"involvedObject.name={name}").items
-    assert any("HOST_UNREACHABLE" in e.message and top["url"] in e.message for e in events)
+    # The Event is posted on the transition, with the link known then (the fixed one if the
+    # knowledge base was still loading): the same runbook.
+    assert any("HOST_UNREACHABLE" in e.message and top["url"].split("#")[0] in e.message for e in events)
 
     kube.patch("libvirthosts", name, {"spec": {"uri": test_host_factory(name), "insecure": False}})
     healed = kube.wait_condition("libvirthosts", name, "Ready", "True", timeout=30)

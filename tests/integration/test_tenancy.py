@@ -11,13 +11,7 @@ from typing import Any
 import pytest
 
 from tests.harness.kube import Kube, condition
-
-try:
-    import libvirt
-except ImportError:  # the fixtures skip with the reason
-    libvirt = None
-else:
-    libvirt.registerErrorHandler(lambda *_a: None, None)
+from tests.harness.libvirt_module import libvirt
 
 VM, HOST, ISO = "virtualmachines", "libvirthosts", "isoimages"
 RUNNING, SHUTOFF = 1, 5

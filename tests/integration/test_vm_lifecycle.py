@@ -11,13 +11,7 @@ from typing import Any
 import pytest
 
 from tests.harness.kube import Kube, condition
-
-try:
-    import libvirt
-except ImportError:  # the fixtures skip with the reason
-    libvirt = None
-else:
-    libvirt.registerErrorHandler(lambda *_a: None, None)
+from tests.harness.libvirt_module import libvirt
 
 VM = "virtualmachines"
 HOST = "libvirthosts"
@@ -69,6 +63,10 @@ def domain_action(operator: Any, host: str, uid: str, action: str) -> None:
 
 def event_reasons(kube: Kube, namespace: str, name: str) -> list[str]:
     return [e.reason for e in kube.events_for(namespace, name)]
+
+
+def event_types(kube: Kube, namespace: str, name: str) -> list[tuple[str, str]]:
+    return [(e.type, e.reason) for e in kube.events_for(namespace, name)]
 
 
 def delete_and_wait(kube: Kube, namespace: str, name: str, timeout: float = 30) -> None:
@@ -211,7 +209,7 @@ def test_placement_by_selector_and_capacity(kube, operator, namespace, test_host
 
 def test_no_fit_then_fits_when_a_host_appears(kube, operator, namespace, test_host_factory) -> None:
     zone = uniq("zone")
-    make_vm(kube, namespace, "waiting", cpu=4, hostSelector={"matchLabels": {"zone": zone}})
+    make_vm(kube, namespace, "waiting", cpu=4, memory="2Gi", hostSelector={"matchLabels": {"zone": zone}})
     obj = wait_printable(kube, namespace, "waiting", "ErrorUnschedulable")
     sched = condition(obj, "Scheduled")
     assert sched["status"] == "False" and sched["reason"] == "NoSchedulableHost"
@@ -245,7 +243,24 @@ def test_missing_iso_waits_for_media(kube, operator, namespace, host) -> None:
     assert obj["status"]["error"]["code"] == "ISO_NOT_FOUND"
     assert condition(obj, "Scheduled")["status"] == "True"
     assert f"{namespace}_installer" not in domains(operator, host)
+    # Expected waiting (defect 7): a Normal Event, no Warning.
+    kube.wait_for(lambda: ("Normal", "WaitingForMedia") in event_types(kube, namespace, "installer"),
+                  what="WaitingForMedia event")
+    assert [e for e in event_types(kube, namespace, "installer") if e[0] == "Warning"] == []
     delete_and_wait(kube, namespace, "installer")
+
+
+def test_a_vm_waiting_for_a_host_posts_no_warning(kube, operator, namespace) -> None:
+    """Defect 7: a VM applied before any host it may use (GitOps order) waits quietly: Normal Events."""
+    make_vm(kube, namespace, "early", hostSelector={"matchLabels": {"site": uniq("none")}})
+    make_vm(kube, namespace, "pinned", hostRef=uniq("later"))
+    for name in ("early", "pinned"):
+        obj = wait_printable(kube, namespace, name, "ErrorUnschedulable")
+        assert condition(obj, "Scheduled")["status"] == "False"
+        kube.wait_for(lambda n=name: ("Normal", "WaitingForHost") in event_types(kube, namespace, n),
+                      what=f"{name} WaitingForHost event")
+        assert [e for e in event_types(kube, namespace, name) if e[0] == "Warning"] == []
+        delete_and_wait(kube, namespace, name)
 
 
 def test_spec_change_while_running_requires_restart(kube, operator, namespace, host) -> None:
@@ -313,8 +328,9 @@ def test_operator_restart_adopts_domains_without_duplicates(kube, operator, name
                       disks=[{"name": "root", "volume": {"size": "64Mi", "pool": "default-pool"}}])["metadata"]["uid"]
         wait_printable(kube, namespace, "survivor", "Running")
         dname = f"{namespace}_survivor"
-        defined_before = event_reasons(kube, namespace, "survivor").count("Defined")
-        assert defined_before == 1
+        # Events are posted asynchronously (kopf's posting queue): Running can be seen before them.
+        kube.wait_for(lambda: event_reasons(kube, namespace, "survivor").count("Started") == 1, what="Started event")
+        assert event_reasons(kube, namespace, "survivor").count("Defined") == 1
         rv_before = status(kube, namespace, "survivor")
 
         operator.stop()
@@ -419,3 +435,67 @@ def test_an_event_refreshes_only_its_vm_and_subscribing_happens_once(kube, opera
     assert subscribes() == before  # once per connection, not once per round
     for i in range(4):
         delete_and_wait(kube, namespace, f"ev{i}")
+
+
+def test_a_volume_made_before_a_later_failure_is_in_status_and_is_deleted_with_the_vm(
+        kube, operator, namespace, host) -> None:
+    """Defect 12: the first disk's volume is created, the second disk's pool does not exist on the host
+    (a real failure): status.volumes names the volume that exists, and deleting the VM removes it."""
+    vm = make_vm(kube, namespace, "half", hostRef=host,
+                 disks=[{"name": "root", "volume": {"size": "64Mi"}},
+                        {"name": "data", "volume": {"size": "64Mi", "pool": "no-such-pool"}}])
+    uid = vm["metadata"]["uid"]
+    st = kube.wait_for(lambda: (s := status(kube, namespace, "half")).get("error") and s, what="the failure")
+    assert st["error"]["code"] == "STORAGE_POOL_NOT_FOUND", st["error"]
+    assert volumes(operator, host) == [f"lvop-{uid}-root"]
+    assert st["volumes"] == [{"disk": "root", "pool": "default", "name": f"lvop-{uid}-root"}]
+    delete_and_wait(kube, namespace, "half")
+    assert volumes(operator, host) == []
+
+
+def test_a_crash_looping_vm_turns_stalled_and_is_still_restarted(kube, operator, namespace, host) -> None:
+    """Defect 8: after 3 failed runs in a row the VM reports Stalled=True (kstatus: Failed, so a GitOps
+    tool stops waiting) and no longer Reconciling, while the backoff keeps restarting it."""
+    uid = make_vm(kube, namespace, "loop", hostRef=host)["metadata"]["uid"]
+    wait_printable(kube, namespace, "loop", "Running")
+    for failures in (1, 2, 3):
+        domain_action(operator, host, uid, "destroy")  # powered off from outside: a failure
+        obj = kube.wait_for(lambda: (o := kube.get(VM, "loop", namespace))["status"].get(
+            "startFailure", {}).get("consecutiveFailCount") == failures and o, timeout=10, what=f"failure {failures}")
+        stalled, reconciling = condition(obj, "Stalled"), condition(obj, "Reconciling")
+        if failures < 3:
+            assert stalled is None and reconciling["status"] == "True", obj["status"]["conditions"]
+            wait_printable(kube, namespace, "loop", "Running", timeout=10 * 2 ** failures + 10)
+    assert stalled is not None and stalled["status"] == "True" and reconciling is None, obj["status"]["conditions"]
+    assert condition(obj, "Ready")["status"] == "False"
+    wait_printable(kube, namespace, "loop", "Running", timeout=60)  # still retried: 40 s backoff
+    obj = kube.get(VM, "loop", namespace)
+    assert condition(obj, "Stalled") is None and condition(obj, "Ready")["status"] == "True"
+    delete_and_wait(kube, namespace, "loop")
+
+
+def test_thin_volumes_that_overcommit_a_pool_are_reported(kube, operator, namespace, test_host_factory) -> None:
+    """Defect 12: a 200 GiB thin disk in a 100 GiB pool (the test driver's pool size) is created (qcow2
+    grows on demand), and the VM says that the pool is overcommitted (condition + Warning Event), as
+    does the per-pool metric."""
+    from prometheus_client import REGISTRY
+
+    name = uniq("thin")
+    hv = make_host(kube, test_host_factory(name, cpus=4, memory_mib=4096), name)
+    make_vm(kube, namespace, "big", hostRef=hv, disks=[{"name": "root", "volume": {"size": "200Gi"}}])
+    obj = wait_printable(kube, namespace, "big", "Running")
+    over = condition(obj, "StorageOvercommitted")
+    assert over is not None and over["status"] == "True" and "pool default" in over["message"], over
+    assert condition(obj, "Ready")["status"] == "True"  # reported, not fatal
+    kube.wait_for(lambda: ("Warning", "PoolOvercommitted") in event_types(kube, namespace, "big"),
+                  what="PoolOvercommitted event")
+    ratio = REGISTRY.get_sample_value("libvirt_operator_storage_pool_commitment_ratio", {"host": hv, "pool": "default"})
+    assert ratio is not None and ratio >= 2.0, ratio
+
+    make_vm(kube, namespace, "small", hostRef=hv, disks=[{"name": "root", "volume": {"size": "64Mi"}}])
+    fits = wait_printable(kube, namespace, "small", "Running")  # its own volume fits, the pool does not
+    assert condition(fits, "StorageOvercommitted")["status"] == "True"
+    delete_and_wait(kube, namespace, "big")
+    delete_and_wait(kube, namespace, "small")
+    kube.delete(HOST, hv)
+

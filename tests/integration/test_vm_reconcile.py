@@ -72,7 +72,7 @@ async def test_media_wait_then_define_idempotently_then_teardown_keeps_the_iso(s
     out = await sync_vm(vm_body(uid), rt, view)
     assert out.error is not None and out.error.code is ErrorCode.ISO_NOT_FOUND and out.retry
     assert out.status["printableStatus"] == "WaitingForMedia"
-    assert any(e[1] == "ISONotFound" for e in out.events)
+    assert any(e[:2] == ("Normal", "WaitingForMedia") for e in out.events)  # expected waiting: no Warning
 
     isos["debian"] = iso_obj("Uploading")
     out = await sync_vm(vm_body(uid, out.status), rt, view)

@@ -14,6 +14,7 @@ from libvirt_operator.core.classify import (
     RULES,
     classify_libvirt,
     classify_text,
+    explicit_code,
     libvirt_error_names,
     match_rule,
 )
@@ -101,3 +102,26 @@ def test_libvirt_names_exist_and_classify() -> None:
                             "invalid argument: could not find capabilities for domaintype=kvm"
                             ) == ErrorCode.HYPERVISOR_UNSUPPORTED
     assert classify_libvirt(None, "no idea") == ErrorCode.LIBVIRT_ERROR
+
+
+@pytest.mark.parametrize(("text", "code"), [
+    ("ISO_CHECKSUM_MISMATCH", ErrorCode.ISO_CHECKSUM_MISMATCH),  # the bare code from `describe`
+    (" iso-checksum-mismatch\n", ErrorCode.ISO_CHECKSUM_MISMATCH),
+    ("HostUnreachable", ErrorCode.HOST_UNREACHABLE),  # a condition reason
+    ("Reason: ChecksumMismatch", ErrorCode.ISO_CHECKSUM_MISMATCH),
+    ("[STORAGE_FULL] cannot allocate 5 bytes: No space left on device. See https://x/storage-full.md",
+     ErrorCode.STORAGE_FULL),
+    ("Warning  Failed  12s  libvirt-operator  [HOST_AUTH_FAILED] authentication failed",
+     ErrorCode.HOST_AUTH_FAILED),  # an Event line
+    ("    Code:     INSUFFICIENT_RESOURCES", ErrorCode.INSUFFICIENT_RESOURCES),  # describe's status.error
+    # a named code beats the rules that the rest of the message would match
+    ("[INVALID_SPEC] Network not found: no network with matching name 'x'", ErrorCode.INVALID_SPEC),
+])
+def test_texts_naming_their_code(text: str, code: ErrorCode) -> None:
+    assert explicit_code(text) == code
+    assert classify_text(text) == code
+
+
+@pytest.mark.parametrize("text", ["domain", "[NOT_A_CODE] x", "error code: 5", "Ready", "connection refused"])
+def test_texts_naming_no_code(text: str) -> None:
+    assert explicit_code(text) is None

@@ -27,6 +27,7 @@ def spec(**kw) -> VirtualMachineSpec:
 
 def host(name: str, cpus: int = 8, mem_gib: int = 16, labels=None, ready=True, alloc_cpus=0, alloc_gib=0,
          **kw) -> HostView:
+    kw.setdefault("cpu_allocation_ratio", 1.0)  # 1:1 unless a test is about overcommit
     return HostView(name=name, labels=labels or {}, ready=ready, cpus=cpus, memory_bytes=mem_gib * GiB,
                     allocated_cpus=alloc_cpus, allocated_memory_bytes=alloc_gib * GiB, **kw)
 
@@ -448,3 +449,36 @@ def test_eject_media_only_after_the_first_run_ended():
     assert not eject("EjectAfterFirstBoot", None, False, OFF_NEW)       # never booted
     assert not eject("EjectAfterFirstBoot", ago(60), True, OFF_CLEAN)   # already done
     assert not eject("Keep", ago(60), False, OFF_CLEAN)
+
+
+def test_allocation_ratios_let_placement_overcommit_cpus_and_default_like_openstack():
+    """Defect 4: a 2-core host places a third 1-vCPU VM (default cpuAllocationRatio 4.0, OpenStack's), and
+    never more than capacity × ratio; memory is not overcommitted by default."""
+    obj = {"metadata": {"name": "small"}, "spec": {"uri": "test:///default"},
+           "status": {"conditions": [{"type": "Ready", "status": "True"}], "capacity": {"cpus": 2, "memory": "4Gi"},
+                      "allocated": {"cpus": 2, "memory": "1Gi"}}}
+    hv = HostView.from_object(obj)
+    assert (hv.cpu_allocation_ratio, hv.memory_allocation_ratio) == (4.0, 1.0)
+    vm = spec(cpu=1, memory="512Mi")
+    reserved = [Reservation("small", 1, 512 * 2**20, uid=str(i)) for i in range(5)]
+    assert plan.choose_host(vm, [hv], reserved).host == "small"             # 2 + 5 + 1 = 8 = 2 × 4.0
+    full = plan.choose_host(vm, [hv], reserved + [Reservation("small", 1, 0, uid="x")])
+    assert full.host is None and full.error.code is ErrorCode.INSUFFICIENT_RESOURCES
+    assert plan.choose_host(spec(cpu=1, memory="4Gi"), [hv]).host is None   # memory ratio 1.0
+    roomy = HostView.from_object({**obj, "spec": {"uri": "test:///default", "memoryAllocationRatio": 1.5}})
+    assert plan.choose_host(spec(cpu=1, memory="4Gi"), [roomy]).host == "small"
+
+
+def test_vms_that_cannot_run_hold_no_reservation_and_free_is_never_shown_negative():
+    """Defect 4: pinned VMs that never started (waiting for media, crash-looping, failed provisioning)
+    do not eat the host's capacity forever; a message never shows negative free capacity."""
+    def vm(uid, printable, **status):
+        return {"metadata": {"uid": uid}, "spec": {"cpu": 40, "memory": "1Gi", "hostRef": "a"},
+                "status": {"host": "a", "printableStatus": printable, **status}}
+    waiting = [vm("1", "WaitingForMedia"), vm("2", "CrashLoopBackOff"),
+               vm("3", "Provisioning", error={"code": "STORAGE_POOL_NOT_FOUND"}), vm("4", "ErrorUnschedulable")]
+    assert plan.reservations(waiting) == []
+    assert [r.uid for r in plan.reservations([vm("5", "Provisioning"), vm("6", "Starting")])] == ["5", "6"]
+    over = plan.choose_host(spec(cpu=1, hostSelector={"matchLabels": {}}), [host("a", cpus=2)],
+                            plan.reservations([vm("5", "Provisioning")]))
+    assert over.error is not None and "most free: 0 CPUs" in over.error.message

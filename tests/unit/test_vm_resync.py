@@ -120,7 +120,7 @@ async def test_orphan_check_runs_with_the_full_sweep(world) -> None:
 # ---------------------------------------------------------------------------- placement index
 
 def host_obj(name: str, cpus: int) -> dict[str, Any]:
-    return {"metadata": {"name": name, "labels": {"zone": "z"}}, "spec": {"uri": "test:///default"},
+    return {"metadata": {"name": name, "labels": {"zone": "z"}}, "spec": {"uri": "test:///default", "cpuAllocationRatio": 1.0},
             "status": {"conditions": [{"type": "Ready", "status": "True"}],
                        "capacity": {"cpus": cpus, "memory": "64Gi"}, "allocated": {"cpus": 0, "memory": "0"}}}
 

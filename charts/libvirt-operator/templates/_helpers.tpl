@@ -31,3 +31,8 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
 {{- default "default" .Values.serviceAccount.name -}}
 {{- end -}}
 {{- end -}}
+
+{{/* The leader-election Lease's name. */}}
+{{- define "libvirt-operator.leaseName" -}}
+{{- default (include "libvirt-operator.fullname" .) .Values.leaderElection.leaseName -}}
+{{- end -}}

@@ -4,16 +4,23 @@ from __future__ import annotations
 
 import pathlib
 import sys
+from typing import Any
 
 import click
 
 from ..core import crdgen
+from .leader_election import leader_election_click_options, options_from_click
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="libvirt-operator")
 def main() -> None:
     """libvirt-operator: VirtualMachines, ISOImages and LibvirtHosts on real libvirt hosts."""
+    from ..core.logs import configure
+
+    # Every command logs to stderr only (stdout is for its output: `explain --json`, `crds`);
+    # `run` and `dev` configure their own format and level.
+    configure("auto", "WARNING")
 
 
 @main.command()
@@ -46,11 +53,13 @@ def main() -> None:
               help="Accept test:// LibvirtHost URIs (libvirt's test driver; development and tests only).")
 @click.option("--test-driver-dir", "test_driver_dirs", multiple=True, metavar="DIR",
               help="Directory whose .xml files test:/// URIs may name (repeatable; default: only test:///default).")
+@leader_election_click_options
 def run(namespaces: tuple[str, ...], metrics_port: int, metrics_address: str, liveness_port: int,
         log_format: str, log_level: str, no_knowledge_base: bool, rag_db: str | None,
         remediation_base_url: str | None, download_allow: tuple[str, ...], download_deny: tuple[str, ...],
         download_max_size: str | None, max_concurrent_imports: int | None,
-        iso_cache_dir: str | None, allow_test_driver: bool, test_driver_dirs: tuple[str, ...]) -> None:
+        iso_cache_dir: str | None, allow_test_driver: bool, test_driver_dirs: tuple[str, ...],
+        **leader_election: Any) -> None:
     """Run the operator in the foreground against the cluster in KUBECONFIG (or in-cluster)."""
     from .operator_main import OperatorOptions, run_blocking, settings_from_options
 
@@ -62,7 +71,8 @@ def run(namespaces: tuple[str, ...], metrics_port: int, metrics_address: str, li
     run_blocking(OperatorOptions(
         namespaces=namespaces, metrics_port=metrics_port, metrics_address=metrics_address,
         liveness_port=liveness_port, log_format=log_format, log_level=log_level,  # type: ignore[arg-type]
-        knowledge_base=not no_knowledge_base, settings=settings))
+        knowledge_base=not no_knowledge_base, settings=settings,
+        leader_election=options_from_click(**leader_election)))
 
 
 @main.command()
@@ -91,6 +101,11 @@ def dev(workdir: pathlib.Path, libvirt_mode: str, metrics_port: int) -> None:
     from .dev import run_dev
 
     sys.exit(run_dev(workdir.resolve(), libvirt_mode, metrics_port))
+
+
+from .vm_actions import vm as _vm_actions  # noqa: E402  (start/stop/restart/pause/unpause)
+
+main.add_command(_vm_actions)
 
 
 try:  # the knowledge-base commands need the rag extra

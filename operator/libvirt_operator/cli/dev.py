@@ -1,7 +1,8 @@
 """The embedded default: a local control plane, a local libvirt host, the samples and the operator.
 
-It reuses the test harness (tests/harness) that starts the same real parts for the test suite, so
-it needs a source checkout: `make run` from the repository.
+The real parts come from libvirt_operator.devenv, the same launchers the test harness uses. It needs
+the source checkout (the control plane is built from hack/controlplane, the samples are
+manifests/examples/): `make run` from the repository.
 """
 
 from __future__ import annotations
@@ -18,13 +19,6 @@ from collections.abc import Iterator
 from typing import Any
 
 import yaml
-
-
-def _repo_root() -> pathlib.Path:
-    for parent in pathlib.Path(__file__).resolve().parents:
-        if (parent / "hack" / "ensure-controlplane.sh").exists() and (parent / "tests" / "harness").is_dir():
-            return parent
-    raise SystemExit("`libvirt-operator dev` needs a source checkout (it reuses tests/harness): run `make run` there")
 
 
 def _say(text: str) -> None:
@@ -48,46 +42,38 @@ def _render(path: pathlib.Path, values: dict[str, str]) -> dict[str, Any]:
     return yaml.safe_load(string.Template(path.read_text()).substitute(values))
 
 
-def _apply_samples(kubeconfig: pathlib.Path, samples: list[dict[str, Any]]) -> None:
-    from kubernetes import client, config
-    from kubernetes.client.exceptions import ApiException
-
-    api = config.new_client_from_config(config_file=str(kubeconfig))
-    custom = client.CustomObjectsApi(api)
-    for doc in samples:
-        group, version = doc["apiVersion"].split("/")
-        plural = doc["kind"].lower() + "s"
-        ns = doc["metadata"].get("namespace")
-        try:
-            if ns:
-                custom.create_namespaced_custom_object(group, version, ns, plural, doc)
-            else:
-                custom.create_cluster_custom_object(group, version, plural, doc)
-        except ApiException as err:
-            if err.status != 409:  # already there from an earlier run
-                raise
-        print(f"    {doc['kind']}/{doc['metadata']['name']}")
-
-
 def run_dev(workdir: pathlib.Path, libvirt_mode: str, metrics_port: int) -> int:
-    root = _repo_root()
-    sys.path.insert(0, str(root))
-    from tests.harness.controlplane import ControlPlane
-    from tests.harness.kube import Kube
-    from tests.harness.libvirt_hosts import LibvirtDaemon, libvirtd_available, write_test_host
+    try:
+        from kubernetes import config
 
+        from ..devenv.checkout import CheckoutNotFound, find_checkout
+        from ..devenv.controlplane import ControlPlane, ControlPlaneError
+        from ..devenv.libvirtd import LibvirtDaemon, libvirtd_available
+        from ..devenv.resources import apply_crds, create_objects
+        from ..devenv.testhost import write_test_host
+    except ImportError as err:  # the launchers need the `dev` extra (cryptography, kubernetes)
+        raise SystemExit(f"`libvirt-operator dev` needs the dev extra: pip install -e '.[dev]' ({err})") from None
+    from ..core import crdgen
     from ..core.logs import configure
     from .operator_main import OperatorOptions, run_blocking, settings_from_options
+
+    try:
+        root = find_checkout()
+    except CheckoutNotFound as err:
+        raise SystemExit(f"`libvirt-operator dev`: {err}") from None
 
     workdir.mkdir(parents=True, exist_ok=True)
     configure("console", "INFO")
     with contextlib.ExitStack() as stack:
         _say("starting the local control plane (etcd + kube-apiserver; the first run builds them from Go modules)")
-        cp = stack.enter_context(ControlPlane(workdir / "controlplane"))
+        try:
+            cp = stack.enter_context(ControlPlane(workdir / "controlplane"))
+        except ControlPlaneError as err:
+            raise SystemExit(f"`libvirt-operator dev`: the local control plane did not start: {err}") from None
         kubeconfig = cp.kubeconfig_path
         os.environ["KUBECONFIG"] = str(kubeconfig)
-        kube = Kube(kubeconfig)
-        kube.apply_crds(root / "crds")
+        api = config.new_client_from_config(config_file=str(kubeconfig))
+        apply_crds(api, [crdgen.crd(r) for r in crdgen.RESOURCES])  # from this code's API types
 
         use_daemon = libvirt_mode == "daemon"
         if libvirt_mode == "auto":
@@ -101,7 +87,7 @@ def run_dev(workdir: pathlib.Path, libvirt_mode: str, metrics_port: int) -> int:
             _say("starting a local libvirtd (QEMU/TCG) on loopback")
             daemon = stack.enter_context(LibvirtDaemon(name="local", root=workdir / "libvirt"))
             values["LIBVIRT_URI"] = daemon.uri
-            iso = _build_boot_iso(root, workdir)
+            iso = _build_boot_iso(workdir)
             if iso is not None:
                 url = stack.enter_context(_serve_directory(iso.parent))
                 values["ISO_URL"] = f"{url}/{iso.name}"
@@ -112,7 +98,8 @@ def run_dev(workdir: pathlib.Path, libvirt_mode: str, metrics_port: int) -> int:
 
         _build_knowledge_base()
         _say("creating the sample resources from manifests/examples/")
-        _apply_samples(kubeconfig, [_render(samples_dir / f, values) for f in sample_files])
+        for created in create_objects(api, [_render(samples_dir / f, values) for f in sample_files]):
+            print(f"    {created}")
 
         _say(f"export KUBECONFIG={kubeconfig}")
         _say("kubectl get libvirthosts,virtualmachines,isoimages -A")
@@ -132,9 +119,9 @@ def run_dev(workdir: pathlib.Path, libvirt_mode: str, metrics_port: int) -> int:
     return 0
 
 
-def _build_boot_iso(root: pathlib.Path, workdir: pathlib.Path) -> pathlib.Path | None:
+def _build_boot_iso(workdir: pathlib.Path) -> pathlib.Path | None:
     try:
-        from tests.harness.test_iso import build_test_iso
+        from ..devenv.testiso import build_test_iso
 
         path, _markers = build_test_iso(workdir / "iso")
         return pathlib.Path(path)

@@ -5,17 +5,22 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import ipaddress
+import logging
+import os
 import pathlib
+import sys
 import threading
+from collections.abc import Callable
 from typing import Literal
 
 import click
 import kopf
-from prometheus_client import start_http_server
 
 from ..core.logs import configure
 from ..core.quantity import parse_quantity
 from ..core.settings import Settings
+from .leader_election import LeaderElectionOptions, run_elected
+from .metrics_server import serve_metrics
 
 
 @dataclasses.dataclass
@@ -28,6 +33,9 @@ class OperatorOptions:
     log_level: str = "INFO"
     knowledge_base: bool = True
     settings: Settings | None = None
+    # Off by default (`make run`, the test harness, a single process); the chart and manifests/deploy
+    # turn it on (--leader-elect) and run two replicas.
+    leader_election: LeaderElectionOptions = dataclasses.field(default_factory=LeaderElectionOptions)
 
 
 def settings_from_options(*, knowledge_base: bool = True, rag_db: str | None = None,
@@ -74,23 +82,43 @@ def _load_handlers() -> None:
 
 
 async def run_operator(options: OperatorOptions, *, stop_flag: asyncio.Event | threading.Event | None = None,
-                       ready_flag: asyncio.Event | threading.Event | None = None) -> None:
+                       ready_flag: asyncio.Event | threading.Event | None = None,
+                       on_lost: Callable[[str], None] | None = None) -> None:
+    """With leader election, kopf runs only while this process holds the Lease (cli/leader_election.py);
+    a lost lease calls `on_lost`, else raises LeadershipLost."""
     _load_handlers()
     settings = options.settings or Settings(knowledge_base_enabled=options.knowledge_base)
     memo = kopf.Memo(settings=settings, namespaces=tuple(options.namespaces))  # the orphan report's scope
-    await kopf.operator(
-        standalone=True,
-        clusterwide=not options.namespaces,
-        namespaces=list(options.namespaces),
-        liveness_endpoint=(f"http://0.0.0.0:{options.liveness_port}/healthz" if options.liveness_port else None),
-        memo=memo,
-        stop_flag=stop_flag,
-        ready_flag=ready_flag,
-    )
+
+    async def run_kopf(flag: asyncio.Event | threading.Event | None) -> None:
+        await kopf.operator(
+            standalone=True,  # no kopf peering: one process acts, the Lease's holder when elected
+            clusterwide=not options.namespaces,
+            namespaces=list(options.namespaces),
+            liveness_endpoint=(f"http://0.0.0.0:{options.liveness_port}/healthz" if options.liveness_port else None),
+            memo=memo,
+            stop_flag=flag,
+            ready_flag=ready_flag,
+        )
+
+    if not options.leader_election.enabled:
+        await run_kopf(stop_flag)
+        return
+    await run_elected(options.leader_election, liveness_port=options.liveness_port, run_kopf=run_kopf,
+                      stop_flag=stop_flag, on_lost=on_lost)
+
+
+def _exit_at_once(reason: str) -> None:
+    """The lease is lost: stop acting now (libvirt calls in worker threads included), as
+    controller-runtime's manager does; the kubelet restarts the container as a candidate."""
+    for handler in logging.getLogger().handlers:
+        handler.flush()
+    sys.stderr.flush()
+    os._exit(1)
 
 
 def run_blocking(options: OperatorOptions) -> None:
     configure(options.log_format, options.log_level)
     if options.metrics_port:
-        start_http_server(options.metrics_port, addr=options.metrics_address)
-    asyncio.run(run_operator(options))
+        serve_metrics(options.metrics_port, addr=options.metrics_address)
+    asyncio.run(run_operator(options, on_lost=_exit_at_once))

@@ -21,7 +21,6 @@ from ..adapters.rag import (
     search_documents,
 )
 from ..adapters.rag.settings import RagSettings
-from ..core.classify import classify_text
 from ..core.errors import CATALOG, ErrorCode, redact
 
 __all__ = ["explain", "rag"]
@@ -40,6 +39,11 @@ def _settings(db_dir: pathlib.Path | None = None, rag_dir: pathlib.Path | None =
 
 def _dump(obj: Any) -> None:
     click.echo(json.dumps(obj, indent=2, ensure_ascii=False))
+
+
+def _hit_url(s: RagSettings, hit: Any) -> str:
+    url = hit.url or s.link(hit.path)
+    return f"{url}#{hit.anchor}" if hit.anchor else url
 
 
 @click.group("rag")
@@ -71,26 +75,29 @@ def index_cmd(rag_dir: pathlib.Path | None, db_dir: pathlib.Path | None, as_json
               help="Rank runbooks covering this error code first (repeatable).")
 @click.option("--limit", default=5, show_default=True, type=click.IntRange(1, 50))
 @click.option("--mode", type=click.Choice(["hybrid", "vector", "fts"]), default="hybrid", show_default=True)
+@click.option("--engine", type=click.Choice(["snapshot", "lancedb"]), default="snapshot", show_default=True,
+              help="snapshot: the numpy query snapshot the operator uses; lancedb: the LanceDB table.")
 @click.option("--base-url", default=None, help="Link prefix [default: $LIBVIRT_OPERATOR_RAG_BASE_URL].")
 @_db_option
 @_json_option
-def search_cmd(query: str, codes: tuple[str, ...], limit: int, mode: str, base_url: str | None,
+def search_cmd(query: str, codes: tuple[str, ...], limit: int, mode: str, engine: str, base_url: str | None,
                db_dir: pathlib.Path | None, as_json: bool) -> None:
     """Search the runbooks and guides; one result per document, best first."""
     s = _settings(db_dir, base_url=base_url)
     try:
-        hits = search_documents(query, limit, [c.upper() for c in codes], db_dir=s.db_dir, mode=mode)  # type: ignore[arg-type]
+        hits = search_documents(query, limit, [c.upper() for c in codes], db_dir=s.db_dir, mode=mode,  # type: ignore[arg-type]
+                                engine=engine)  # type: ignore[arg-type]
     except IndexMissingError as err:
         raise click.ClickException(f"{err}; build it with `libvirt-operator rag index`") from err
     if as_json:
-        _dump([h.as_dict() | {"url": s.link(h.path)} for h in hits])
+        _dump([h.as_dict() | {"url": _hit_url(s, h)} for h in hits])
         return
     if not hits:
         click.echo("no results")
     for i, h in enumerate(hits, start=1):
         codes_txt = ",".join(h.codes) or "-"
         click.echo(f"{i}. [{h.score:.3f}] {h.title}")
-        click.echo(f"   {s.link(h.path)}  codes={codes_txt}  best section: {h.heading}")
+        click.echo(f"   {_hit_url(s, h)}  codes={codes_txt}  best chunk: {h.heading}")
 
 
 @rag.command("get")
@@ -122,12 +129,12 @@ def explain(text: str, limit: int, base_url: str | None, db_dir: pathlib.Path | 
     if text == "-":
         text = sys.stdin.read()
     message = redact(text.strip())
-    code = classify_text(message)
-    info = CATALOG[code]
     # The warning below says it once, on stderr; keep the adapter's log line out of the way.
     logging.getLogger("libvirt_operator.adapters.rag").setLevel(logging.ERROR)
     kb = KnowledgeBase(settings=_settings(db_dir, base_url=base_url), retry_after=0)
-    links = kb.remediation_sync(code, message, limit)
+    answer = kb.explain(message, limit)
+    code, links = answer.code, answer.remediation
+    info = CATALOG[code]
     if not kb.healthy:
         click.echo(f"warning: knowledge base unavailable ({kb.last_error}); showing the fixed runbook link",
                    err=True)
@@ -138,11 +145,15 @@ def explain(text: str, limit: int, base_url: str | None, db_dir: pathlib.Path | 
             "retryable": info.retryable,
             "summary": info.summary,
             "message": message,
+            "section": answer.section,
+            "decided_by": answer.source,
             "remediation": [r.as_dict() for r in links],
         })
         return
     click.echo(f"{code.value} ({info.reason}, {'retryable' if info.retryable else 'not retryable'})")
     click.echo(f"  {info.summary}")
+    if answer.section:
+        click.echo(f"  section: {answer.section}")
     click.echo("Runbooks:")
     for r in links:
         click.echo(f"  [{r.score:.3f}] {r.title}\n          {r.url}")

@@ -3,6 +3,9 @@
 Pure text rules, no I/O and no libvirt import. Two entry points:
 
 * ``classify_text(text)``: for any raw message (``libvirt-operator explain``, wrapped exceptions).
+  A text that names its code — a bare code (``ISO_CHECKSUM_MISMATCH``), a condition reason
+  (``HostUnreachable``) or a status message copied from ``describe`` (``[CODE] message``) — gets
+  that code (``explicit_code``).
 * ``classify_libvirt(error_name, text)``: for the libvirt adapter. It maps the symbolic libvirt
   error number first (``VIR_ERR_NO_DOMAIN`` -> VM_NOT_FOUND ...) and uses the text rules only for
   numbers that are ambiguous (``VIR_ERR_INTERNAL_ERROR``, ``VIR_ERR_SYSTEM_ERROR`` ...). The adapter
@@ -21,7 +24,7 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-from libvirt_operator.core.errors import ErrorCode
+from libvirt_operator.core.errors import CATALOG, ErrorCode
 
 __all__ = [
     "LIBVIRT_AMBIGUOUS",
@@ -30,6 +33,8 @@ __all__ = [
     "Rule",
     "classify_libvirt",
     "classify_text",
+    "explicit_code",
+    "is_generic",
     "libvirt_error_names",
     "looks_like_http",
     "looks_like_kubernetes",
@@ -87,6 +92,41 @@ RULES: tuple[Rule, ...] = (
           r"\bdoes not expose (network|bridge)\b",
           r"\bNetworkNotAllowed\b",
           r"\b(network|bridge) \S+ is not (allowed|exposed)\b"),
+    # VM snapshots (reconcile.snapshot, handlers.snapshot) and libvirt's own snapshot refusals.
+    _rule("snapshot-unsupported", E.SNAPSHOT_UNSUPPORTED,
+          r"\bonly qcow2 file disks can be snapshotted\b",
+          r"\bno qcow2 disk to snapshot\b",
+          r"\bcannot have internal snapshots\b",
+          r"\binternal snapshots? (of|for) (a VM with pflash|disk \S+ unsupported)",
+          r"\brequire external disk snapshots\b",
+          r"\binternal snapshot of a running VM must include the memory state\b",
+          r"\bSnapshotUnsupported\b"),
+    _rule("restore-target-running", E.RESTORE_TARGET_RUNNING,
+          r"\bthe restore runs once it is stopped\b",
+          r"\ba restore needs it stopped\b",
+          r"\bwould start it during the restore\b",
+          r"\bgave up \(targetReadinessPolicy\b"),
+    _rule("snapshot-missing", E.SNAPSHOT_NOT_FOUND,
+          r"\bno domain snapshot with matching name\b",
+          r"\bDomain snapshot not found\b",
+          r"\bVirtualMachineSnapshot \S+ (does not exist|is not ready to use|failed|is being deleted)",
+          r"\bthe snapshot went with the old VM's disks\b",
+          r"\bsnapshot lvop-snap-\S+ no longer exists\b"),
+    _rule("snapshot-source-missing", E.SNAPSHOT_SOURCE_NOT_FOUND,
+          r"\bthis snapshot inside them\b",
+          r"\bVirtualMachine \S+ is not on a host yet\b",
+          r"\bVirtualMachine \S+ was recreated while the snapshot\b",
+          r"\bVirtualMachine \S+'s domain is gone from\b",
+          r"\bVirtualMachine \S+ has no domain on \S+ yet\b"),
+    # Disks from images (reconcile/vm.py via adapters/libvirt/clone.py): the operator's own sentences.
+    _rule("image-not-found", E.IMAGE_NOT_FOUND,
+          r"\bbase (volume|image) \S+ (of|for) disk\b[^\n]*\b(does not exist|not found|missing)",
+          r"\bImageNotFound\b"),
+    _rule("volume-shrink", E.VOLUME_SHRINK_REFUSED,
+          r"\bvolumes are never shrunk\b",
+          r"\bsmaller than (its|the) base (volume|image)\b",
+          r"\bVolumeShrinkRefused\b",
+          r"\bshrinking (the )?(volume|image|disk)\b[^\n]*\b(refused|not supported|not allowed)"),
     _rule("credentials-missing", E.CREDENTIALS_NOT_FOUND,
           r"\bsecrets?\s+\\?\"[^\"\\]+\\?\"\s+not\s+found",
           r"\bsecret\s+\S+\s+(has no|is missing|lacks)\s+(the\s+)?(key|data|field)",
@@ -334,6 +374,33 @@ def looks_like_kubernetes(text: str) -> bool:
     return bool(_KUBERNETES_HINTS.search(text or ""))
 
 
+_BY_NAME = {c.value: c for c in ErrorCode} | {CATALOG[c].reason.lower(): c for c in ErrorCode}
+_TAGGED = re.compile(r"\[([A-Z][A-Z0-9_]+)\]|\b(?i:code):\s*([A-Z][A-Z0-9_]+)\b")
+_BARE = re.compile(r"^\s*[\"'`]?([A-Za-z][A-Za-z0-9_-]*)[\"'`]?\s*[.:]?\s*$")
+
+
+def explicit_code(text: str) -> ErrorCode | None:
+    """The code a text names itself: ``ISO_CHECKSUM_MISMATCH`` (any case, ``-`` for ``_``),
+    ``HostUnreachable`` (a condition reason), ``Reason: HostUnreachable``, ``[CODE] message`` as
+    in a Ready condition's message or an Event, or ``Code: CODE`` as ``describe`` prints
+    status.error. None when the text names no code."""
+    if not text:
+        return None
+    for m in _TAGGED.finditer(text):
+        if (m.group(1) or m.group(2)) in _BY_NAME:
+            return _BY_NAME[m.group(1) or m.group(2)]
+    m = _BARE.match(re.sub(r"^\s*reason:\s*", "", text, flags=re.IGNORECASE))
+    if m:
+        word = m.group(1)
+        return _BY_NAME.get(word.upper().replace("-", "_")) or _BY_NAME.get(word.lower())
+    return None
+
+
+def is_generic(code: ErrorCode) -> bool:
+    """LIBVIRT_ERROR says only where an error came from, not what to do about it."""
+    return code == ErrorCode.LIBVIRT_ERROR
+
+
 def classify_text(text: str, default: ErrorCode = ErrorCode.LIBVIRT_ERROR) -> ErrorCode:
     """Map raw error text to a catalog code.
 
@@ -342,6 +409,9 @@ def classify_text(text: str, default: ErrorCode = ErrorCode.LIBVIRT_ERROR) -> Er
     fetches install media). Anything else gets ``default`` (LIBVIRT_ERROR: the catalog has no
     "unknown" code and almost every unexplained failure of this operator comes from a host).
     """
+    named = explicit_code(text)
+    if named is not None:
+        return named
     rule = match_rule(text)
     if rule is not None:
         return rule.code
@@ -377,6 +447,7 @@ LIBVIRT_DEFINITIVE: Mapping[str, ErrorCode] = {
     "VIR_ERR_XML_ERROR": E.INVALID_SPEC,
     "VIR_ERR_XML_DETAIL": E.INVALID_SPEC,
     "VIR_ERR_NO_MEMORY": E.INSUFFICIENT_RESOURCES,
+    "VIR_ERR_NO_DOMAIN_SNAPSHOT": E.SNAPSHOT_NOT_FOUND,
 }
 
 # The text decides; this is the code when no text rule matches.

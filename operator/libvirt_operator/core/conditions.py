@@ -7,16 +7,11 @@ from collections.abc import Iterable
 from typing import Any
 
 from .errors import redact
+from .timestamps import now, timestamp  # noqa: F401 - also imported from here (reconcile.vm)
 
 READY, RECONCILING, STALLED = "Ready", "Reconciling", "Stalled"
 
 
-def now() -> dt.datetime:
-    return dt.datetime.now(dt.timezone.utc).replace(microsecond=0)
-
-
-def timestamp(value: dt.datetime | None = None) -> str:
-    return (value or now()).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def set_condition(conditions: Iterable[dict[str, Any]], type_: str, status: bool | str, reason: str,

@@ -39,6 +39,12 @@ class ErrorCode(str, enum.Enum):
     NAMESPACE_NOT_ALLOWED = "NAMESPACE_NOT_ALLOWED"
     POOL_NOT_ALLOWED = "POOL_NOT_ALLOWED"
     NETWORK_NOT_ALLOWED = "NETWORK_NOT_ALLOWED"
+    SNAPSHOT_UNSUPPORTED = "SNAPSHOT_UNSUPPORTED"
+    SNAPSHOT_SOURCE_NOT_FOUND = "SNAPSHOT_SOURCE_NOT_FOUND"
+    SNAPSHOT_NOT_FOUND = "SNAPSHOT_NOT_FOUND"
+    RESTORE_TARGET_RUNNING = "RESTORE_TARGET_RUNNING"
+    IMAGE_NOT_FOUND = "IMAGE_NOT_FOUND"
+    VOLUME_SHRINK_REFUSED = "VOLUME_SHRINK_REFUSED"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,6 +107,21 @@ CATALOG: Mapping[ErrorCode, CodeInfo] = {
         "PoolNotAllowed", False, "The LibvirtHost does not expose the requested storage pool to VMs and images."),
     ErrorCode.NETWORK_NOT_ALLOWED: CodeInfo(
         "NetworkNotAllowed", False, "The LibvirtHost does not expose the requested network or bridge to VMs."),
+    # VirtualMachineSnapshot / VirtualMachineRestore (handlers/snapshot.py).
+    ErrorCode.SNAPSHOT_UNSUPPORTED: CodeInfo(
+        "SnapshotUnsupported", False, "A disk of the VM (or the VM's state) cannot be snapshotted."),
+    ErrorCode.SNAPSHOT_SOURCE_NOT_FOUND: CodeInfo(
+        "SourceNotFound", True, "The VirtualMachine a snapshot names does not exist, is not on a host yet, or is gone."),
+    ErrorCode.SNAPSHOT_NOT_FOUND: CodeInfo(
+        "SnapshotNotFound", True, "The VirtualMachineSnapshot a restore names does not exist, is not ready, or its "
+                                  "data is gone from the host."),
+    ErrorCode.RESTORE_TARGET_RUNNING: CodeInfo(
+        "TargetRunning", True, "A restore waits for its VirtualMachine to be stopped (runStrategy Halted)."),
+    # Disks from images (VirtualMachine spec.disks[].volume.source).
+    ErrorCode.IMAGE_NOT_FOUND: CodeInfo(
+        "ImageNotFound", True, "The base volume a disk is cloned from does not exist on the VM's host."),
+    ErrorCode.VOLUME_SHRINK_REFUSED: CodeInfo(
+        "VolumeShrinkRefused", False, "A disk's size is smaller than its base image: volumes are never shrunk."),
 }
 
 # Keys whose values must never reach status, events or logs.

@@ -39,7 +39,7 @@ def configure(fmt: LogFormat = "auto", level: str = "INFO") -> None:
         processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta,
                     structlog.processors.format_exc_info, _redact_event, renderer],
     )
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _CurrentStderr()
     handler.setFormatter(formatter)
     handler.addFilter(_RoutineSuccess())
     handler.addFilter(REDACT)
@@ -48,6 +48,23 @@ def configure(fmt: LogFormat = "auto", level: str = "INFO") -> None:
     root.setLevel(level.upper())
     for noisy in ("aiohttp.access", "asyncio", "httpx", "httpcore"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+class _CurrentStderr(logging.StreamHandler):  # type: ignore[type-arg]
+    """Writes to whatever `sys.stderr` is when a record is emitted (as logging's own last-resort
+    handler does), never to stdout: `explain --json | jq` must get JSON only, and a stream swapped
+    by an embedding program (click's test runner, a daemon redirecting fds) is followed."""
+
+    def __init__(self) -> None:
+        super().__init__(sys.stderr)
+
+    @property  # type: ignore[override]
+    def stream(self) -> object:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value: object) -> None:
+        pass
 
 
 class _RoutineSuccess(logging.Filter):

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import dataclasses
 import datetime as dt
 import time
@@ -31,13 +32,14 @@ import kopf
 
 from ..core.api.common import FORCE_RELEASE_ANNOTATION, GROUP, VERSION
 from ..core.conditions import READY, get_condition
-from ..core.errors import AppError
+from ..core.errors import AppError, ErrorCode
 from ..core.logs import get_logger
-from ..reconcile.failures import parse_time, retry_delay
+from ..core.timestamps import parse_time
+from ..reconcile.failures import retry_delay
 from ..reconcile.iso import PLURAL, deletion_blocked_status, delete_iso, due, reconcile_iso
 from ..reconcile.runtime import Runtime
 from ..reconcile.status import merge_patch
-from .instrument import reconciler
+from .instrument import ended_with, reconciler, working
 from .requeue import Requeue
 from .teardown import TEARDOWN_FINALIZER, held_for_teardown, hold_for_teardown, release_teardown
 from .startup import runtime_of
@@ -72,10 +74,7 @@ def _next_due(status: dict[str, Any], rt: Runtime, now: float, *, ours: bool) ->
         return None  # permanent: waits for a spec change
     if ours:
         return now + retry_delay(int(retry.get("count") or 1))  # what nextRetryTime says, on our clock
-    try:
-        at = parse_time(str(next_at))
-    except ValueError:
-        return now
+    at = parse_time(next_at)
     return now + max(0.0, (at - dt.datetime.now(dt.timezone.utc)).total_seconds()) if at else now
 
 
@@ -90,11 +89,18 @@ async def iso_daemon_settings(settings: kopf.OperatorSettings, **_: Any) -> None
     settings.background.cancellation_polling = min(settings.background.cancellation_polling, 2.0)
 
 
+@kopf.index(GROUP, VERSION, "libvirthosts", id="iso_hosts")
+async def iso_hosts(name: str, body: kopf.Body, **_: Any) -> dict[str, dict[str, Any]]:
+    """The LibvirtHosts as the watch last saw them, for choosing import targets: no listing of all
+    hosts per image per resync (kopf fills indexes before any handler runs: never half-filled)."""
+    return {name: copy.deepcopy({k: body.get(k) for k in ("metadata", "spec", "status")})}
+
+
 @kopf.timer(GROUP, VERSION, PLURAL, interval=TICK_SECONDS, initial_delay=0)
-@reconciler("isoimage", "ISOImage")
+@reconciler("isoimage", "ISOImage", timer=True)
 async def import_iso(name: str, namespace: str, spec: dict[str, Any], status: dict[str, Any],
                      meta: dict[str, Any], body: kopf.Body, memo: kopf.Memo, stopped: Any,
-                     **_: Any) -> None:
+                     iso_hosts: kopf.Index[str, dict[str, Any]], **_: Any) -> None:
     rt = runtime_of(memo)
     uid = meta["uid"]
     records = attempts_of(rt)
@@ -116,15 +122,21 @@ async def import_iso(name: str, namespace: str, spec: dict[str, Any], status: di
     # Recorded before the attempt: a tick while it runs (or one that crashes) starts nothing new.
     failures = record.failures if record is not None and record.generation == generation else 0
     records[uid] = attempt = Attempt(generation, status, now + retry_delay(failures + 1), failures + 1)
+    working()
+    hosts = {host: obj for host, store in iso_hosts.items() for obj in store}
     outcome = await reconcile_iso(namespace, name, uid, generation, dict(spec), status, rt,
-                                  should_stop=stopped.is_set)
+                                  should_stop=stopped.is_set, hosts=hosts)
+    ended_with(outcome.error)
     if outcome.aborted:
         attempt.next_due = time.monotonic()  # stopped on request: nothing was decided
         return
     was = (get_condition(status.get("conditions"), READY) or {})
     ready = (get_condition(outcome.status.get("conditions"), READY) or {})
     if (was.get("status"), was.get("reason")) != (ready.get("status"), ready.get("reason")):
-        kopf.event(body, type="Normal" if ready.get("status") == "True" else "Warning",
+        # Progress (queued, importing) and waiting for a host that is not there yet are not warnings.
+        quiet = outcome.error is None or outcome.error.code in (ErrorCode.NO_SCHEDULABLE_HOST,
+                                                                ErrorCode.HOST_NOT_FOUND)
+        kopf.event(body, type="Normal" if ready.get("status") == "True" or quiet else "Warning",
                    reason=ready.get("reason", "Unknown"), message=ready.get("message", ""))
     # The reconcile patched status along the way: the handler's copy is stale, write it whole.
     if merge_patch(outcome.written, outcome.status):
@@ -148,7 +160,7 @@ class TeardownState:
     """Blocked ISOImage deletions of this process: keys "namespace/name" in one requeue heap."""
 
     def __init__(self) -> None:
-        self.retry = Requeue(DELETE_RETRY_BASE_SECONDS, DELETE_RETRY_CAP_SECONDS)
+        self.retry = Requeue(DELETE_RETRY_BASE_SECONDS, DELETE_RETRY_CAP_SECONDS, name="isoimage_teardown")
         self.task: asyncio.Task[None] | None = None
 
     def ensure_loop(self, rt: Runtime) -> None:
@@ -175,9 +187,9 @@ def wake_deletions(rt: Runtime, namespace: str, names: Iterable[str]) -> None:
 
 @kopf.on.resume(GROUP, VERSION, PLURAL)
 @kopf.on.create(GROUP, VERSION, PLURAL)
-async def hold_image(meta: kopf.Meta, patch: kopf.Patch, **_: Any) -> None:
+async def hold_image(meta: kopf.Meta, memo: kopf.Memo, **_: Any) -> None:
     if not meta.get("deletionTimestamp") and TEARDOWN_FINALIZER not in (meta.get("finalizers") or []):
-        patch.fns.append(hold_for_teardown)
+        await hold_for_teardown(runtime_of(memo), PLURAL, meta)  # our own patch (see handlers.teardown)
 
 
 @kopf.on.event(GROUP, VERSION, PLURAL)

@@ -6,6 +6,10 @@ starve new objects. Instead a handler records the status, returns, and puts the 
 (a heap of (due time, key), no task per key) re-runs the reconcile for the keys that are due, with
 bounded concurrency. Watch events that may unblock a key (a host, an ISOImage, a namespace changed)
 make it due at once (`wake`), without resetting its backoff.
+
+Metrics (client-go's `workqueue_*`, label `name`): depth = keys due and not yet picked up (keys
+waiting out a backoff are "delayed", as in client-go), an add = a key put in the queue, a retry = a
+failure that re-schedules it, queue duration = from due to picked up, work duration = `work(key)`.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterable
 
 from ..core.logs import get_logger
+from ..core.workqueue import QueueMetrics
 
 log = get_logger(__name__)
 
@@ -24,7 +29,7 @@ log = get_logger(__name__)
 class Requeue:
     """Keys due at some monotonic time; each failure doubles the key's next delay (base … cap)."""
 
-    def __init__(self, base: float, cap: float) -> None:
+    def __init__(self, base: float, cap: float, name: str = "requeue") -> None:
         self.base, self.cap = base, cap
         self._heap: list[tuple[float, int, str]] = []
         self._due: dict[str, float] = {}         # key → due time (heap entries with another time are stale)
@@ -33,6 +38,8 @@ class Requeue:
         self._changed: asyncio.Event | None = None
         self._inflight: set[str] = set()
         self._rewake: set[str] = set()
+        self._waited: dict[str, float] = {}      # popped key → seconds it waited after being due
+        self.metrics = QueueMetrics(name, self.ready_count)
 
     # --- bookkeeping (sync, O(log n)) ---
 
@@ -41,6 +48,11 @@ class Requeue:
 
     def __len__(self) -> int:
         return len(self._due)
+
+    def ready_count(self) -> int:
+        """Keys due now and not picked up yet (the work-queue depth)."""
+        now = time.monotonic()
+        return sum(1 for due in list(self._due.values()) if due <= now)
 
     def attempts(self, key: str) -> int:
         return self._attempts.get(key, 0)
@@ -52,6 +64,7 @@ class Requeue:
         """One more failure: schedule the key after its backoff delay (capped for this key by
         `at_most`); returns the delay."""
         attempt = self._attempts[key] = self._attempts.get(key, 0) + 1
+        self.metrics.retried()
         delay = self.delay_for(attempt)
         if at_most is not None:
             delay = min(delay, at_most)
@@ -63,6 +76,8 @@ class Requeue:
             self._rewake.discard(key)
             delay = 0.0
         due = time.monotonic() + max(0.0, delay)
+        if key not in self._due:
+            self.metrics.added()
         self._due[key] = due
         heapq.heappush(self._heap, (due, next(self._seq), key))
         if self._heap[0][2] == key and self._changed is not None:
@@ -100,6 +115,7 @@ class Requeue:
             if self._due.get(key) == due:
                 del self._due[key]
                 out.append(key)
+                self._waited[key] = now - due
         return out
 
     def next_due(self) -> float | None:
@@ -118,6 +134,7 @@ class Requeue:
 
         async def one(key: str) -> None:
             self._inflight.add(key)
+            token = self.metrics.started(self._waited.pop(key, 0.0))
             try:
                 await work(key)
             except asyncio.CancelledError:
@@ -125,6 +142,7 @@ class Requeue:
             except Exception:  # noqa: BLE001  (the loop must survive anything)
                 log.exception("requeued reconcile failed", key=key)
             finally:
+                self.metrics.finished(token)
                 self._inflight.discard(key)
                 self._rewake.discard(key)
                 limit.release()

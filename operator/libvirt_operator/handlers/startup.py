@@ -15,6 +15,7 @@ from ..adapters.libvirt import HostPool
 from ..adapters.libvirt.events import ensure_event_thread
 from ..core.api.common import FINALIZER, GROUP
 from ..core.logs import get_logger
+from ..core.metrics import initialise_series
 from ..core.settings import Settings
 from ..reconcile.runtime import Runtime
 
@@ -34,13 +35,14 @@ def runtime_of(memo: Any) -> Runtime:
 
 def _remediator(op_settings: Settings, memo: kopf.Memo) -> Any:
     """The knowledge base, or fixed per-code links when it is disabled or cannot be set up."""
-    from ..adapters.rag import FixedLinks, KnowledgeBase  # cheap: lancedb/torch load on first use
+    from ..adapters.rag import FixedLinks, KnowledgeBase  # cheap: numpy/onnxruntime load on first use
 
     if op_settings.knowledge_base_enabled:
         try:
             kb = KnowledgeBase.from_settings(op_settings)
-            # Load the model and open the index now, in a worker thread; reconciles meanwhile get
-            # the fixed link, and failures only mark the knowledge base unhealthy.
+            # Load the query snapshot and the ONNX model now (no torch, no lancedb: ~0.5 s), in a
+            # worker thread; reconciles meanwhile get the fixed link, and failures only mark the
+            # knowledge base unhealthy.
             memo["kb_warmup"] = asyncio.create_task(kb.warm_up())
             return kb
         except Exception as err:  # a broken knowledge base never stops the operator
@@ -52,6 +54,9 @@ def _remediator(op_settings: Settings, memo: kopf.Memo) -> Any:
 def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
     """In-cluster service account first, else KUBECONFIG — whatever client libraries are installed."""
     return kopf.login_with_service_account(**kwargs) or kopf.login_with_kubeconfig(**kwargs)
+
+
+CONTROLLERS = ("virtualmachine", "isoimage", "libvirthost")  # the names the handlers pass to @reconciler
 
 
 @kopf.on.startup()
@@ -66,6 +71,7 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
     settings.watching.client_timeout = 330
     settings.queueing.worker_limit = int(os.environ.get("LIBVIRT_OPERATOR_WORKER_LIMIT", "200"))
     ensure_event_thread()
+    initialise_series(CONTROLLERS)
     op_settings: Settings = memo.get("settings") or Settings()
     kube = await KubeClient.create(os.environ.get("KUBECONFIG"))
     remediator = _remediator(op_settings, memo)

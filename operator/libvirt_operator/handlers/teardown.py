@@ -11,6 +11,11 @@ from collections.abc import Mapping
 from typing import Any
 
 from ..core.api.common import FINALIZER, GROUP
+from ..core.errors import AppError
+from ..core.logs import get_logger
+from ..reconcile.runtime import Runtime
+
+log = get_logger(__name__)
 
 TEARDOWN_FINALIZER = f"{GROUP}/teardown"
 
@@ -21,11 +26,17 @@ def held_for_teardown(meta: Mapping[str, Any]) -> bool:
     return bool(meta.get("deletionTimestamp")) and TEARDOWN_FINALIZER in finalizers and FINALIZER not in finalizers
 
 
-def hold_for_teardown(body: Any) -> None:
-    """A kopf patch function (applied with kopf's own patch of the object)."""
-    finalizers = body.setdefault("metadata", {}).setdefault("finalizers", [])
-    if TEARDOWN_FINALIZER not in finalizers:
-        finalizers.append(TEARDOWN_FINALIZER)
+async def hold_for_teardown(rt: Runtime, plural: str, meta: Mapping[str, Any]) -> None:
+    """Add our finalizer with a patch of our own (read, precondition, retry). Not a kopf patch function:
+    kopf keeps a function whose patch failed (a conflict, or HTTP 422 once a deletion started: no new
+    finalizer is accepted then) for its next cycle and runs none of the object's handlers while one is
+    pending, so a VM deleted meanwhile would wait for a teardown that never starts. Best effort: without
+    our finalizer kopf's still holds the object (the delete handler then retries in kopf's worker)."""
+    try:
+        await rt.kube.add_finalizer(plural, meta["namespace"], meta["name"], TEARDOWN_FINALIZER)
+    except AppError as err:
+        log.info("adding the teardown finalizer failed; the next reconcile tries again", name=meta.get("name"),
+                 namespace=meta.get("namespace"), code=err.code.value, error=err.message)
 
 
 def release_teardown(body: Any) -> None:

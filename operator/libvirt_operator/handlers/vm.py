@@ -38,12 +38,16 @@ from ..core.logs import get_logger
 from ..core.metrics import DOMAIN_EVENTS, ORPHANED_DOMAINS, VM_RESYNC_SECONDS
 from ..adapters.kube import ConflictError
 from ..reconcile import orphans, plan
+from ..reconcile.actions import ACTION_REQUEST_ANNOTATION
 from ..reconcile.failures import error_status, human_message
 from ..reconcile.runtime import Runtime
 from ..reconcile.status import merge_patch
 from ..reconcile.tenancy import namespace_labels_of, watched
-from ..reconcile.vm import TENANCY_CODES, ClusterView, VmOutcome, delete_vm, host_lost_status, sync_vm
-from .instrument import reconciler
+from ..reconcile.vm import (
+    TENANCY_CODES, ClusterView, VmOutcome, delete_vm, host_lost_status, record_placement, sync_vm,
+)
+from ..core.workqueue import QueueMetrics
+from .instrument import ended_with, reconciler
 from .iso import wake_deletions as wake_iso_deletions
 from .requeue import Requeue
 from .teardown import TEARDOWN_FINALIZER, held_for_teardown, hold_for_teardown, release_teardown
@@ -76,13 +80,15 @@ class VmState:
         self.parked: dict[str, ErrorCode] = {}             # uid → what it waits for (placement/media/host)
         self.parked_wake = asyncio.Event()                 # a host or namespace changed: wake every parked VM
         self.media_wake = asyncio.Event()                  # an ISOImage changed: wake the VMs waiting for media
-        self.retry = Requeue(RETRY_BASE_SECONDS, RETRY_CAP_SECONDS)  # uid → next full reconcile
+        self.retry = Requeue(RETRY_BASE_SECONDS, RETRY_CAP_SECONDS, name="virtualmachine")  # uid → next full reconcile
         self.parked_task: asyncio.Task[None] | None = None
         self.wake_task: asyncio.Task[None] | None = None
         self.hosts_loaded = False
+        self.hosts_loading = asyncio.Lock()
         self.orphan_candidates: dict[str, set[str]] = {}   # host → owned, unaccounted domain uuids
         self.orphan_checked: dict[str, float] = {}         # host → monotonic time of the last check
         self.dirty: dict[str, set[str]] = {}               # host → uids named by lifecycle events
+        self.dirty_queue = QueueMetrics("virtualmachine_events", lambda: sum(map(len, list(self.dirty.values()))))
         self.full_synced: dict[str, float] = {}            # host → monotonic time of the last full sweep
         # Indexes over `vms` (kept by `index`): uids by status.host, and reservations by host.
         self.on_host: dict[str, set[str]] = {}
@@ -150,7 +156,28 @@ class VmState:
         return ClusterView(hosts=self.hosts, vms=lambda: list(self.vms.values()),
                            iso=lambda ns, name: self.isos.get((ns, name)),
                            reserved=self.reserved, placed=self.placed,
-                           namespace_labels=namespace_labels_of(rt).get if rt is not None else None)
+                           namespace_labels=namespace_labels_of(rt).get if rt is not None else None,
+                           record_placement=(lambda body, placed: self.record_placement(rt, body, placed))
+                           if rt is not None else None)
+
+    async def record_placement(self, rt: Runtime, body: Mapping[str, Any], placed: dict[str, Any]) -> str:
+        """reconcile.vm.record_placement, then the cache shows the object as written (status and
+        resourceVersion), so the next write's precondition is not stale because of our own write."""
+        host, obj = await record_placement(rt, body, placed)
+        self.remember(obj)
+        return host
+
+    def remember(self, obj: Mapping[str, Any] | None) -> None:
+        """An object we just wrote (or read) is newer than the cache until the watch delivers it."""
+        if obj is None:
+            return
+        meta = obj.get("metadata") or {}
+        cached = self.vms.get(meta.get("uid", ""))
+        if cached is None:
+            return
+        cached["status"] = dict(obj.get("status") or {})
+        cached["metadata"]["resourceVersion"] = meta.get("resourceVersion")
+        self.index(meta["uid"])
 
 
 def state_of(rt: Runtime) -> VmState:
@@ -224,6 +251,11 @@ async def watch_vms(type: str | None, uid: str, body: kopf.Body, memo: kopf.Memo
                 st.retry.wake([uid])  # just handed over by kopf: not after an old waiting backoff
             elif ((before or {}).get("metadata") or {}).get("annotations") != body["metadata"].get("annotations"):
                 st.retry.wake([uid])  # e.g. the force-release annotation
+        elif _action_request(before) != _action_request(st.vms[uid]):
+            # kopf ignores annotations under its own storage prefix (ours): no update handler runs for
+            # an action request. The requeue loop runs the full reconcile, which executes it (never the
+            # host's round: a graceful stop may take the grace period and would hold up the host's VMs).
+            st.retry.schedule(uid, 0)
     if st.parked_task is None or st.parked_task.done():
         # Started from a handler so they inherit kopf's context (Kubernetes Event posting).
         rt = runtime_of(memo)
@@ -231,6 +263,10 @@ async def watch_vms(type: str | None, uid: str, body: kopf.Body, memo: kopf.Memo
             st.retry.run(lambda key: _retry_one(rt, st, key), concurrency=RETRY_CONCURRENCY), name="vm-requeue-loop")
     if st.wake_task is None or st.wake_task.done():
         st.wake_task = asyncio.create_task(_wake_loop(st), name="vm-wake-loop")
+
+
+def _action_request(vm: Mapping[str, Any] | None) -> str | None:
+    return (((vm or {}).get("metadata") or {}).get("annotations") or {}).get(ACTION_REQUEST_ANNOTATION)
 
 
 def _iso_refs(vm: Mapping[str, Any] | None) -> set[str]:
@@ -244,10 +280,17 @@ async def _load_hosts(rt: Runtime, st: VmState) -> None:
     """At start-up the VM watch may deliver before the host watch: list hosts once."""
     if st.hosts_loaded:
         return
-    st.hosts_loaded = True
-    with contextlib.suppress(AppError):
-        for obj in await rt.kube.list_objects("libvirthosts"):
+    async with st.hosts_loading:  # every caller waits for the one list: none sees a half-filled map
+        if st.hosts_loaded:
+            return
+        try:
+            objs = await rt.kube.list_objects("libvirthosts")
+        except AppError as err:  # not loaded: the next caller lists again
+            log.info("listing LibvirtHosts failed", kind="LibvirtHost", code=err.code.value, error=err.message)
+            return
+        for obj in objs:
             st.hosts.setdefault(obj["metadata"]["name"], _plain(obj))
+        st.hosts_loaded = True
 
 
 # --------------------------------------------------------------------------------------------
@@ -257,12 +300,15 @@ async def _load_hosts(rt: Runtime, st: VmState) -> None:
 async def _apply(rt: Runtime, st: VmState, vm: dict[str, Any], outcome: VmOutcome) -> None:
     meta = vm["metadata"]
     uid = meta["uid"]
+    ended_with(outcome.error, outcome.requeue_after)  # the reconcile's result, when one runs this
     patch = merge_patch(vm.get("status") or {}, outcome.status)
     if patch:
-        await rt.kube.patch_status(PLURAL, meta["namespace"], meta["name"], patch)
+        written = await rt.kube.patch_status(PLURAL, meta["namespace"], meta["name"], patch)
         cached = st.vms.get(uid)
         if cached is not None:  # our write is newer than the cache until the watch delivers it
             cached["status"] = dict(outcome.status)
+            if written is not None:
+                cached["metadata"]["resourceVersion"] = (written.get("metadata") or {}).get("resourceVersion")
         st.index(uid)
     for type_, reason, message in outcome.events:
         kopf.event(vm, type=type_, reason=reason, message=message)
@@ -273,6 +319,10 @@ async def _apply(rt: Runtime, st: VmState, vm: dict[str, Any], outcome: VmOutcom
         st.parked.pop(uid, None)
     if error is not None and (error.retryable or error.code in TENANCY_CODES):
         st.retry.failed(uid)  # the requeue loop runs the full reconcile again after the backoff
+    elif _action_request(st.vms.get(uid)) != _action_request(vm):
+        # An action request came in while this reconcile ran on the older object (the requeue loop
+        # found the lock taken and left it to us): run again, or the request would wait forever.
+        st.retry.schedule(uid, 0)
     else:
         st.retry.done(uid)
     if outcome.requeue_after is not None:
@@ -315,11 +365,13 @@ async def _locked_vm(memo: kopf.Memo, meta: kopf.Meta,
 async def reconcile_vm(body: kopf.Body, meta: kopf.Meta, memo: kopf.Memo, patch: kopf.Patch, **_: Any) -> None:
     """Never raises TemporaryError for a VM that waits: kopf would sleep out the delay in this
     object's worker. The status says what it waits for; `_apply` queues the retry (`st.retry`)."""
-    if not meta.get("deletionTimestamp") and TEARDOWN_FINALIZER not in (meta.get("finalizers") or []):
-        patch.fns.append(hold_for_teardown)
     async with _locked_vm(memo, meta, body) as (rt, st, vm):
         if vm["metadata"].get("deletionTimestamp"):
             return
+        if TEARDOWN_FINALIZER not in (meta.get("finalizers") or []):
+            # Our own patch, not a kopf patch function: kopf keeps a patch function whose patch failed
+            # for its next cycle, and runs no handler of the object (its deletion either) meanwhile.
+            await hold_for_teardown(rt, PLURAL, meta)
         st.retry.reset(meta["uid"])  # a new spec (or a restart): the backoff starts over
         outcome = await sync_vm(vm, rt, st.view(rt))
         await _apply(rt, st, vm, outcome)
@@ -398,6 +450,7 @@ async def host_vm_sync(name: str, stopped: kopf.DaemonStopped, memo: kopf.Memo, 
     def mark_dirty(uuid: str) -> None:  # on the operator's loop
         if uuid:
             st.dirty.setdefault(name, set()).add(uuid)  # the domain UUID is the VM's metadata.uid
+            st.dirty_queue.added()
         wake.set()
 
     def on_event(uuid: str, _event: int, _detail: int) -> None:  # on libvirt's event thread
@@ -429,13 +482,13 @@ async def host_vm_sync(name: str, stopped: kopf.DaemonStopped, memo: kopf.Memo, 
                     failures = 0
                 except AppError as err:
                     failures += 1
-                    log.info("host resync failed", host=name, code=err.code.value, error=err.message,
-                             attempt=failures)
+                    log.info("host resync failed", kind="LibvirtHost", name=name, code=err.code.value,
+                             error=err.message, attempt=failures)
                     st.full_synced.pop(name, None)  # once it answers again, refresh everything
                     await _report_host_lost(rt, st, name, err)
                     timeout = min(HOST_RETRY_CAP_SECONDS, RESYNC_SECONDS / 2 * 2 ** min(failures - 1, 8))
                 except Exception:  # noqa: BLE001  (the loop must survive anything)
-                    log.exception("host resync crashed", host=name)
+                    log.exception("host resync crashed", kind="LibvirtHost", name=name)
             else:
                 timeout = 1.0
             await _wait_any(wake, stopped, max(0.05, timeout))
@@ -537,8 +590,10 @@ async def resync_host(rt: Runtime, st: VmState, host: str, conn: Any) -> float:
                     outcome = await sync_vm(current, rt, st.view(rt), observed=obs)
                     await _apply(rt, st, current, outcome)
                 except AppError as err:
-                    log.info("VM resync failed", uid=uid, code=err.code.value, error=err.message)
+                    log.info("VM resync failed", **_vm_log(current), host=host, code=err.code.value,
+                             error=err.message)
         VM_RESYNC_SECONDS.labels(host).observe(time.perf_counter() - started)
+        st.dirty_queue.worked(time.perf_counter() - started)
     # Events for VMs a handler holds stay dirty (it may have observed the domain before the event,
     # and its status may not show the host yet); other events for domains no VM on this host
     # accounts for are dropped: the full sweep and the orphan check cover those.
@@ -574,7 +629,8 @@ async def _check_orphans(rt: Runtime, st: VmState, host: str, conn: Any, observe
     current = ((st.hosts.get(host) or {}).get("status") or {}).get("orphanedDomains") or []
     if entries != orphans.own_entries(current, owns):
         if entries:
-            log.warning("orphaned domains on host", host=host, domains=[e["uuid"] for e in entries])
+            log.warning("orphaned domains on host", kind="LibvirtHost", name=host,
+                        domains=[e["uuid"] for e in entries])
         await _write_orphans(rt, st, host, entries, owns)
 
 
@@ -602,13 +658,14 @@ async def _write_orphans(rt: Runtime, st: VmState, host: str, entries: list[dict
         if cached is not None:  # newer than the cache until the watch delivers it
             cached["status"] = {**(cached.get("status") or {}), "orphanedDomains": merged}
         return
-    log.info("orphanedDomains not written: the host's status kept changing", host=host)
+    log.info("orphanedDomains not written: the host's status kept changing", kind="LibvirtHost", name=host)
 
 
 # --------------------------------------------------------------------------------------------
 # Waiting VMs: one requeue loop (backoff) + wake-ups from watch events
 # --------------------------------------------------------------------------------------------
 
+@reconciler("virtualmachine", "VirtualMachine")  # a requeued reconcile is a reconcile
 async def _retry_one(rt: Runtime, st: VmState, uid: str) -> None:
     """A due VM: the same sync path as the handler (sync_vm + _apply, under the VM's lock)."""
     vm = st.vms.get(uid)
@@ -623,6 +680,7 @@ async def _retry_one(rt: Runtime, st: VmState, uid: str) -> None:
     if lock.locked():  # a handler or the host's round is on it; look again shortly unless it decides
         st.retry.schedule(uid, BUSY_RETRY_SECONDS)
         return
+    await _load_hosts(rt, st)
     async with lock:
         vm = st.vms.get(uid)
         if vm is None or vm["metadata"].get("deletionTimestamp"):
@@ -631,8 +689,16 @@ async def _retry_one(rt: Runtime, st: VmState, uid: str) -> None:
             outcome = await sync_vm(vm, rt, st.view(rt))
             await _apply(rt, st, vm, outcome)
         except AppError as err:  # e.g. the status patch failed: back off and try again
-            log.info("requeued VM reconcile failed", uid=uid, code=err.code.value, error=err.message)
+            log.info("requeued VM reconcile failed", **_vm_log(vm), code=err.code.value, error=err.message)
+            ended_with(err)
             st.retry.failed(uid)
+
+
+def _vm_log(vm: Mapping[str, Any]) -> dict[str, Any]:
+    """Log fields naming a VM, for lines logged outside a kopf handler (loops)."""
+    meta = vm.get("metadata") or {}
+    return {"kind": "VirtualMachine", "namespace": meta.get("namespace"), "name": meta.get("name"),
+            "uid": meta.get("uid")}
 
 
 def _held_for_teardown(vm: Mapping[str, Any]) -> bool:
@@ -644,6 +710,7 @@ async def _retry_teardown(rt: Runtime, st: VmState, uid: str) -> None:
     if lock.locked():
         st.retry.schedule(uid, BUSY_RETRY_SECONDS)
         return
+    await _load_hosts(rt, st)  # an unplaced VM's teardown searches every known host
     async with lock:
         vm = st.vms.get(uid)
         if vm is None or not _held_for_teardown(vm):
@@ -653,7 +720,7 @@ async def _retry_teardown(rt: Runtime, st: VmState, uid: str) -> None:
             if await _teardown(rt, st, vm):
                 await rt.kube.remove_finalizer(PLURAL, meta["namespace"], meta["name"], TEARDOWN_FINALIZER)
         except AppError as err:
-            log.info("VM teardown retry failed", uid=uid, code=err.code.value, error=err.message)
+            log.info("VM teardown retry failed", **_vm_log(vm), code=err.code.value, error=err.message)
             st.retry.failed(uid, at_most=DELETE_RETRY_CAP_SECONDS)
 
 

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import datetime as dt
 from typing import Any, Protocol
 
-from ..core.conditions import timestamp
 from ..core.errors import AppError, ErrorCode, redact
 from ..core.metrics import ERRORS
+from ..core.timestamps import timestamp
 
 
 MESSAGE_LIMIT = 4096  # error text can come from a hostile host or server: status stays small
@@ -49,7 +48,3 @@ def retry_delay(attempt: int, base: float = 5.0, cap: float = 300.0) -> float:
     return min(cap, base * (2 ** max(0, attempt - 1)))
 
 
-def parse_time(value: str | None) -> dt.datetime | None:
-    if not value:
-        return None
-    return dt.datetime.strptime(value, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=dt.timezone.utc)

@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from collections.abc import Mapping
+from typing import Any, overload
 
-from ..adapters.libvirt import ConnectOptions
+from ..adapters.libvirt import ConnectOptions, HostConnection
 from ..adapters.libvirt.host_facts import HostFacts, probe_host
 from ..core import hosturi
 from ..core.api.host import LibvirtHostSpec
-from ..core.conditions import set_condition, summarize, timestamp
+from ..core.conditions import set_condition, summarize
 from ..core.errors import AppError, ErrorCode
 from ..core.quantity import format_bytes
+from ..core.timestamps import timestamp
 from .failures import error_status, human_message
 from .runtime import Runtime
 
@@ -53,7 +55,28 @@ async def connect_options(spec: LibvirtHostSpec, rt: Runtime) -> ConnectOptions:
                        f"{', '.join(needed.required)} (the operator checks {parsed.endpoint}'s host key "
                        "against known_hosts, always)", {})
     return ConnectOptions(uri=spec.uri, max_concurrent_calls=spec.max_concurrent_calls,
-                          credentials=credentials, call_timeout=rt.settings.libvirt_call_timeout)
+                          credentials=credentials, call_timeout=rt.settings.libvirt_call_timeout,
+                          connect_timeout=rt.settings.connect_timeout)
+
+
+@overload
+async def host_connection(rt: Runtime, name: str, spec: LibvirtHostSpec | Mapping[str, Any]) -> HostConnection: ...
+@overload
+async def host_connection(rt: Runtime, name: str, spec: None) -> HostConnection | None: ...
+
+
+async def host_connection(rt: Runtime, name: str, spec: LibvirtHostSpec | Mapping[str, Any] | None
+                          ) -> HostConnection | None:
+    """The one way to a host's pooled connection (VMs, ISOImages; no Secret read per call when pooled).
+    The probe keeps the pool entry's options current (it re-reads the spec and Secret each round); others take the pooled one as it
+    is, and open it here with the same options only when there is none yet (e.g. right after a
+    restart, before the first probe). None: no pooled connection and no spec to open one."""
+    conn = rt.pool.get(name)
+    if (conn is not None and not conn.closed) or spec is None:
+        return conn
+    if not isinstance(spec, LibvirtHostSpec):
+        spec = LibvirtHostSpec.model_validate(spec.get("spec") or {})
+    return await rt.pool.ensure(name, await connect_options(spec, rt))
 
 
 def status_from_facts(facts: HostFacts, conditions: list[dict[str, Any]], generation: int) -> dict[str, Any]:
@@ -77,6 +100,31 @@ def status_from_facts(facts: HostFacts, conditions: list[dict[str, Any]], genera
     }
 
 
+async def failure_outcome(err: AppError, status: dict[str, Any], generation: int, rt: Runtime) -> HostOutcome:
+    """NotReady (and Reachable=False for unreachable codes) with err in status.error; facts kept."""
+    conditions = list(status.get("conditions") or [])
+    err_status = await error_status(err, status.get("error"), "LibvirtHost", rt.remediator)
+    message = human_message(err, err_status)
+    reachable = err.code not in _UNREACHABLE_CODES
+    conditions = set_condition(conditions, REACHABLE, reachable, "Connected" if reachable else err.reason,
+                               message, generation)
+    conditions = summarize(conditions, ready=False, reason=err.reason, message=message,
+                           generation=generation, stalled=not err.retryable, reconciling=err.retryable)
+    new = {k: v for k, v in status.items() if k in ("capacity", "hostname", "arch", "hypervisor",
+                                                     "libvirtVersion", "domainTypes", "orphanedDomains")}
+    new.update({"observedGeneration": generation, "conditions": conditions, "error": err_status,
+                "lastProbeTime": timestamp()})
+    return HostOutcome(new, err, None)
+
+
+async def connection_lost(name: str, reason: str, status: dict[str, Any] | None, generation: int,
+                          rt: Runtime) -> HostOutcome:
+    """The host's connection dropped (libvirt's close callback: EOF, keepalive): NotReady now, not at
+    the next probe."""
+    err = AppError(ErrorCode.HOST_UNREACHABLE, reason, {"host": name, "operation": "connection"})
+    return await failure_outcome(err, dict(status or {}), generation, rt)
+
+
 async def reconcile_host(name: str, spec_body: dict[str, Any], status: dict[str, Any] | None,
                          generation: int, rt: Runtime) -> HostOutcome:
     status = dict(status or {})
@@ -87,18 +135,7 @@ async def reconcile_host(name: str, spec_body: dict[str, Any], status: dict[str,
         conn = await rt.pool.ensure(name, options)
         facts = await conn.call("probe", probe_host, timeout=rt.settings.connect_timeout)
     except AppError as err:
-        err_status = await error_status(err, status.get("error"), "LibvirtHost", rt.remediator)
-        message = human_message(err, err_status)
-        reachable = err.code not in _UNREACHABLE_CODES
-        conditions = set_condition(conditions, REACHABLE, reachable, "Connected" if reachable else err.reason,
-                                   message, generation)
-        conditions = summarize(conditions, ready=False, reason=err.reason, message=message,
-                               generation=generation, stalled=not err.retryable, reconciling=err.retryable)
-        new = {k: v for k, v in status.items() if k in ("capacity", "hostname", "arch", "hypervisor",
-                                                         "libvirtVersion", "domainTypes", "orphanedDomains")}
-        new.update({"observedGeneration": generation, "conditions": conditions, "error": err_status,
-                    "lastProbeTime": timestamp()})
-        return HostOutcome(new, err, None)
+        return await failure_outcome(err, status, generation, rt)
     new = status_from_facts(facts, conditions, generation)
     if status.get("orphanedDomains"):
         new["orphanedDomains"] = status["orphanedDomains"]  # owned by the VM controller's resync

@@ -26,7 +26,7 @@ import datetime as dt
 import os
 import threading
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -34,19 +34,20 @@ import pydantic
 
 from ..adapters.http import DownloadPolicy, Downloader
 from ..adapters.http.download import safe_url
-from ..adapters.libvirt import HostConnection
 from ..adapters.libvirt.volumes import (
     delete_volume, is_volume_of, pool_space, upload_volume, volume_info, volume_name,
 )
 from ..core.api.host import LibvirtHostSpec
 from ..core.api.iso import ISOImageSpec
-from ..core.conditions import READY, is_true, summarize, timestamp
+from ..core.conditions import READY, is_true, summarize
 from ..core.errors import AppError, ErrorCode, OperationAborted
+from ..core.labels import labels_match
 from ..core.logs import get_logger
 from ..core.metrics import ISO_DOWNLOAD_SECONDS, ISO_FAILURES, ISO_IMPORT_SECONDS, ISO_UPLOAD_SECONDS
 from ..core.quantity import format_bytes, parse_quantity
+from ..core.timestamps import parse_time, timestamp
 from .failures import error_status, human_message, retry_delay
-from .host import connect_options
+from .host import host_connection
 from . import plan
 from .runtime import Runtime
 from .tenancy import namespace_labels_of
@@ -111,11 +112,14 @@ class Target:
     problem: AppError | None = None  # named explicitly but missing or not Ready
 
 
-async def resolve_targets(spec: ISOImageSpec, rt: Runtime, namespace: str = "") -> list[Target]:
+async def resolve_targets(spec: ISOImageSpec, rt: Runtime, namespace: str = "",
+                          hosts: Mapping[str, Mapping[str, Any]] | None = None) -> list[Target]:
     """The hosts to import onto, with their pools. Tenancy (LibvirtHost allowedNamespaces,
     namespaceSelector, allowedPools): a named host that refuses the image's namespace or pool is a
-    target with a problem; selected hosts that refuse it are skipped."""
-    hosts = {h["metadata"]["name"]: h for h in await rt.kube.list_objects("libvirthosts")}
+    target with a problem; selected hosts that refuse it are skipped. `hosts`: the watch-fed view
+    (handlers.iso's index); listed from the apiserver only without one."""
+    if hosts is None:
+        hosts = {h["metadata"]["name"]: h for h in await rt.kube.list_objects("libvirthosts")}
     views = {n: plan.HostView.from_object(h) for n, h in hosts.items()}
     ns_labels = (await namespace_labels_of(rt).get(namespace)
                  if namespace and plan.needs_namespace_labels(views.values(), namespace) else None)
@@ -155,7 +159,7 @@ async def resolve_targets(spec: ISOImageSpec, rt: Runtime, namespace: str = "") 
             labels = (obj.get("metadata") or {}).get("labels") or {}
             if name in chosen or not ready(obj):
                 continue
-            if selector is None or all(labels.get(k) == v for k, v in selector.items()):
+            if selector is None or labels_match(selector, labels):
                 if (denied := refusal(t := target(name, obj))) is not None:
                     refused.append(denied)
                 else:
@@ -167,10 +171,6 @@ async def resolve_targets(spec: ISOImageSpec, rt: Runtime, namespace: str = "") 
         raise AppError(ErrorCode.NO_SCHEDULABLE_HOST,
                        "no Ready LibvirtHost matches the ISOImage's targets", {"kind": KIND})
     return [chosen[n] for n in sorted(chosen)]
-
-
-async def host_connection(name: str, host_spec: LibvirtHostSpec, rt: Runtime) -> HostConnection:
-    return await rt.pool.ensure(name, await connect_options(host_spec, rt))
 
 
 # --- the cache ----------------------------------------------------------------------------------
@@ -225,7 +225,8 @@ def _host_done(entry: dict[str, Any] | None, target: Target, volume: str | None)
 
 async def reconcile_iso(namespace: str, name: str, uid: str, generation: int, spec_body: dict[str, Any],
                         status: dict[str, Any] | None, rt: Runtime,
-                        should_stop: Callable[[], bool] = lambda: False) -> IsoOutcome:
+                        should_stop: Callable[[], bool] = lambda: False,
+                        hosts: Mapping[str, Mapping[str, Any]] | None = None) -> IsoOutcome:
     status = dict(status or {})
     writer = StatusWriter(rt, namespace, name, status)
     conditions = list(status.get("conditions") or [])
@@ -241,7 +242,7 @@ async def reconcile_iso(namespace: str, name: str, uid: str, generation: int, sp
         if spec.checksum is None and not spec.skip_checksum_verification:
             raise AppError(ErrorCode.INVALID_SPEC, "spec.checksum is required unless skipChecksumVerification "
                            "is true", {"field": "spec.checksum"})
-        targets = await resolve_targets(spec, rt, namespace)
+        targets = await resolve_targets(spec, rt, namespace, hosts)
         hosts_status = {h.get("host"): dict(h) for h in status.get("hosts") or []}
         expected = _expected_checksum(spec, status)
         vol = volume_name(namespace, name, expected) if expected else None
@@ -458,7 +459,7 @@ async def _pool_rooms(todo: list[Target], rt: Runtime) -> tuple[dict[str, int], 
     async def one(t: Target) -> int | AppError:
         try:
             assert t.spec is not None
-            _capacity, available = await pool_space(await host_connection(t.host, t.spec, rt), t.pool)
+            _capacity, available = await pool_space(await host_connection(rt, t.host, t.spec), t.pool)
             return available
         except AppError as err:
             if "host" in err.context:
@@ -484,7 +485,7 @@ async def _vanished(done: list[Target], vol: str, hosts_status: dict[str, dict[s
     for t in done:
         try:
             assert t.spec is not None
-            info = await volume_info(await host_connection(t.host, t.spec, rt), t.pool, vol)
+            info = await volume_info(await host_connection(rt, t.host, t.spec), t.pool, vol)
         except AppError as err:  # unreachable now: keep the last known state, the host reports it
             log.info("could not check the volume", host=t.host, code=err.code.value)
             continue
@@ -508,7 +509,7 @@ async def _upload_one(t: Target, path: Path, vol: str, size: int, rt: Runtime,
     started = time.monotonic()
     try:
         assert t.spec is not None
-        conn = await host_connection(t.host, t.spec, rt)
+        conn = await host_connection(rt, t.host, t.spec)
         uploaded = await upload_volume(conn, t.pool, vol, path, abort=abort)
     except AppError as err:
         log.warning("upload failed", host=t.host, pool=t.pool, code=err.code.value, error=err.message)
@@ -578,8 +579,8 @@ def due(status: dict[str, Any] | None, generation: int, *, resync_due: bool) -> 
         next_at = retry.get("nextRetryTime")
         if not next_at:
             return False  # permanent: waits for a spec change
-        at = dt.datetime.strptime(next_at, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=dt.timezone.utc)
-        return dt.datetime.now(dt.timezone.utc) >= at
+        at = parse_time(next_at)
+        return at is None or dt.datetime.now(dt.timezone.utc) >= at
     return resync_due
 
 
@@ -624,7 +625,7 @@ async def delete_iso(namespace: str, name: str, uid: str, status: dict[str, Any]
             log.warning("host gone, volume left in place", host=host, pool=pool, volume=vol)
             continue
         try:
-            conn = await host_connection(host, LibvirtHostSpec.model_validate(obj.get("spec") or {}), rt)
+            conn = await host_connection(rt, host, LibvirtHostSpec.model_validate(obj.get("spec") or {}))
             deleted = await delete_volume(conn, pool, vol)
             log.info("volume deleted" if deleted else "volume already gone", host=host, pool=pool, volume=vol)
         except AppError as err:

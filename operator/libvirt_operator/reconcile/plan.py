@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import enum
+import math
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -24,12 +25,17 @@ from ..core.api.host import LabelSelector, LabelSelectorRequirement
 from ..core.api.vm import StartFailure, VirtualMachineSpec
 from ..core.domain import DomainObservation, PowerState, StopCause
 from ..core.errors import AppError, ErrorCode
+from ..core.labels import labels_match, selector_text
 from ..core.quantity import parse_quantity
+from ..core.timestamps import parse_time, timestamp
 
 # A run at least this long is "stable": it resets the crash-loop counter.
 STABLE_RUN_SECONDS = 60.0
 BACKOFF_BASE_SECONDS = 10.0
 BACKOFF_CAP_SECONDS = 300.0
+# After this many failed runs in a row the VM is Stalled (kstatus Failed: GitOps tools stop waiting
+# and report it) while the backoff keeps retrying; a stable run clears it.
+STALLED_AFTER_FAILURES = 3
 
 
 # --------------------------------------------------------------------------------------------
@@ -57,6 +63,17 @@ class HostView:
     allowed_pools: frozenset[str] | None = None
     allowed_networks: frozenset[str] | None = None
     allowed_bridges: frozenset[str] | None = None
+    cpu_allocation_ratio: float = 4.0      # LibvirtHost spec (overcommit)
+    memory_allocation_ratio: float = 1.0
+
+    @property
+    def allocatable_cpus(self) -> int:
+        """What placement may promise: capacity × allocation ratio."""
+        return math.floor(self.cpus * self.cpu_allocation_ratio)
+
+    @property
+    def allocatable_memory_bytes(self) -> int:
+        return math.floor(self.memory_bytes * self.memory_allocation_ratio)
 
     @classmethod
     def from_object(cls, obj: Mapping[str, Any]) -> HostView:
@@ -79,17 +96,27 @@ class HostView:
             domain_types=tuple(status.get("domainTypes") or ()),
             default_pool=spec.get("defaultPool") or "default",
             deleting=bool(meta.get("deletionTimestamp")),
-            last_probe_time=_parse_time(status.get("lastProbeTime")),
+            last_probe_time=parse_time(status.get("lastProbeTime")),
             allowed_namespaces=_name_set(spec.get("allowedNamespaces")),
             namespace_selector=_selector(spec.get("namespaceSelector")),
             allowed_pools=_name_set(spec.get("allowedPools")),
             allowed_networks=_name_set(spec.get("allowedNetworks")),
             allowed_bridges=_name_set(spec.get("allowedBridges")),
+            cpu_allocation_ratio=_ratio(spec.get("cpuAllocationRatio"), 4.0),
+            memory_allocation_ratio=_ratio(spec.get("memoryAllocationRatio"), 1.0),
         )
 
     @property
     def restricts_namespaces(self) -> bool:
         return self.allowed_namespaces is not None or self.namespace_selector is not None
+
+
+def _ratio(value: Any, default: float) -> float:
+    try:
+        ratio = float(value) if value is not None else default
+    except (TypeError, ValueError):
+        return default
+    return ratio if ratio > 0 else default
 
 
 def _name_set(value: Any) -> frozenset[str] | None:
@@ -107,18 +134,6 @@ def _selector(value: Any) -> LabelSelector | None:
 
 
 _MATCH_NOTHING = LabelSelector(match_expressions=[LabelSelectorRequirement(key="-", operator="In", values=[])])
-
-
-def _parse_time(value: Any) -> dt.datetime | None:
-    if isinstance(value, dt.datetime):
-        return value
-    if not value:
-        return None
-    try:
-        parsed = dt.datetime.fromisoformat(str(value).replace("Z", "+00:00"))
-    except ValueError:
-        return None
-    return parsed if parsed.tzinfo else parsed.replace(tzinfo=dt.timezone.utc)
 
 
 def _bytes(value: Any) -> int:
@@ -154,20 +169,30 @@ def vm_resources(spec: VirtualMachineSpec) -> tuple[int, int]:
     return spec.cpu, parse_quantity(spec.memory)
 
 
+# Placed VMs that are not about to run: they hold no reservation (their domain, if any, is not
+# running, and the host's `allocated` counts whatever does run).
+NOT_RUNNING_SOON = frozenset({"Stopped", "WaitingForMedia", "ErrorUnschedulable", "CrashLoopBackOff", "Unknown",
+                              "Terminating"})
+
+
 def reservation_of(vm: Mapping[str, Any]) -> Reservation | None:
     """The reservation one VirtualMachine object holds, or None: not placed (status.host), being
-    deleted, or stopped on purpose (Halted, or a finished run: Ready=True while Stopped). A running
-    VM carries its start time so `free_resources` counts it only until a host probe has seen it."""
+    deleted, stopped on purpose (Halted, or a finished run), or not able to run now (waiting for
+    media, crash-looping, blocked by an error): only what should be running is counted, so VMs that
+    never start cannot eat a host's capacity forever. A running VM carries its start time so
+    `free_resources` counts it only until a host probe has seen it."""
     meta = vm.get("metadata") or {}
     status = vm.get("status") or {}
     spec = vm.get("spec") or {}
     if meta.get("deletionTimestamp") or not status.get("host"):
         return None
     printable = status.get("printableStatus")
-    if spec.get("runStrategy") == "Halted" or printable == "Stopped":
+    if spec.get("runStrategy") == "Halted" or printable in NOT_RUNNING_SOON:
         return None
+    if status.get("error") and printable not in ("Running", "Paused", "Stopping"):
+        return None  # provisioning failed (a pool, the host, the spec): it waits, it does not run
     running = printable in ("Running", "Paused", "Stopping")
-    started = _parse_time(status.get("lastStartTime") or status.get("firstBootTime")) if running else None
+    started = parse_time(status.get("lastStartTime") or status.get("firstBootTime")) if running else None
     if running and started is None:
         return None
     try:
@@ -208,10 +233,11 @@ def capacity_hosts(spec: VirtualMachineSpec, hosts: Iterable[HostView]) -> list[
 
 
 def free_resources(host: HostView, reserved: Iterable[Reservation]) -> tuple[int, int]:
-    """free = capacity − allocated (running domains at the last probe) − reservations (placed VMs not
-    yet running, or started after that probe)."""
-    cpus = host.cpus - host.allocated_cpus
-    memory = host.memory_bytes - host.allocated_memory_bytes
+    """free = capacity × allocation ratio − allocated (running domains at the last probe) −
+    reservations (placed VMs about to run, or started after that probe). Negative when pinned VMs
+    overcommit the host; messages show at least 0."""
+    cpus = host.allocatable_cpus - host.allocated_cpus
+    memory = host.allocatable_memory_bytes - host.allocated_memory_bytes
     for r in reserved:
         if r.host != host.name:
             continue
@@ -225,8 +251,7 @@ def free_resources(host: HostView, reserved: Iterable[Reservation]) -> tuple[int
 def matches_selector(host: HostView, spec: VirtualMachineSpec) -> bool:
     if spec.host_ref is not None:
         return host.name == spec.host_ref
-    wanted = spec.host_selector.match_labels if spec.host_selector else {}
-    return all(host.labels.get(k) == v for k, v in wanted.items())
+    return labels_match(spec.host_selector.match_labels if spec.host_selector else None, host.labels)
 
 
 # --------------------------------------------------------------------------------------------
@@ -245,8 +270,10 @@ def admits_namespace(host: HostView, namespace: str, namespace_labels: Mapping[s
 
 
 def pools_of(spec: VirtualMachineSpec, host: HostView) -> list[str]:
-    """The storage pools the VM's new volumes go to on this host."""
-    return sorted({d.volume.pool or host.default_pool for d in spec.disks if d.volume is not None})
+    """The storage pools the VM's new volumes go to on this host, and those its base images are in."""
+    pools = {d.volume.pool or host.default_pool for d in spec.disks if d.volume is not None}
+    pools.update(d.volume.source.volume.pool for d in spec.disks if d.volume is not None and d.volume.source)
+    return sorted(pools)
 
 
 def pool_allowed(host: HostView, pool: str) -> bool:
@@ -352,8 +379,7 @@ def choose_host(spec: VirtualMachineSpec, hosts: Iterable[HostView],
         if spec.host_ref is not None:
             what = f"LibvirtHost {spec.host_ref} is not Ready"
         elif spec.host_selector and spec.host_selector.match_labels:
-            labels = ",".join(f"{k}={v}" for k, v in sorted(spec.host_selector.match_labels.items()))
-            what = (f"no Ready LibvirtHost matches hostSelector {labels} "
+            what = (f"no Ready LibvirtHost matches hostSelector {selector_text(spec.host_selector.match_labels)} "
                     f"({len(matching)} match, none Ready)")
         else:
             what = "no LibvirtHost is Ready"
@@ -378,7 +404,8 @@ def choose_host(spec: VirtualMachineSpec, hosts: Iterable[HostView],
         return Placement(None, AppError(
             ErrorCode.INSUFFICIENT_RESOURCES,
             f"none of {len(candidates)} matching Ready hosts has {cpus} CPUs and {memory // 2**20} MiB free "
-            f"(most free: {best_free[1]} CPUs, {max(0, best_free[0]) // 2**20} MiB)",
+            f"(most free: {max(0, best_free[1])} CPUs, {max(0, best_free[0]) // 2**20} MiB, after the hosts' "
+            "allocation ratios)",
             {"cpus": cpus, "memoryMiB": memory // 2**20, "candidates": len(candidates)}))
     fits.sort(key=lambda f: (-f[0], -f[1], f[2].name))
     free_mem, free_cpu, host = fits[0]
@@ -390,7 +417,7 @@ _TENANCY_ORDER = (ErrorCode.NAMESPACE_NOT_ALLOWED, ErrorCode.POOL_NOT_ALLOWED, E
 
 def _placement_scope(spec: VirtualMachineSpec) -> str:
     if spec.host_selector and spec.host_selector.match_labels:
-        return "matching hostSelector " + ",".join(f"{k}={v}" for k, v in sorted(spec.host_selector.match_labels.items()))
+        return "matching hostSelector " + selector_text(spec.host_selector.match_labels)
     return "in the cluster"
 
 
@@ -456,6 +483,11 @@ def record_start_failure(previous: StartFailure | None, now: dt.datetime,
     count += 1
     return StartFailure(consecutive_fail_count=count,
                         retry_after=now + dt.timedelta(seconds=start_backoff(count)))
+
+
+def crash_looping_stalled(failure: StartFailure | None) -> bool:
+    """Failed often enough in a row to report Stalled=True (and no longer Reconciling) while retrying."""
+    return failure is not None and failure.consecutive_fail_count >= STALLED_AFTER_FAILURES
 
 
 def _failed(observed: DomainObservation, stop_requested: bool) -> bool:
@@ -552,7 +584,7 @@ def plan_power(run_strategy: str, observed: DomainObservation, power: PowerStatu
             requeue.append(wait)
             return plan(Action.NONE, "CrashLoopBackOff", False, "CrashLoopBackOff",
                         f"the domain failed {failure.consecutive_fail_count} time(s) in a row; next start at "
-                        f"{failure.retry_after.astimezone(dt.timezone.utc):%Y-%m-%dT%H:%M:%SZ}")
+                        f"{timestamp(failure.retry_after)}")
         return plan(Action.START, "Starting", False, "Starting", "starting the domain")
 
     # want is False

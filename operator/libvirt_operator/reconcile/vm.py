@@ -6,6 +6,7 @@ The operator never writes spec: every result is a status (and Events)."""
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import datetime as dt
 from collections.abc import Awaitable, Callable, Mapping
@@ -13,24 +14,26 @@ from typing import Any
 
 import pydantic
 
+from ..adapters.kube import ConflictError
 from ..adapters.libvirt import domains
+from ..adapters.libvirt.pools import pool_commitment
 from ..adapters.libvirt.volumes import volume_name as iso_volume_name
 from ..adapters.libvirt.domain_xml import DomainXMLError, build_domain_xml, definition_hash
 from ..core.api.common import FORCE_RELEASE_ANNOTATION
-from ..core.api.host import LibvirtHostSpec
 from ..core.api.vm import StartFailure, VirtualMachineSpec
 from ..core.conditions import get_condition, now as utcnow, remove_condition, set_condition, summarize, timestamp
 from ..core.domain import (
-    ABSENT, DiskDefinition, DomainDefinition, DomainObservation, InterfaceDefinition, Owner, PowerState,
+    ABSENT, DiskDefinition, DomainDefinition, DomainObservation, InterfaceDefinition, Owner, PowerState, StopCause,
     domain_name, volume_name,
 )
 from ..core.errors import AppError, ErrorCode
 from ..core.logs import get_logger
-from ..core.metrics import VM_OPERATIONS
+from ..core.metrics import POOL_COMMITMENT_RATIO, VM_OPERATIONS
 from ..core.quantity import parse_quantity
-from . import plan
-from .host import connect_options
-from .failures import error_status, human_message, parse_time
+from ..core.timestamps import parse_time as _time
+from . import actions, addresses, plan, vm_actions, vm_images, vm_seed
+from .host import host_connection
+from .failures import error_status, human_message
 from .runtime import Runtime
 
 log = get_logger(__name__)
@@ -63,6 +66,11 @@ class ClusterView:
     # A namespace's labels (for LibvirtHost namespaceSelector); None when unknown. Read only when a
     # host's selector has to decide.
     namespace_labels: Callable[[str], Awaitable[Mapping[str, str] | None]] | None = None
+    # Records a placement (status.host + Scheduled) before anything is created on the host, with
+    # the object's resourceVersion as precondition; returns the host the VM's status names
+    # afterwards (ours, or one another writer recorded first). None: nothing is recorded ahead
+    # (callers outside the operator, e.g. tests driving sync_vm directly).
+    record_placement: Callable[[Mapping[str, Any], dict[str, Any]], Awaitable[str]] | None = None
 
     async def labels_if_needed(self, hosts: list[plan.HostView], namespace: str) -> Mapping[str, str] | None:
         if self.namespace_labels is None or not plan.needs_namespace_labels(hosts, namespace):
@@ -96,18 +104,6 @@ class DeleteOutcome:
     status: dict[str, Any] | None
     events: list[Event]
     error: AppError | None = None
-
-
-def _time(value: Any) -> dt.datetime | None:
-    if isinstance(value, dt.datetime):
-        return value
-    if not value:
-        return None
-    try:
-        return parse_time(value)
-    except ValueError:
-        parsed = dt.datetime.fromisoformat(str(value).replace("Z", "+00:00"))
-        return parsed if parsed.tzinfo else parsed.replace(tzinfo=dt.timezone.utc)
 
 
 def _power_status(status: Mapping[str, Any]) -> plan.PowerStatus:
@@ -170,25 +166,50 @@ async def sync_vm(body: Mapping[str, Any], rt: Runtime, view: ClusterView, *,
         host = status.get("host")
         if not host:
             views = [plan.HostView.from_object(h) for h in view.hosts.values()]
-            labels = await view.labels_if_needed(
-                [v for v in views if plan.matches_selector(v, spec)], namespace)
-            placement = plan.choose_host(
-                spec, views, view.reservations_for(plan.capacity_hosts(spec, views), uid),
-                namespace=namespace, namespace_labels=labels)
-            if placement.error is not None:
-                raise placement.error
-            host = placement.host
-            assert host is not None
-            # Visible to the next placement now, not once the status patch lands after define+start.
+            # A domain with this UUID already on a host this VM could be on (an earlier placement whose
+            # status write was lost, or a status wiped since): that host, never a second domain.
+            host = await find_own_domain(rt, uid, [v.name for v in views if plan.matches_selector(v, spec)],
+                                         view)
+            if host is not None:
+                events.append(("Normal", "Adopted", f"found its domain (UUID {uid}) on LibvirtHost {host}"))
+            else:
+                labels = await view.labels_if_needed(
+                    [v for v in views if plan.matches_selector(v, spec)], namespace)
+                placement = plan.choose_host(
+                    spec, views, view.reservations_for(plan.capacity_hosts(spec, views), uid),
+                    namespace=namespace, namespace_labels=labels)
+                if placement.error is not None:
+                    raise placement.error
+                host = placement.host
+                assert host is not None
+                events.append(("Normal", "Scheduled", f"placed on LibvirtHost {host}"))
+            # Visible to the next placement now, not once the status shows it.
             view.placed(uid, plan.placement_reservation(spec, host, uid))
             status["host"] = host
-            events.append(("Normal", "Scheduled", f"placed on LibvirtHost {host}"))
+            status["conditions"] = set_condition(status.get("conditions") or [], SCHEDULED, True, "Scheduled",
+                                                 f"placed on LibvirtHost {host}", generation)
+            if view.record_placement is not None:
+                # Recorded BEFORE anything is created on the host: a placement that is not in the
+                # status never has a domain, so a retry can never start the VM on a second host.
+                try:
+                    recorded = await view.record_placement(
+                        body, {"host": host, "conditions": status["conditions"]})
+                except AppError:
+                    view.placed(uid, None)
+                    status.pop("host", None)
+                    raise
+                if recorded != host:  # another writer placed it first: theirs holds
+                    host = recorded
+                    view.placed(uid, plan.placement_reservation(spec, host, uid))
+                    status["host"] = host
         stage.placed = True
         conditions = set_condition(status.get("conditions") or [], SCHEDULED, True, "Scheduled",
                                    f"placed on LibvirtHost {host}", generation)
         status["conditions"] = conditions
         assert host is not None
         host_obj = view.hosts.get(host)
+        if host_obj is None and rt.kube is not None:
+            host_obj = await rt.kube.get_object("libvirthosts", host)  # the cache may not have it yet
         if host_obj is None:
             raise AppError(ErrorCode.HOST_NOT_FOUND, f"LibvirtHost {host} the VM is placed on does not exist",
                            {"host": host})
@@ -231,8 +252,22 @@ async def sync_vm(body: Mapping[str, Any], rt: Runtime, view: ClusterView, *,
                 _eject(status, events)
             disks = await _resolve_media(spec, namespace, host, hv, conn, view, stage,
                                          ejected=bool(status.get("mediaEjected")))
-            volumes, disks = await _ensure_volumes(spec, uid, hv, conn, disks, events)
+            try:
+                volumes, disks, created_in = await _ensure_volumes(spec, uid, hv, conn, disks, events)
+            except AppError:
+                # Some may exist by now (the first disk's, when the second one's pool fails): say so.
+                status["volumes"] = await _existing_volumes(spec, uid, hv, conn)
+                raise
             status["volumes"] = volumes
+            seed = await vm_seed.attach_seed(spec, namespace, name, uid, hv, conn, rt)  # spec.cloudInit
+            if seed is not None:
+                disks = [*disks, seed.disk]
+                status["volumes"] = [*volumes, seed.volume]
+                if seed.uploaded:
+                    events.append(("Normal", "CloudInitSeedCreated", f"cloud-init seed {seed.volume['name']} "
+                                                                     f"uploaded to pool {seed.volume['pool']}"))
+            if created_in:
+                await _check_commitment(host, sorted(created_in), conn, status, events, generation)
             defn = DomainDefinition(
                 name=dname, uuid=uid, vcpus=spec.cpu, memory_bytes=parse_quantity(spec.memory), type=dtype,
                 firmware=spec.firmware, owner=Owner(namespace, name, uid), disks=tuple(disks),
@@ -257,9 +292,25 @@ async def sync_vm(body: Mapping[str, Any], rt: Runtime, view: ClusterView, *,
         assert observed is not None
 
         booted_fresh = not observed.active  # a (re)start uses the current persistent definition
+        # A start/stop/restart/pause/unpause request (annotation), executed once; in the full path only
+        # (handlers, requeue loop), never in a host's bulk round.
+        request = actions.pending_request(meta.get("annotations"), status.get("lastAction")) if full else None
+        if request is not None:
+            acted = await vm_actions.execute(
+                request, spec.run_strategy, float(spec.termination_grace_period_seconds), observed, conn, uid,
+                status, events, now, _pending_writer(rt, namespace, name))
+            observed = acted.observed
+            booted_fresh = booted_fresh or acted.booted
+        crashed = spec.run_strategy != "Halted" and _crashed(observed)  # as found, before any action
         power = _power_status(status)
         grace = float(spec.termination_grace_period_seconds)
-        pp = plan.plan_power(spec.run_strategy, observed, power, now, grace)
+        strategy = spec.run_strategy
+        if actions.held_stopped(strategy, status.get("lastAction"), observed.state):
+            strategy = "Halted"  # stopped on request: not a failure to rerun (until a start request)
+        pp = plan.plan_power(strategy, observed, power, now, grace)
+        if strategy != spec.run_strategy and pp.action is plan.Action.NONE:
+            pp = dataclasses.replace(pp, message="the domain was stopped by a stop request; it stays stopped until "
+                                                 "a start request (runStrategy RerunOnFailure)")
         requeue = pp.requeue_after
         start_error: AppError | None = None
         if pp.action is not plan.Action.NONE:
@@ -283,7 +334,7 @@ async def sync_vm(body: Mapping[str, Any], rt: Runtime, view: ClusterView, *,
                 start_error = err
                 stage.start_failed = True
                 events.append(("Warning", "FailedStart", human_message(err)))
-            pp2 = plan.plan_power(spec.run_strategy, observed, after, now, grace)
+            pp2 = plan.plan_power(strategy, observed, after, now, grace)
             if pp2.action is not plan.Action.NONE:
                 requeue = 0.5 if pp2.action is not pp.action else requeue
             pp = pp2
@@ -297,7 +348,7 @@ async def sync_vm(body: Mapping[str, Any], rt: Runtime, view: ClusterView, *,
         status["printableStatus"] = plan.printable_status(power=pp)
         conditions = status["conditions"]
         if full:
-            if redefine.restart_required:
+            if redefine.restart_required and not booted_fresh:
                 conditions = set_condition(conditions, RESTART_REQUIRED, True, "DefinitionChanged",
                                            "the spec changed while the domain runs; it applies at the next boot",
                                            generation)
@@ -310,19 +361,37 @@ async def sync_vm(body: Mapping[str, Any], rt: Runtime, view: ClusterView, *,
             conditions = remove_condition(conditions, RESTART_REQUIRED)  # the next boot uses the new definition
         backing_off = pp.status.start_failure is not None and not observed.active
         message = pp.message
-        if backing_off and status.get("error"):
+        ready, reason, stalled = pp.ready, pp.reason, False
+        if crashed and (old_status.get("error") or {}).get("code") != ErrorCode.DOMAIN_CRASHED.value:
+            # A Warning Event in any case; status.error while it is down (a restart clears it).
+            crash = AppError(ErrorCode.DOMAIN_CRASHED,
+                             f"the domain {dname} on {host} stopped unexpectedly (QEMU crashed, failed or was killed)",
+                             {"host": host, "domain": dname})
+            crash_state = await error_status(crash, old_status.get("error"), "VirtualMachine", rt.remediator)
+            events.append(("Warning", crash.reason, human_message(crash, crash_state)))
+            if not observed.active:
+                status["error"] = crash_state
+        if crashed and not observed.active and pp.desired_running is not True:
+            # Nothing restarts it (Manual, Once): not a clean stop, and nothing to wait for.
+            ready, reason, stalled = False, "DomainCrashed", True
+            message = f"{message}; it crashed: [{status['error']['code']}] {status['error']['message']}"
+        elif backing_off and status.get("error"):
             # Keep the failure that caused the backoff visible until a start succeeds.
             message = f"{message}; last failure: [{status['error']['code']}] {status['error']['message']}"
         else:
             status.pop("error", None)
-        conditions = summarize(conditions, ready=pp.ready, reason=pp.reason, message=message,
-                               generation=generation, reconciling=not pp.ready and pp.reason != "Paused")
+        if backing_off and plan.crash_looping_stalled(pp.status.start_failure):
+            stalled = True  # still retried after each backoff; reported as failed meanwhile
+        conditions = summarize(conditions, ready=ready, reason=reason, message=message, generation=generation,
+                               reconciling=not ready and pp.reason != "Paused" and not stalled, stalled=stalled)
         status["conditions"] = conditions
         if full:
             status["observedGeneration"] = generation
         if macs is not None:
-            status["interfaces"] = [{"name": i.name, **({"mac": macs[i.name]} if i.name in macs else {})}
-                                    for i in spec.interfaces]
+            addresses.put(status, addresses.interfaces_status(spec.interfaces, macs, status.get("interfaces"),
+                                                              running=observed.active))
+        elif not observed.active:
+            addresses.without_addresses(status)
         if observed.state is PowerState.RUNNING and not status.get("firstBootTime"):
             status["firstBootTime"] = timestamp(now)
         _transition_events(old_status, status, events)
@@ -331,14 +400,88 @@ async def sync_vm(body: Mapping[str, Any], rt: Runtime, view: ClusterView, *,
         return await _failed(err, old_status, status, generation, stage, rt, events)
 
 
-async def host_connection(rt: Runtime, name: str, host_obj: Mapping[str, Any] | None) -> Any:
-    """The pooled connection to a host; opened here (same options as the host probe would use) when
-    the probe has not run yet, e.g. right after an operator restart."""
+def _pending_writer(rt: Runtime, namespace: str, name: str) -> Callable[[dict[str, Any]], Awaitable[None]] | None:
+    """Writes status.lastAction Pending ahead of a long action (None outside the operator)."""
+    if rt.kube is None:
+        return None
+
+    async def write(patch: dict[str, Any]) -> None:
+        await rt.kube.patch_status("virtualmachines", namespace, name, patch)
+    return write
+
+
+PLACEMENT_WRITE_ATTEMPTS = 3
+
+
+async def record_placement(rt: Runtime, body: Mapping[str, Any], placed: dict[str, Any]
+                           ) -> tuple[str, dict[str, Any] | None]:
+    """Write a placement into the VM's status with its resourceVersion as precondition, before the
+    domain exists. A conflict re-reads the VM: a placement recorded meanwhile (another instance, or
+    our own earlier write whose answer was lost) wins; otherwise ours is written on the fresh version.
+    Returns the host the status names and the object as last seen (None when it is gone)."""
+    meta = body.get("metadata") or {}
+    namespace, name = meta.get("namespace", ""), meta.get("name", "")
+    version = meta.get("resourceVersion")
+    for _ in range(PLACEMENT_WRITE_ATTEMPTS):
+        try:
+            written = await rt.kube.patch_status("virtualmachines", namespace, name, placed, resource_version=version)
+        except ConflictError:
+            fresh = await rt.kube.get_object("virtualmachines", name, namespace)
+            if fresh is None:
+                break
+            recorded = (fresh.get("status") or {}).get("host")
+            if recorded:
+                return str(recorded), fresh
+            version = fresh["metadata"]["resourceVersion"]
+            continue
+        if written is None:
+            break
+        return str(placed["host"]), written
+    raise AppError(ErrorCode.KUBERNETES_API_ERROR,
+                   f"the placement of VirtualMachine {namespace}/{name} could not be recorded (the object kept "
+                   "changing or is gone); nothing was created", {"host": str(placed["host"])})
+
+
+async def _reachable(rt: Runtime, name: str, host_obj: Mapping[str, Any] | None) -> Any:
+    """The host's pooled connection, opened when the host is Ready; None when it cannot be asked."""
     conn = rt.pool.get(name)
-    if conn is not None or host_obj is None:
-        return conn
-    spec = LibvirtHostSpec.model_validate(host_obj.get("spec") or {})
-    return await rt.pool.ensure(name, await connect_options(spec, rt))
+    if conn is None and host_obj is not None and plan.HostView.from_object(host_obj).ready:
+        try:
+            conn = await host_connection(rt, name, host_obj)
+        except AppError:
+            return None
+    return conn
+
+
+async def find_own_domain(rt: Runtime, uid: str, hosts: list[str], view: ClusterView) -> str | None:
+    """The host among these that has a domain with UUID `uid` (a running one first), or None. Hosts
+    that cannot be asked are skipped: they are not placed on either (not Ready)."""
+    async def look(name: str) -> tuple[str, DomainObservation] | None:
+        conn = await _reachable(rt, name, view.hosts.get(name))
+        if conn is None:
+            return None
+        try:
+            details = await conn.call("get_domain", lambda c: domains.get_domain(c, uid))
+        except AppError as err:
+            log.info("could not look for the VM's domain on a host", host=name, uid=uid, code=err.code.value)
+            return None
+        return (name, details.observation) if details is not None else None
+
+    found = [f for f in await asyncio.gather(*(look(h) for h in sorted(hosts))) if f is not None]
+    if not found:
+        return None
+    if len(found) > 1:
+        log.warning("the VM's UUID is defined on several hosts; keeping one, the others are left untouched",
+                    uid=uid, hosts=[f[0] for f in found])
+    found.sort(key=lambda f: (not f[1].active, f[0]))
+    return found[0][0]
+
+
+def _crashed(observed: DomainObservation) -> bool:
+    """libvirt says the domain died, not that it was shut down or powered off: state crashed, or shut
+    off with reason crashed/failed (QEMU killed, crashed, or failed to start)."""
+    return observed.state is PowerState.CRASHED or (
+        observed.state is PowerState.SHUTOFF and observed.stop_cause is StopCause.FAILURE)
 
 
 def _refused(err: AppError, observed: DomainObservation) -> AppError:
@@ -443,18 +586,21 @@ async def _resolve_media(spec: VirtualMachineSpec, namespace: str, host: str, hv
 
 async def _ensure_volumes(spec: VirtualMachineSpec, uid: str, hv: plan.HostView, conn: Any,
                           disks: list[DiskDefinition], events: list[Event]
-                          ) -> tuple[list[dict[str, str]], list[DiskDefinition]]:
+                          ) -> tuple[list[dict[str, str]], list[DiskDefinition], set[str]]:
     """Each volume disk gets the volume named with the VM's uid (created when missing), or the
     earlier-scheme volume its own domain already uses. The returned list is the informational
     status.volumes: nothing ever reads it back to decide what to attach or delete."""
     requests = []
+    clones = vm_images.clone_requests(spec, uid, hv)  # disks from a base image (volume.source)
+    cloned = {c.disk for c in clones}
     for disk in spec.disks:
-        if disk.volume is not None:
+        if disk.volume is not None and disk.name not in cloned and disk.volume.size is not None:
             requests.append(domains.VolumeRequest(disk.volume.pool or hv.default_pool, volume_name(uid, disk.name),
                                                   parse_quantity(disk.volume.size), disk.name))
-    if not requests:
-        return [], disks
-    results = await conn.call("ensure_volumes", lambda c: domains.ensure_volumes(c, uid, requests))
+    if not requests and not clones:
+        return [], disks, set()
+    results = await conn.call("ensure_volumes", lambda c: domains.ensure_volumes(c, uid, requests)) if requests else []
+    results = [*results, *await vm_images.ensure_clones(conn, uid, clones)]
     by_disk = {r.disk: r for r in results}
     out = []
     for d in disks:
@@ -468,7 +614,54 @@ async def _ensure_volumes(spec: VirtualMachineSpec, uid: str, hv: plan.HostView,
         VM_OPERATIONS.labels("create_volume").inc(len(created))
         events.append(("Normal", "VolumesCreated", f"created volume(s) {', '.join(created)}"))
     volumes = [{"disk": d.name, "pool": d.pool or "", "name": d.volume or ""} for d in out if d.device == "disk"]
-    return volumes, out
+    return volumes, out, {r.pool for r in results if r.created}
+
+
+STORAGE_OVERCOMMITTED = "StorageOvercommitted"
+
+
+async def _check_commitment(host: str, pools: list[str], conn: Any, status: dict[str, Any], events: list[Event],
+                            generation: int) -> None:
+    """After creating thin volumes: do the pool's volumes now promise more than it holds? Reported on
+    the VM (condition StorageOvercommitted, a Warning Event) and as a per-pool metric; the VM keeps
+    running either way (a guest that fills its disk then fails its writes)."""
+    over = []
+    for pool in pools:
+        try:
+            committed, capacity = await conn.call("pool_commitment", lambda c, p=pool: pool_commitment(c, p))
+        except AppError as err:
+            log.info("pool commitment not measured", host=host, pool=pool, code=err.code.value)
+            continue
+        if capacity > 0:
+            POOL_COMMITMENT_RATIO.labels(host, pool).set(committed / capacity)
+        if committed > capacity:
+            over.append(f"pool {pool} on {host}: its volumes may grow to {committed / 2**30:.1f} GiB, it holds "
+                        f"{capacity / 2**30:.1f} GiB")
+    conditions = status.get("conditions") or []
+    if over:
+        message = "; ".join(over) + " (thin volumes overcommit it: guests fail writes when it fills up)"
+        if (get_condition(conditions, STORAGE_OVERCOMMITTED) or {}).get("status") != "True":
+            events.append(("Warning", "PoolOvercommitted", message))
+        status["conditions"] = set_condition(conditions, STORAGE_OVERCOMMITTED, True, "PoolOvercommitted", message,
+                                             generation)
+    else:
+        status["conditions"] = remove_condition(conditions, STORAGE_OVERCOMMITTED)
+
+
+async def _existing_volumes(spec: VirtualMachineSpec, uid: str, hv: plan.HostView, conn: Any) -> list[dict[str, str]]:
+    """The VM's uid-named volumes that exist on the host (informational status.volumes)."""
+    found = []
+    for disk in spec.disks:
+        if disk.volume is None:
+            continue
+        pool, name = disk.volume.pool or hv.default_pool, volume_name(uid, disk.name)
+        try:
+            path = await conn.call("volume_path", lambda c, p=pool, v=name: domains.volume_path(c, p, v))
+        except AppError:
+            continue
+        if path is not None:
+            found.append({"disk": disk.name, "pool": pool, "name": name})
+    return found
 
 
 def _transition_events(old: Mapping[str, Any], new: Mapping[str, Any], events: list[Event]) -> None:
@@ -488,10 +681,12 @@ async def _failed(err: AppError, old_status: Mapping[str, Any], status: dict[str
     message = human_message(err, err_status)
     conditions = list(status.get("conditions") or [])
     scheduling = not stage.placed
+    crash_loop = stage.start_failed and plan.crash_looping_stalled(
+        StartFailure.model_validate(status["startFailure"]) if status.get("startFailure") else None)
     if scheduling:
         conditions = set_condition(conditions, SCHEDULED, False, err.reason, message, generation)
     conditions = summarize(conditions, ready=False, reason=err.reason, message=message, generation=generation,
-                           reconciling=err.retryable, stalled=not err.retryable)
+                           reconciling=err.retryable and not crash_loop, stalled=not err.retryable or crash_loop)
     status["conditions"] = conditions
     status["error"] = err_status
     status["observedGeneration"] = generation
@@ -510,8 +705,19 @@ async def _failed(err: AppError, old_status: Mapping[str, Any], status: dict[str
             provisioning=True)
     previous_code = (old_status.get("error") or {}).get("code")
     if previous_code != err.code.value and not stage.start_failed:
-        events.append(("Warning", err.reason, message))
+        waiting = _waiting_reason(err, stage)
+        events.append(("Normal", waiting, message) if waiting else ("Warning", err.reason, message))
     return VmOutcome(status, events, err, requeue)
+
+
+def _waiting_reason(err: AppError, stage: _Stage) -> str | None:
+    """Expected waiting is not a warning: objects applied together (GitOps) arrive in any order, an
+    image takes a while to import, a new host a probe to turn Ready. The status still says why."""
+    if err.code is ErrorCode.ISO_NOT_FOUND and stage.waiting_media:
+        return "WaitingForMedia"
+    if not stage.placed and err.code in (ErrorCode.NO_SCHEDULABLE_HOST, ErrorCode.HOST_NOT_FOUND):
+        return "WaitingForHost"
+    return None
 
 
 # --------------------------------------------------------------------------------------------
@@ -532,7 +738,7 @@ async def delete_vm(body: Mapping[str, Any], rt: Runtime, view: ClusterView) -> 
     force = (meta.get("annotations") or {}).get(FORCE_RELEASE_ANNOTATION) == "true"
     host = status.get("host")
     if not host:
-        return DeleteOutcome(True, None, [])
+        return await _delete_unplaced(body, rt, view, status, generation, force)
     host_obj = view.hosts.get(host)
     default_pool = plan.HostView.from_object(host_obj).default_pool if host_obj else "default"
     # Where to look for volumes named with the VM's uid (the adapter adds its domain's disks' pools).
@@ -558,18 +764,94 @@ async def delete_vm(body: Mapping[str, Any], rt: Runtime, view: ClusterView) -> 
         if force:
             return DeleteOutcome(True, None, [("Warning", "ForceReleased",
                                                f"released without cleaning up host {host}: {err.message}")], None)
-        err_status = await error_status(err, status.get("error"), "VirtualMachine", rt.remediator)
-        message = human_message(err, err_status)
-        conditions = summarize(status.get("conditions") or [], ready=False, reason=err.reason, message=message,
-                               generation=generation, reconciling=True, stalled=err.code is ErrorCode.HOST_NOT_FOUND)
-        conditions = set_condition(conditions, "DeletionBlocked", True, err.reason, message, generation)
-        new = {**status, "conditions": conditions, "error": err_status, "printableStatus": "Terminating"}
-        events = [] if (status.get("error") or {}).get("code") == err.code.value else [
-            ("Warning", "DeletionBlocked", message)]
-        return DeleteOutcome(False, new, events, err)
+        return await _deletion_blocked(err, status, generation, rt, [])
     VM_OPERATIONS.labels("delete").inc()
     return DeleteOutcome(True, None, [("Normal", "Deleted",
                                        f"domain removed from {host}; volumes deleted: {', '.join(deleted) or 'none'}")])
+
+
+def _teardown_pools(body: Mapping[str, Any], default_pool: str) -> list[str]:
+    pools = {default_pool}
+    try:
+        spec = VirtualMachineSpec.model_validate(body.get("spec") or {})
+        pools.update(disk.volume.pool or default_pool for disk in spec.disks if disk.volume is not None)
+    except pydantic.ValidationError:
+        pass
+    return sorted(pools)
+
+
+async def _delete_unplaced(body: Mapping[str, Any], rt: Runtime, view: ClusterView, status: dict[str, Any],
+                           generation: int, force: bool) -> DeleteOutcome:
+    """A VM whose status names no host may still have a domain and volumes somewhere (placed by an
+    older release that recorded the host after define, or a status wiped since): tear down by UUID
+    and uid on every known host that can be asked. A Ready host the VM could be on (hostRef /
+    hostSelector) that fails the teardown blocks the release, as for a placed VM; hosts that are not
+    Ready are not searched (an unschedulable VM must stay deletable while its hosts are down), and
+    a Warning Event names the ones the VM could be on."""
+    meta = body.get("metadata") or {}
+    uid = meta.get("uid", "")
+    if not uid or not view.hosts:
+        return DeleteOutcome(True, None, [])
+    try:
+        spec: VirtualMachineSpec | None = VirtualMachineSpec.model_validate(body.get("spec") or {})
+    except pydantic.ValidationError:
+        spec = None
+
+    async def clean(name: str, host_obj: Mapping[str, Any]) -> tuple[str, bool, list[str] | None, AppError | None]:
+        hv = plan.HostView.from_object(host_obj)
+        could_be_there = spec is None or plan.matches_selector(hv, spec)
+        conn = rt.pool.get(name)
+        if conn is None and not hv.ready:
+            return name, could_be_there, None, None
+        pools = _teardown_pools(body, hv.default_pool)
+        try:
+            if conn is None:
+                conn = await host_connection(rt, name, host_obj)
+            return name, could_be_there, await conn.call("teardown", lambda c: domains.teardown(c, uid, pools)), None
+        except AppError as err:
+            if not (could_be_there and hv.ready):
+                log.info("host not searched for an unplaced VM's leftovers", host=name, uid=uid,
+                         code=err.code.value)
+                return name, could_be_there, None, None
+            return name, True, None, err
+
+    results = await asyncio.gather(*(clean(n, h) for n, h in sorted(view.hosts.items())))
+    blocked = [(n, e) for n, _, _, e in results if e is not None]
+    cleaned = {n: d for n, _, d, _ in results if d}
+    unsearched = sorted(n for n, could, d, e in results if could and d is None and e is None)
+    events: list[Event] = []
+    if cleaned:
+        VM_OPERATIONS.labels("delete").inc()
+        events.append(("Normal", "Deleted", "; ".join(f"removed from {n}: volumes {', '.join(d)}"
+                                                      for n, d in sorted(cleaned.items()))))
+    if not blocked:
+        if unsearched:
+            events.append(("Warning", "NotSearched",
+                           f"the VM was never recorded on a host; LibvirtHost(s) it could be on were not Ready and "
+                           f"not searched for a domain or volumes of UUID {uid}: {', '.join(unsearched[:10])}"))
+        return DeleteOutcome(True, None, events)
+    name, err = blocked[0]
+    if force:
+        return DeleteOutcome(True, None, events + [("Warning", "ForceReleased",
+                                                    f"released without searching host {name}: {err.message}")])
+    err = AppError(err.code, f"the VM was never recorded on a host, so every host it could be on is searched "
+                             f"for its domain and volumes; {err.message}. Set the annotation "
+                             f'{FORCE_RELEASE_ANNOTATION}: "true" to release it anyway', err.context)
+    return await _deletion_blocked(err, status, generation, rt, events)
+
+
+async def _deletion_blocked(err: AppError, status: dict[str, Any], generation: int, rt: Runtime,
+                            events: list[Event]) -> DeleteOutcome:
+    """The VM stays (Terminating, DeletionBlocked) until the requeue loop's next attempt succeeds."""
+    err_status = await error_status(err, status.get("error"), "VirtualMachine", rt.remediator)
+    message = human_message(err, err_status)
+    conditions = summarize(status.get("conditions") or [], ready=False, reason=err.reason, message=message,
+                           generation=generation, reconciling=True, stalled=err.code is ErrorCode.HOST_NOT_FOUND)
+    conditions = set_condition(conditions, "DeletionBlocked", True, err.reason, message, generation)
+    new = {**status, "conditions": conditions, "error": err_status, "printableStatus": "Terminating"}
+    if (status.get("error") or {}).get("code") != err.code.value:
+        events = events + [("Warning", "DeletionBlocked", message)]
+    return DeleteOutcome(False, new, events, err)
 
 
 def host_lost_status(body: Mapping[str, Any], err: AppError, error_state: dict[str, Any]) -> dict[str, Any]:

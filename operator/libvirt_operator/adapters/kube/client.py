@@ -9,6 +9,9 @@ teardown finalizer (handlers.vm) once a blocked VM deletion could finish.
 from __future__ import annotations
 
 import base64
+import functools
+import time
+import urllib.parse
 from typing import Any
 
 from kubernetes_asyncio import client, config
@@ -16,6 +19,8 @@ from kubernetes_asyncio.client.exceptions import ApiException
 
 from ...core.api.common import GROUP, VERSION
 from ...core.errors import AppError, ErrorCode
+from ...core.metrics import REST_CLIENT_REQUESTS, REST_CLIENT_SECONDS
+from ...core.timestamps import timestamp
 
 FIELD_MANAGER = "libvirt-operator"
 
@@ -31,9 +36,34 @@ class ConflictError(AppError):
     """A write whose resourceVersion precondition failed (HTTP 409): someone else wrote first."""
 
 
+def _instrument(rest: Any) -> None:
+    """client-go's rest_client_* metrics around every request of this ApiClient (its REST client
+    is the one place all of them pass through)."""
+    request = rest.request
+
+    @functools.wraps(request)
+    async def timed(method: str, url: str, *args: Any, **kwargs: Any) -> Any:
+        verb, host = method.upper(), urllib.parse.urlsplit(url).netloc
+        started = time.perf_counter()
+        code = "<error>"
+        try:
+            response = await request(method, url, *args, **kwargs)
+            code = str(getattr(response, "status", "") or "<error>")
+            return response
+        except ApiException as err:
+            code = str(err.status or "<error>")
+            raise
+        finally:
+            REST_CLIENT_SECONDS.labels(verb, host).observe(time.perf_counter() - started)
+            REST_CLIENT_REQUESTS.labels(code, verb, host).inc()
+
+    rest.request = timed
+
+
 class KubeClient:
     def __init__(self, api: client.ApiClient) -> None:
         self.api = api
+        _instrument(api.rest_client)
         self.core = client.CoreV1Api(api)
         self.custom = client.CustomObjectsApi(api)
 
@@ -92,6 +122,39 @@ class KubeClient:
             raise _api_error(err, f"reading namespace {name}") from err
         return dict(result.items[0].metadata.labels or {}) if result.items else None
 
+    async def _json_patch(self, plural: str, namespace: str, name: str, ops: list[dict[str, Any]]) -> None:
+        await self.custom.patch_namespaced_custom_object(
+            GROUP, VERSION, namespace, plural, name, ops, field_manager=FIELD_MANAGER,
+            _content_type="application/json-patch+json")
+
+    async def add_finalizer(self, plural: str, namespace: str, name: str, finalizer: str, attempts: int = 3) -> bool:
+        """Add one finalizer (a JSON patch with the object's resourceVersion as precondition: a concurrent
+        change is re-read, never overwritten). False when the object is gone or being deleted (the
+        apiserver refuses new finalizers then)."""
+        for _ in range(attempts):
+            obj = await self.get_object(plural, name, namespace)
+            meta = (obj or {}).get("metadata") or {}
+            if obj is None or meta.get("deletionTimestamp"):
+                return False
+            finalizers = list(meta.get("finalizers") or [])
+            if finalizer in finalizers:
+                return True
+            add = ({"op": "add", "path": "/metadata/finalizers/-", "value": finalizer} if finalizers else
+                   {"op": "add", "path": "/metadata/finalizers", "value": [finalizer]})
+            ops = [{"op": "test", "path": "/metadata/resourceVersion", "value": meta.get("resourceVersion")}, add]
+            try:
+                await self._json_patch(plural, namespace, name, ops)
+            except ApiException as err:
+                if err.status == 404:
+                    return False
+                if err.status in (409, 422):
+                    continue  # changed meanwhile (or now being deleted): read again
+                raise _api_error(err, f"adding finalizer {finalizer} to {plural} {namespace}/{name}") from err
+            return True
+        raise AppError(ErrorCode.KUBERNETES_API_ERROR,
+                       f"adding finalizer {finalizer} to {plural} {namespace}/{name}: the object kept changing",
+                       {"status": 409})
+
     async def remove_finalizer(self, plural: str, namespace: str, name: str, finalizer: str) -> bool:
         """Remove one finalizer (a JSON patch that tests its position first, so a concurrent change of
         the list fails instead of removing another one). False when it is not there (or the object is gone)."""
@@ -103,9 +166,7 @@ class KubeClient:
         ops = [{"op": "test", "path": f"/metadata/finalizers/{index}", "value": finalizer},
                {"op": "remove", "path": f"/metadata/finalizers/{index}"}]
         try:
-            await self.custom.patch_namespaced_custom_object(
-                GROUP, VERSION, namespace, plural, name, ops, field_manager=FIELD_MANAGER,
-                _content_type="application/json-patch+json")
+            await self._json_patch(plural, namespace, name, ops)
         except ApiException as err:
             if err.status == 404:
                 return False
@@ -136,3 +197,19 @@ class KubeClient:
                                     f"status of {plural} {namespace or ''}/{name} changed meanwhile",
                                     {"status": 409}, cause=err) from err
             raise _api_error(err, f"patching status of {plural} {namespace or ''}/{name}") from err
+
+    async def post_cluster_event(self, involved: dict[str, Any], type_: str, reason: str, message: str) -> None:
+        """An Event about a cluster-scoped object, shaped the way `kubectl describe` finds it: in namespace
+        default, involvedObject without a namespace and with the object's uid (kopf's own events put
+        `default` into involvedObject.namespace, which kubectl's field selector never matches)."""
+        now = timestamp()
+        body = {"apiVersion": "v1", "kind": "Event",
+                "metadata": {"generateName": f"{involved.get('name', 'object')}.", "namespace": "default"},
+                "involvedObject": {k: v for k, v in involved.items() if k != "namespace" and v},
+                "type": type_, "reason": reason, "message": message[:1024],
+                "source": {"component": FIELD_MANAGER}, "reportingComponent": FIELD_MANAGER,
+                "reportingInstance": FIELD_MANAGER, "firstTimestamp": now, "lastTimestamp": now, "count": 1}
+        try:
+            await self.core.create_namespaced_event("default", body)
+        except ApiException as err:
+            raise _api_error(err, f"posting an Event about {involved.get('kind')} {involved.get('name')}") from err

@@ -1,12 +1,14 @@
 """Pooled libvirt connections, one per host, with bounded per-host concurrency.
 
-libvirt calls are blocking C calls: every call runs in the host's own small thread pool, so a slow
-or hung host can neither block kopf's event loop nor starve the other hosts.
+libvirt calls are blocking C calls: every call runs in a daemon thread of its host, bounded by the
+host's call slots (uploads: stream slots), so a slow or hung host can neither block kopf's event loop,
+starve the other hosts, nor keep the process from exiting.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures
 import contextlib
 import dataclasses
@@ -14,19 +16,21 @@ import os
 import re
 import shlex
 import shutil
+import signal
 import tempfile
 import threading
 import time
 from collections.abc import Callable, Mapping
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import libvirt
 
 from ...core import hosturi
 from ...core.errors import AppError, ErrorCode
 from ...core.logs import get_logger
-from ...core.metrics import HOST_CONNECTED, LIBVIRT_CALL_SECONDS, LIBVIRT_CALLS
+from ...core.metrics import HOST_CONNECTED, LIBVIRT_CALL_SECONDS, LIBVIRT_CALLS, LIBVIRT_CALLS_IN_FLIGHT
 from .errors import CONNECTION_LOST, classify_libvirt_error
+from .events import ensure_event_thread
 
 T = TypeVar("T")
 log = get_logger(__name__)
@@ -40,7 +44,10 @@ class ConnectOptions:
     uri: str
     max_concurrent_calls: int = 4
     credentials: Mapping[str, bytes] = dataclasses.field(default_factory=dict, repr=False)
-    call_timeout: float = 60.0
+    call_timeout: float = 60.0       # one call, from the moment it runs (not while it waits for a slot)
+    connect_timeout: float = 20.0    # one connect attempt (ssh's own ConnectTimeout is half of it)
+    max_concurrent_streams: int = 2  # uploads/downloads: their own slots, apart from the call slots
+    queue_timeout: float = 300.0     # waiting for a free slot
 
 
 class _CredentialFiles:
@@ -56,10 +63,12 @@ class _CredentialFiles:
     SSH_KEYS = {"ssh-privatekey": "id_key", "known_hosts": "known_hosts"}
     TLS_KEYS = {"ca.crt": "cacert.pem", "tls.crt": "clientcert.pem", "tls.key": "clientkey.pem"}
 
-    def __init__(self, credentials: Mapping[str, bytes]) -> None:
+    def __init__(self, credentials: Mapping[str, bytes], connect_timeout: float = 20.0) -> None:
         self.dir = tempfile.mkdtemp(prefix="lvop-cred-")
         os.chmod(self.dir, 0o700)
         self.ssh_log = os.path.join(self.dir, "ssh.log")
+        self.ssh_pid = os.path.join(self.dir, "ssh.pid")
+        self.ssh_connect_timeout = max(1, int(connect_timeout / 2))
         for key, value in credentials.items():
             fname = self.SSH_KEYS.get(key) or self.TLS_KEYS.get(key)
             if fname:
@@ -102,7 +111,7 @@ class _CredentialFiles:
             "  PreferredAuthentications publickey",
             "  PasswordAuthentication no",
             "  KbdInteractiveAuthentication no",
-            "  ConnectTimeout 10",
+            f"  ConnectTimeout {self.ssh_connect_timeout}",
             "  ServerAliveInterval 10",
             "  ServerAliveCountMax 3",
             "  ProxyCommand none",
@@ -117,7 +126,10 @@ class _CredentialFiles:
             "",
         ])
         cfg = self._write("ssh_config", config.encode(), 0o600)
+        # The pid file lets the operator stop this ssh (exec keeps the pid) when a connect hangs or
+        # the host is removed; libvirt itself would wait for it.
         script = (f"#!/bin/sh\n# written by libvirt-operator: ssh with the Secret's known_hosts, strict checking\n"
+                  f"echo $$ > {shlex.quote(self.ssh_pid)}\n"
                   f"exec {shlex.quote(ssh)} -F {shlex.quote(cfg)} -E {shlex.quote(self.ssh_log)} \"$@\"\n")
         return self._write("ssh", script.encode(), 0o700)
 
@@ -129,36 +141,138 @@ class _CredentialFiles:
         except OSError:
             return None
 
+    def kill_ssh(self) -> None:
+        """Stop the ssh process started for this connection, if it still runs (checked by its command
+        line, which names this directory: a reused pid is left alone)."""
+        try:
+            with open(self.ssh_pid) as fh:
+                pid = int(fh.read().strip() or 0)
+            with open(f"/proc/{pid}/cmdline", "rb") as fh:
+                mine = self.dir.encode() in fh.read()
+        except (OSError, ValueError):
+            return
+        if pid > 0 and mine:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
+
     def remove(self) -> None:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
+class _Slots:
+    """A counting bound that event-loop code waits on and any thread releases.
+
+    A call holds its slot until its thread really ends (not when its caller stops waiting), so a host
+    whose calls hang can never have more than `size` threads stuck on it."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._free = size
+        self._lock = threading.Lock()
+        self._waiters: collections.deque[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]] = collections.deque()
+
+    @property
+    def busy(self) -> int:
+        return self.size - self._free
+
+    async def acquire(self) -> None:
+        loop = asyncio.get_running_loop()
+        with self._lock:
+            if self._free > 0 and not self._waiters:
+                self._free -= 1
+                return
+            waiter: asyncio.Future[None] = loop.create_future()
+            self._waiters.append((loop, waiter))
+        try:
+            await waiter
+        except BaseException:
+            with self._lock:
+                queued = (loop, waiter) in self._waiters
+                if queued:
+                    self._waiters.remove((loop, waiter))
+            if not queued and waiter.done() and not waiter.cancelled():
+                self.release()  # granted, but the caller is gone: pass it on
+            raise  # (granted after the cancellation: _grant hands it on)
+
+    def release(self) -> None:
+        with self._lock:
+            while self._waiters:
+                loop, waiter = self._waiters.popleft()
+                try:
+                    loop.call_soon_threadsafe(self._grant, waiter)
+                    return
+                except RuntimeError:  # that loop is closed: its waiter is gone
+                    continue
+            self._free += 1
+
+    def _grant(self, waiter: asyncio.Future[None]) -> None:
+        if waiter.done():  # cancelled meanwhile
+            self.release()
+        else:
+            waiter.set_result(None)
+
+
+class _Live:
+    """One open virConnect, its credential files and the calls running on it. A retired connection
+    takes no new calls and is closed when its last running call returns, never under one."""
+
+    def __init__(self, conn: libvirt.virConnect, creds: _CredentialFiles | None, uri: str) -> None:
+        self.conn, self.creds, self.uri = conn, creds, uri
+        self.in_flight = 0
+        self.retired = False
+        self.closed = False
+
+
+_CLOSE_REASONS = {0: "an error on the connection", 1: "end of file from the host",
+                  2: "no keepalive answer from the host", 3: "closed by the client"}
+
+
 class HostConnection:
-    """A lazily opened, self-healing connection to one libvirt host."""
+    """A lazily opened, self-healing connection to one libvirt host.
+
+    - Connecting is single-flight and never holds a lock: one attempt at a time per host (in its own
+      thread); callers wait for it at most `connect_timeout`, and once an attempt is overdue they fail
+      at once (HOST_UNREACHABLE naming the URI and the step) instead of queueing behind it. An overdue
+      qemu+ssh attempt is ended by stopping its ssh process.
+    - Calls run in daemon threads (a hung C call can never keep the process from exiting), bounded by
+      the host's call slots; uploads and other streams have their own, separate slots. A call's
+      timeout counts the call itself, not the time spent waiting for a slot.
+    - A lost connection (libvirt's close callback: EOF, keepalive failure) is retired at once and
+      reported to `on_lost` hooks; it is closed when its last running call has returned.
+    """
 
     def __init__(self, name: str, options: ConnectOptions) -> None:
         self.name = name
         self.options = options
-        self._executor = concurrent.futures.ThreadPoolExecutor(
-            max_workers=options.max_concurrent_calls, thread_name_prefix=f"libvirt-{name}")
-        self._lock = threading.Lock()
-        self._conn: libvirt.virConnect | None = None
-        self._alive = False
-        self._creds: _CredentialFiles | None = None
+        self._lock = threading.Lock()  # guards the fields below; never held across a libvirt call
+        self._live: _Live | None = None
+        self._connecting: concurrent.futures.Future[_Live] | None = None
+        self._connect_started = 0.0
+        self._connect_creds: _CredentialFiles | None = None
         self._closed = False
+        self._calls = _Slots(options.max_concurrent_calls)
+        self._streams = _Slots(options.max_concurrent_streams)
+        self.uri = _display_uri(options.uri)
         self.on_connect: list[Callable[[libvirt.virConnect], None]] = []
+        self.on_lost: list[Callable[[str], None]] = []  # called on libvirt's event thread
 
-    # -- blocking side (runs in the host's threads) --
-    def _open(self) -> libvirt.virConnect:
-        with self._lock:
-            if self._conn is not None and self._alive:
-                return self._conn
-            self._drop_locked()
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    # -- connecting --------------------------------------------------------------------------
+    def _connect_blocking(self, attempt: concurrent.futures.Future[_Live]) -> None:
+        """One connect attempt (its own daemon thread); the result goes to `attempt`."""
+        creds: _CredentialFiles | None = None
+        try:
+            ensure_event_thread()  # keepalives and close callbacks need libvirt's event loop
             parsed = _checked_uri(self.options)
             uri = parsed.render()
             if self.options.credentials:
-                self._creds = _CredentialFiles(self.options.credentials)
-                uri = self._creds.uri_for(parsed)
+                creds = _CredentialFiles(self.options.credentials, self.options.connect_timeout)
+                uri = creds.uri_for(parsed)
+                with self._lock:
+                    self._connect_creds = creds
             started = time.perf_counter()
             try:
                 conn = libvirt.openAuth(uri, [[libvirt.VIR_CRED_AUTHNAME, libvirt.VIR_CRED_PASSPHRASE],
@@ -172,100 +286,282 @@ class HostConnection:
                                    "quote the file)", {"host": self.name, "operation": "connect"}) from None
                 ssh_log = None
                 if parsed.transport == "ssh":
-                    ssh_log = self._creds.ssh_failure() if self._creds else None
+                    ssh_log = creds.ssh_failure() if creds else None
                 elif parsed.ssh:
                     ssh_log = str(err)
-                raise _connect_error(err, self.name, parsed, ssh_log) from err
+                raise _connect_error(err, self.name, parsed, ssh_log, self.uri) from err
             finally:
                 LIBVIRT_CALL_SECONDS.labels(self.name, "connect").observe(time.perf_counter() - started)
             LIBVIRT_CALLS.labels(self.name, "connect", "ok").inc()
+            live = _Live(conn, creds, self.uri)
+            creds = None  # owned by `live` from here on
             with contextlib.suppress(libvirt.libvirtError):
-                conn.setKeepAlive(5, 3)  # only effective with an event loop implementation
+                conn.setKeepAlive(5, 3)
             with contextlib.suppress(libvirt.libvirtError):
-                conn.registerCloseCallback(self._on_close, None)
-            self._conn, self._alive = conn, True
+                conn.registerCloseCallback(self._on_close, live)
+            with self._lock:
+                current = self._connecting is attempt and not self._closed
+                if current:
+                    self._live, self._connecting, self._connect_creds = live, None, None
+            if not current:  # abandoned (overdue, or the host was removed) meanwhile
+                _dispose(live)
+                raise AppError(ErrorCode.HOST_UNREACHABLE, f"connection to {self.uri} abandoned",
+                               {"host": self.name, "operation": "connect", "uri": self.uri})
             HOST_CONNECTED.labels(self.name).set(1)
-            for hook in self.on_connect:
-                hook(conn)
-            return conn
+            for hook in list(self.on_connect):
+                try:
+                    hook(conn)
+                except Exception:  # noqa: BLE001  (a subscriber's failure is not a failed connect)
+                    log.exception("on_connect hook failed", host=self.name)
+            attempt.set_result(live)
+        except BaseException as err:  # noqa: BLE001  (handed to the waiters)
+            with self._lock:
+                if self._connecting is attempt:
+                    self._connecting, self._connect_creds = None, None
+            if creds is not None:
+                creds.remove()
+            attempt.set_exception(err)
 
-    def _on_close(self, _conn: libvirt.virConnect, reason: int, _opaque: object) -> None:
-        log.warning("libvirt connection closed", host=self.name, reason=reason)
-        self._alive = False
-        HOST_CONNECTED.labels(self.name).set(0)
-
-    def _drop_locked(self) -> None:
-        if self._conn is not None:
-            # Event callbacks hold references to the connection: left registered, close() only drops
-            # ours and the transport (socket, ssh child) stays open for the life of the process.
-            for callback_id in list(getattr(self._conn, "domainEventCallbackID", None) or ()):
-                with contextlib.suppress(libvirt.libvirtError):
-                    self._conn.domainEventDeregisterAny(callback_id)
-            with contextlib.suppress(libvirt.libvirtError):
-                self._conn.unregisterCloseCallback()
-            with contextlib.suppress(libvirt.libvirtError):
-                self._conn.close()
-        self._conn, self._alive = None, False
-        if self._creds is not None:
-            self._creds.remove()
-            self._creds = None
-        HOST_CONNECTED.labels(self.name).set(0)
-
-    def _run(self, operation: str, fn: Callable[[libvirt.virConnect], T]) -> T:
-        for attempt in (1, 2):
-            conn = self._open()
-            if not self._is_alive(conn):
-                self._mark_dead()
-                conn = self._open()
-            started = time.perf_counter()
-            try:
-                result = fn(conn)
-            except libvirt.libvirtError as err:
-                LIBVIRT_CALLS.labels(self.name, operation, "error").inc()
-                lost = err.get_error_code() in CONNECTION_LOST and not self._is_alive(conn)
-                if lost and attempt == 1:
-                    log.info("libvirt connection lost, reopening", host=self.name, operation=operation)
-                    self._mark_dead()
-                    continue
-                raise classify_libvirt_error(err, host=self.name, operation=operation) from err
-            finally:
-                LIBVIRT_CALL_SECONDS.labels(self.name, operation).observe(time.perf_counter() - started)
-            LIBVIRT_CALLS.labels(self.name, operation, "ok").inc()
-            return result
-        raise AssertionError("unreachable")
-
-    @staticmethod
-    def _is_alive(conn: libvirt.virConnect) -> bool:
-        try:
-            return bool(conn.isAlive())
-        except libvirt.libvirtError:
-            return False
-
-    def _mark_dead(self) -> None:
+    async def _connected(self) -> _Live:
+        """The live connection, opening it (single-flight) when needed."""
         with self._lock:
-            self._drop_locked()
+            self._check_open()
+            live = self._live
+            if live is not None and not live.retired:
+                return live
+            attempt = self._connecting
+            if attempt is None:
+                attempt = self._connecting = concurrent.futures.Future()
+                self._connect_started = time.monotonic()
+                threading.Thread(target=self._connect_blocking, args=(attempt,), daemon=True,
+                                 name=f"libvirt-connect-{self.name}").start()
+            waited = time.monotonic() - self._connect_started
+        remaining = self.options.connect_timeout - waited
+        if remaining > 0:
+            wrapped = asyncio.wrap_future(attempt)
+            try:
+                return await asyncio.wait_for(asyncio.shield(wrapped), remaining)
+            except (asyncio.TimeoutError, TimeoutError):
+                waited = time.monotonic() - self._connect_started
+                # its outcome arrives later, or never: nobody waits for it any more
+                wrapped.add_done_callback(lambda f: f.cancelled() or f.exception())
+        self._connect_overdue(attempt, waited)
+        raise AppError(ErrorCode.HOST_UNREACHABLE,
+                       f"{self.uri} hung: no answer within {waited:.0f}s while connecting "
+                       f"(step: connect, {self._connect_step()})",
+                       {"host": self.name, "operation": "connect", "uri": self.uri, "step": "connect"})
 
-    # -- async side --
-    async def call(self, operation: str, fn: Callable[[libvirt.virConnect], T],
-                   timeout: float | None = None) -> T:
-        """Run fn(conn) in this host's thread pool; the event loop never blocks on libvirt."""
+    def _connect_step(self) -> str:
+        parsed = hosturi.parse(self.options.uri)
+        if parsed.transport == "ssh":
+            return f"ssh to {parsed.endpoint} and libvirt's open over it"
+        return f"libvirt's open of {parsed.endpoint}"
+
+    def _connect_overdue(self, attempt: concurrent.futures.Future[_Live], waited: float) -> None:
+        """An attempt that outlived connect_timeout: stop its ssh (which ends the blocked open); one
+        that outlives it three times over is abandoned so that the next call starts afresh."""
+        with self._lock:
+            creds = self._connect_creds if self._connecting is attempt else None
+            if self._connecting is attempt and waited >= 3 * self.options.connect_timeout:
+                self._connecting = None  # its thread discards whatever it gets
+        if creds is not None:
+            creds.kill_ssh()
+
+    def _check_open(self) -> None:
         if self._closed:
             raise AppError(ErrorCode.HOST_NOT_FOUND, f"host {self.name} was removed", {"host": self.name})
-        loop = asyncio.get_running_loop()
-        future = loop.run_in_executor(self._executor, self._run, operation, fn)
-        try:
-            return await asyncio.wait_for(future, timeout or self.options.call_timeout)
-        except (asyncio.TimeoutError, TimeoutError) as err:
-            LIBVIRT_CALLS.labels(self.name, operation, "timeout").inc()
-            raise AppError(ErrorCode.LIBVIRT_TIMEOUT,
-                           f"libvirt call {operation} on host {self.name} did not finish within "
-                           f"{timeout or self.options.call_timeout:.0f}s",
-                           {"host": self.name, "operation": operation}) from err
 
-    async def close(self) -> None:
-        self._closed = True
-        await asyncio.get_running_loop().run_in_executor(self._executor, self._mark_dead)
-        self._executor.shutdown(wait=False, cancel_futures=True)
+    # -- losing and retiring -----------------------------------------------------------------
+    def _on_close(self, _conn: libvirt.virConnect, reason: int, live: _Live) -> None:
+        if reason == libvirt.VIR_CONNECT_CLOSE_REASON_CLIENT:
+            return
+        why = _CLOSE_REASONS.get(reason, f"reason {reason}")
+        log.warning("libvirt connection lost", host=self.name, reason=why)
+        self._retire(live, lost=f"connection to {self.uri} lost: {why}")
+
+    def _retire(self, live: _Live, lost: str | None = None) -> None:
+        """No new calls on `live`; it is closed now if idle, else by its last running call."""
+        with self._lock:
+            was_current = self._live is live
+            if was_current:
+                self._live = None
+            first = not live.retired
+            live.retired = True
+            close_now = live.in_flight == 0 and not live.closed
+            if close_now:
+                live.closed = True
+        if was_current:
+            HOST_CONNECTED.labels(self.name).set(0)
+        if close_now:
+            threading.Thread(target=_dispose, args=(live,), daemon=True, name=f"libvirt-close-{self.name}").start()
+        if lost and first and was_current and not self._closed:
+            for hook in list(self.on_lost):
+                with contextlib.suppress(Exception):
+                    hook(lost)
+
+    def _enter(self, live: _Live) -> bool:
+        with self._lock:
+            if live.closed:
+                return False
+            live.in_flight += 1
+            return True
+
+    def _leave(self, live: _Live) -> None:
+        with self._lock:
+            live.in_flight -= 1
+            close_now = live.retired and live.in_flight == 0 and not live.closed
+            if close_now:
+                live.closed = True
+        if close_now:
+            _dispose(live)  # already on a worker thread
+
+    # -- calls -------------------------------------------------------------------------------
+    def _run_blocking(self, live: _Live, operation: str, fn: Callable[[libvirt.virConnect], T],
+                      slots: _Slots, loop: asyncio.AbstractEventLoop, done: asyncio.Future[T]) -> None:
+        result: Any = None
+        error: BaseException | None = None
+        in_flight = LIBVIRT_CALLS_IN_FLIGHT.labels(self.name, operation)
+        in_flight.inc()
+        started = time.perf_counter()
+        try:
+            result = fn(live.conn)
+            LIBVIRT_CALLS.labels(self.name, operation, "ok").inc()
+        except libvirt.libvirtError as err:
+            LIBVIRT_CALLS.labels(self.name, operation, "error").inc()
+            if err.get_error_code() in CONNECTION_LOST and not _is_alive(live.conn):
+                self._retire(live, lost=f"connection to {self.uri} lost during {operation}")
+                error = _Lost(err)
+            else:
+                error = classify_libvirt_error(err, host=self.name, operation=operation)
+                error.__cause__ = err
+        except BaseException as err:  # noqa: BLE001  (handed to the caller)
+            error = err
+        finally:
+            LIBVIRT_CALL_SECONDS.labels(self.name, operation).observe(time.perf_counter() - started)
+            in_flight.dec()
+            slots.release()
+            self._leave(live)
+
+        def deliver() -> None:
+            if done.done():
+                return  # the caller gave up (timeout, cancellation)
+            if error is not None:
+                done.set_exception(error)
+            else:
+                done.set_result(result)
+
+        with contextlib.suppress(RuntimeError):  # the caller's loop is closed: nobody is waiting
+            loop.call_soon_threadsafe(deliver)
+
+    async def call(self, operation: str, fn: Callable[[libvirt.virConnect], T],
+                   timeout: float | None = None, *, stream: bool = False) -> T:
+        """Run fn(conn) in a thread of this host; the event loop never blocks on libvirt.
+
+        `timeout` bounds the call itself (default: the host's call timeout); waiting for one of the
+        host's slots is bounded separately (`queue_timeout`). `stream=True`: an upload or download,
+        which takes one of the host's stream slots instead of a call slot."""
+        timeout = timeout or self.options.call_timeout
+        slots = self._streams if stream else self._calls
+        loop = asyncio.get_running_loop()
+        reopened = False
+        while True:
+            live = await self._connected()
+            try:
+                await asyncio.wait_for(slots.acquire(), self.options.queue_timeout)
+            except (asyncio.TimeoutError, TimeoutError) as err:
+                LIBVIRT_CALLS.labels(self.name, operation, "timeout").inc()
+                kind = "stream" if stream else "call"
+                raise AppError(ErrorCode.LIBVIRT_TIMEOUT,
+                               f"libvirt {kind} {operation} on {self.uri} waited {self.options.queue_timeout:.0f}s "
+                               f"for one of the host's {slots.size} {kind} slots (all busy)",
+                               {"host": self.name, "operation": operation, "uri": self.uri,
+                                "step": "queue"}) from err
+            if not self._enter(live):  # closed meanwhile (retired and idle): take the next one
+                slots.release()
+                continue
+            done: asyncio.Future[T] = loop.create_future()
+            threading.Thread(target=self._run_blocking, args=(live, operation, fn, slots, loop, done),
+                             daemon=True, name=f"libvirt-{self.name}-{operation}").start()
+            try:
+                return await asyncio.wait_for(done, timeout)
+            except _Lost as lost:
+                if not reopened:
+                    reopened = True
+                    log.info("libvirt connection lost, reopening", host=self.name, operation=operation)
+                    continue
+                raise classify_libvirt_error(lost.err, host=self.name, operation=operation) from lost.err
+            except (asyncio.TimeoutError, TimeoutError) as err:
+                LIBVIRT_CALLS.labels(self.name, operation, "timeout").inc()
+                raise AppError(ErrorCode.LIBVIRT_TIMEOUT,
+                               f"{self.uri} hung: libvirt call {operation} did not finish within {timeout:.0f}s "
+                               f"(step: {operation})",
+                               {"host": self.name, "operation": operation, "uri": self.uri,
+                                "step": operation}) from err
+
+    def in_flight(self) -> int:
+        """Calls and streams running on this host now."""
+        return self._calls.busy + self._streams.busy
+
+    async def close(self, *, abort: bool = False) -> None:
+        """Take no more calls; close the connection once idle. Never waits for a hung host: a pending
+        connect's ssh is stopped, and libvirt's close runs in a daemon thread. `abort` (the host is
+        removed, the operator stops): calls still running are ended too (their ssh is stopped)."""
+        with self._lock:
+            self._closed = True
+            live, self._live = self._live, None
+            creds = self._connect_creds
+            self._connecting, self._connect_creds = None, None
+        if creds is not None:
+            creds.kill_ssh()
+            creds.remove()
+        if live is not None:
+            self._retire(live)
+            if abort and live.creds is not None and live.in_flight:
+                live.creds.kill_ssh()  # calls still running on a removed host: end them now
+        HOST_CONNECTED.labels(self.name).set(0)
+
+
+class _Lost(Exception):
+    """A call found its connection gone; the caller retries once on a fresh connection."""
+
+    def __init__(self, err: libvirt.libvirtError) -> None:
+        super().__init__(str(err))
+        self.err = err
+
+
+def _is_alive(conn: libvirt.virConnect) -> bool:
+    try:
+        return bool(conn.isAlive())
+    except libvirt.libvirtError:
+        return False
+
+
+def _dispose(live: _Live) -> None:
+    """Close a connection for good (a worker thread: close() may block on a dead transport)."""
+    conn = live.conn
+    # Event callbacks hold references to the connection: left registered, close() only drops ours
+    # and the transport (socket, ssh child) stays open for the life of the process.
+    for callback_id in list(getattr(conn, "domainEventCallbackID", None) or ()):
+        with contextlib.suppress(libvirt.libvirtError):
+            conn.domainEventDeregisterAny(callback_id)
+    with contextlib.suppress(libvirt.libvirtError):
+        conn.unregisterCloseCallback()
+    if live.creds is not None and not _is_alive(conn):
+        live.creds.kill_ssh()
+    with contextlib.suppress(libvirt.libvirtError):
+        conn.close()
+    if live.creds is not None:
+        live.creds.kill_ssh()
+        live.creds.remove()
+
+
+def _display_uri(uri: str) -> str:
+    """The URI as the user wrote it, for messages (no parameters the operator adds; never a secret:
+    the grammar refuses passwords)."""
+    try:
+        return hosturi.parse(uri).render()
+    except hosturi.HostUriError:
+        return "(invalid URI)"
 
 
 def _no_interactive_auth(credentials: list, _opaque: object) -> int:
@@ -291,11 +587,17 @@ _SSH_KEY_CHANGED = re.compile(r"REMOTE HOST IDENTIFICATION HAS CHANGED|Host key 
                               r"|SSH HOST KEY VERIFICATION FAILED|differs from stored identity")
 _SSH_KEY_UNKNOWN = re.compile(r"No \S+ host key is known for|no suitable callback for host key verification")
 _SSH_KEY_REFUSED = re.compile(r"Permission denied \(([^)]*)\)")
+_SSH_TIMED_OUT = re.compile(r"timed out during banner exchange|Connection timed out|Operation timed out")
 
 
-def _ssh_error(parsed: hosturi.HostUri, ssh_log: str, host: str) -> AppError | None:
+def _ssh_error(parsed: hosturi.HostUri, ssh_log: str, host: str, uri: str = "") -> AppError | None:
     context = {"host": host, "operation": "connect"}
     where = parsed.endpoint
+    if _SSH_TIMED_OUT.search(ssh_log):
+        step = "ssh banner exchange" if "banner" in ssh_log else "ssh connect"
+        return AppError(ErrorCode.HOST_UNREACHABLE,
+                        f"{uri or where} hung: ssh to {where} got no answer in time (step: connect, {step})",
+                        {**context, "uri": uri or where, "step": "connect"})
     if _SSH_KEY_CHANGED.search(ssh_log):
         return AppError(ErrorCode.HOST_AUTH_FAILED,
                         f"host key mismatch for {where}: the key it presented is not the one in the Secret's "
@@ -316,9 +618,9 @@ def _ssh_error(parsed: hosturi.HostUri, ssh_log: str, host: str) -> AppError | N
 
 
 def _connect_error(err: libvirt.libvirtError, host: str, parsed: hosturi.HostUri | None = None,
-                   ssh_log: str | None = None) -> AppError:
+                   ssh_log: str | None = None, uri: str = "") -> AppError:
     if parsed is not None and ssh_log:
-        ssh = _ssh_error(parsed, ssh_log, host)
+        ssh = _ssh_error(parsed, ssh_log, host, uri)
         if ssh is not None:
             ssh.cause = err
             return ssh
@@ -329,7 +631,11 @@ def _connect_error(err: libvirt.libvirtError, host: str, parsed: hosturi.HostUri
 
 
 class HostPool:
-    """host name → HostConnection; a connection is replaced when its options change."""
+    """host name → HostConnection; a connection is replaced when its options change.
+
+    Lookup and replacement happen without an await in between, so concurrent callers always agree on
+    one HostConnection per host (which itself connects once, single-flight); a replaced one is closed
+    once its running calls return."""
 
     def __init__(self) -> None:
         self._hosts: dict[str, HostConnection] = {}
@@ -342,18 +648,17 @@ class HostPool:
 
     async def ensure(self, name: str, options: ConnectOptions) -> HostConnection:
         current = self._hosts.get(name)
-        if current is not None and current.options == options:
+        if current is not None and current.options == options and not current.closed:
             return current
+        conn = self._hosts[name] = HostConnection(name, options)
         if current is not None:
-            await current.close()
-        conn = HostConnection(name, options)
-        self._hosts[name] = conn
+            await current.close()  # never blocks: retires it (closed when idle)
         return conn
 
     async def remove(self, name: str) -> None:
         conn = self._hosts.pop(name, None)
         if conn is not None:
-            await conn.close()
+            await conn.close(abort=True)
 
     async def close_all(self) -> None:
         for name in list(self._hosts):

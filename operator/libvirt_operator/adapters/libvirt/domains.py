@@ -134,6 +134,28 @@ def destroy(conn: libvirt.virConnect, uuid: str) -> DomainObservation:
     return observation(*dom.state(), dom.name(), uuid)
 
 
+def state(conn: libvirt.virConnect, uuid: str) -> DomainObservation:
+    """One domain's power state (ABSENT when it does not exist)."""
+    dom = _lookup(conn, uuid)
+    if dom is None:
+        return ABSENT
+    return observation(*dom.state(), dom.name(), uuid)
+
+
+def suspend(conn: libvirt.virConnect, uuid: str) -> DomainObservation:
+    dom = conn.lookupByUUIDString(uuid)
+    if dom.state()[0] != libvirt.VIR_DOMAIN_PAUSED:
+        dom.suspend()
+    return observation(*dom.state(), dom.name(), uuid)
+
+
+def resume(conn: libvirt.virConnect, uuid: str) -> DomainObservation:
+    dom = conn.lookupByUUIDString(uuid)
+    if dom.state()[0] == libvirt.VIR_DOMAIN_PAUSED:
+        dom.resume()
+    return observation(*dom.state(), dom.name(), uuid)
+
+
 _UNDEFINE_FLAGS = (libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE | libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA
                    | getattr(libvirt, "VIR_DOMAIN_UNDEFINE_CHECKPOINTS_METADATA", 0))
 

@@ -57,3 +57,18 @@ def volume_xml(name: str, capacity_bytes: int, fmt: str) -> str:
     ET.SubElement(root, "allocation", unit="bytes").text = "0"
     ET.SubElement(ET.SubElement(root, "target"), "format", type=fmt)
     return ET.tostring(root, encoding="unicode")
+
+
+def pool_commitment(conn: libvirt.virConnect, name: str) -> tuple[int, int]:
+    """(sum of the virtual sizes of the pool's volumes, pool capacity) in bytes: thin volumes (qcow2)
+    can promise more than the pool holds; the first number above the second is an overcommitted pool."""
+    pool = active_pool(conn, name)
+    _state, capacity, _allocation, _available = pool.info()
+    committed = 0
+    for vol in pool.listAllVolumes(0):
+        try:
+            committed += int(vol.info()[1])
+        except libvirt.libvirtError as err:
+            if err.get_error_code() not in _VOL_NOT_FOUND:
+                raise  # a volume deleted meanwhile counts nothing
+    return committed, int(capacity)

@@ -163,8 +163,18 @@ def delete_blocking(conn: libvirt.virConnect, pool_name: str, vol_name: str) -> 
 
 
 def volume_info_blocking(conn: libvirt.virConnect, pool_name: str, vol_name: str) -> tuple[int, str] | None:
-    """(capacity bytes, path) or None when absent."""
+    """(capacity bytes, path) or None when absent.
+
+    The periodic check of every image on every host: the pool is rescanned (refresh) only when the
+    volume is not found or cannot be read as libvirt last saw it (removed or changed out of band),
+    not on every look."""
     pool = conn.storagePoolLookupByName(pool_name)
+    vol = find_volume(pool, vol_name)
+    if vol is not None:
+        try:
+            return int(vol.info()[1]), vol.path()  # info() re-reads the file itself (dir pools)
+        except libvirt.libvirtError:
+            pass
     try:
         pool.refresh(0)
     except libvirt.libvirtError:
@@ -189,7 +199,8 @@ async def upload_volume(host: HostConnection, pool_name: str, vol_name: str, pat
     size = os.path.getsize(path)
     try:
         return await host.call("volume.upload", lambda conn: upload_blocking(
-            conn, pool_name, vol_name, path, abort=abort, progress=progress), timeout=_upload_timeout(size))
+            conn, pool_name, vol_name, path, abort=abort, progress=progress), timeout=_upload_timeout(size),
+            stream=True)  # its own slots: an upload never holds one of the host's call slots
     except BaseException:
         abort.set()  # a timed-out or cancelled await leaves the thread running: stop it
         raise

@@ -1,8 +1,9 @@
 """The runbook knowledge base: Markdown in ``rag/`` indexed into LanceDB, searched hybrid.
 
-Importing this package is cheap: lancedb, pyarrow and sentence-transformers (the ``rag`` extra)
-are imported on first use only, so the operator runs without the extra and then serves the fixed
-per-code runbook links.
+Importing this package is cheap: numpy/onnxruntime/tokenizers (the ``kb`` extra, for lookups)
+and lancedb/pyarrow/sentence-transformers/torch (the ``rag`` extra, for building the index) are
+imported on first use only, so the operator runs without them and then serves the fixed per-code
+runbook links. Lookups never import torch or lancedb.
 
 Public API::
 
@@ -11,6 +12,7 @@ Public API::
     get_document(path, rag_dir=None) -> Document
     default_paths() -> (rag_dir, db_dir)
     KnowledgeBase(db_dir=None, *, base_url=None).remediation(code, message, limit=3) -> list[Remediation]
+    KnowledgeBase(...).explain(text, limit=3) -> Explanation   # code (named / rule / retrieval) + links
 """
 
 from libvirt_operator.adapters.rag.documents import Chunk, Document, Section, chunk_document, load_documents, parse_document
@@ -25,6 +27,7 @@ from libvirt_operator.adapters.rag.index import (
     search_documents,
 )
 from libvirt_operator.adapters.rag.kb import (
+    Explanation,
     FixedLinks,
     KnowledgeBase,
     Remediation,
@@ -39,6 +42,7 @@ __all__ = [
     "Chunk",
     "Document",
     "Embedder",
+    "Explanation",
     "FixedLinks",
     "Index",
     "IndexMissingError",

@@ -33,14 +33,17 @@ __all__ = [
     "Document",
     "Section",
     "chunk_document",
+    "GENERIC_SECTIONS",
     "estimate_word_pieces",
+    "github_slug",
+    "is_cause_section",
     "iter_document_paths",
     "load_documents",
     "parse_document",
 ]
 
 # Bump when chunking changes: the index key of every document changes, so all are re-embedded.
-CHUNKER_VERSION = "2"
+CHUNKER_VERSION = "3"
 
 # Budget for the body of one chunk, in estimated word pieces; the title and heading path add
 # ~15-30 more. On our runbooks the estimate is within 0.8-1.21x of the real WordPiece count,
@@ -52,12 +55,30 @@ _HEADING = re.compile(r"^(#{1,6})[ \t]+(.+?)[ \t]*#*[ \t]*$")
 _FENCE = re.compile(r"^[ \t]*(```|~~~)")
 _PIECE = re.compile(r"[A-Za-z]+|\d|[^\sA-Za-z\d]")
 _SYMPTOMS = re.compile(r"^symptoms?\b", re.IGNORECASE)
+_SLUG_DROP = re.compile(r"[^\w\- ]", re.UNICODE)
+
+# Sections every runbook may have that describe no particular cause: a search answers with the
+# best *cause* section of a document and with these only when the document has no other.
+GENERIC_SECTIONS = frozenset({"symptoms", "likely causes", "causes", "diagnosis", "fix", "see also",
+                              "overview", "background", "related"})
+
+
+def github_slug(heading: str) -> str:
+    """The anchor GitHub gives a Markdown heading (before de-duplication): lower case, inline
+    code/emphasis markers and punctuation dropped, spaces to hyphens."""
+    text = re.sub(r"[`*]|\[([^\]]*)\]\([^)]*\)", lambda m: m.group(1) or "", heading.strip().lower())
+    return _SLUG_DROP.sub("", text).replace(" ", "-")
+
+
+def is_cause_section(heading: str) -> bool:
+    return bool(heading) and heading.strip().lower() not in GENERIC_SECTIONS
 
 
 @dataclasses.dataclass(frozen=True)
 class Section:
     headings: tuple[str, ...]  # heading path below the title, e.g. ("Diagnosis", "On the host")
     text: str
+    anchor: str = ""  # GitHub-style anchor of the ## heading ("" before the first one)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,6 +90,7 @@ class Document:
     body: str  # Markdown without front matter
     sections: tuple[Section, ...]
     content_hash: str  # sha256 of the file's bytes
+    url: str = ""  # a public page (upstream documentation); "" = linked under the base URL
 
     @property
     def is_runbook(self) -> bool:
@@ -91,10 +113,12 @@ class Chunk:
     path: str
     ordinal: int
     title: str
-    heading: str  # "Symptoms", "Diagnosis > On the host"
+    heading: str  # "Symptoms", "Connection refused (2/3)"
     codes: tuple[str, ...]
     tags: tuple[str, ...]
     text: str  # what is embedded and full-text indexed
+    section: str = ""  # the ## heading this chunk belongs to ("" for text before any)
+    anchor: str = ""  # its GitHub-style anchor: links point at <path>#<anchor>
 
 
 def estimate_word_pieces(text: str) -> int:
@@ -145,11 +169,19 @@ def _split_sections(body: str) -> tuple[list[Section], str | None]:
     path: list[tuple[int, str]] = []
     buf: list[str] = []
     in_fence = False
+    seen: dict[str, int] = {}
+    anchor = ""
+
+    def slug(heading: str) -> str:  # GitHub de-duplicates anchors over all headings: x, x-1, x-2
+        base = github_slug(heading)
+        n = seen.get(base, 0)
+        seen[base] = n + 1
+        return base if n == 0 else f"{base}-{n}"
 
     def flush() -> None:
         txt = "\n".join(buf).strip()
         if txt:
-            sections.append(Section(tuple(h for _, h in path), txt))
+            sections.append(Section(tuple(h for _, h in path), txt, anchor))
         buf.clear()
 
     for line in body.split("\n"):
@@ -162,14 +194,17 @@ def _split_sections(body: str) -> tuple[list[Section], str | None]:
             buf.append(line)
             continue
         level, heading = len(hm.group(1)), hm.group(2).strip()
+        heading_anchor = slug(heading)
         if level == 1:
             flush()
             h1 = h1 or heading
             path = []
+            anchor = ""
             continue
         if level == 2:
             flush()
             path = [(2, heading)]
+            anchor = heading_anchor
             continue
         # ###+ stays inside its ## section, as text.
         buf.append(line)
@@ -263,6 +298,8 @@ def chunk_document(doc: Document, max_pieces: int = MAX_CHUNK_PIECES) -> list[Ch
                 codes=doc.codes,
                 tags=doc.tags,
                 text=f"{doc.title}\n{label}\n{part}",
+                section=section.headings[0] if section.headings else "",
+                anchor=section.anchor,
             ))
     if not chunks:  # a document with a title only still gets found by title
         chunks.append(Chunk(f"{doc.path}#0", doc.path, 0, doc.title, "Overview",

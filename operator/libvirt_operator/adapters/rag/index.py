@@ -1,16 +1,24 @@
-"""The LanceDB index of runbook chunks: incremental build and hybrid (vector + full-text) search.
+"""The knowledge-base index: incremental build (LanceDB) and hybrid (vector + full-text) search.
 
 Blocking code. Callers on an event loop go through ``KnowledgeBase`` (kb.py), which runs this in
-a worker thread. Heavy imports (lancedb ~2 s, sentence-transformers ~6 s) happen on first use.
+a worker thread.
 
-Table ``chunks``: one row per chunk with ``id``, ``path``, ``doc_key``, ``title``, ``heading``,
-``codes`` (list<string>, LabelList index: cheap ``array_has_any(codes, [...])`` prefilters),
-``tags``, ``text`` (FTS index) and ``vector`` (384 x float32, normalised; flat exact search: at
-runbook scale an ANN index only loses recall).
+Build (``build_index``, the ``rag`` extra): chunks are embedded with sentence-transformers into the
+LanceDB table ``chunks`` (one row per chunk: ``id``, ``path``, ``doc_key``, ``title``, ``heading``,
+``section`` and ``anchor`` of its ``##`` section, ``url``, ``codes``, ``tags``, ``text`` with an FTS
+index, ``vector`` 384 x float32 normalised); then the model's ONNX export (embed.py, once per model
+hash) is copied to ``<db>/model`` and the whole table is written as ``<db>/snapshot.npz``
+(snapshot.py).
+
+Search (``Index``): by default on the snapshot with the ONNX model — numpy, onnxruntime and
+tokenizers only, no torch, no lancedb — or on the LanceDB table (``engine="lancedb"``); both rank
+alike (tests/integration/test_rag_runtime.py).
 
 Ranking (``mode="hybrid"``): the vector and the full-text result lists are reduced to documents
 (each document ranked by its best chunk) and fused by reciprocal rank,
-``score = sum(1 / (RRF_K + rank)) / (2 / (RRF_K + 1))`` so 1.0 means "first in both lists".
+``score = sum(1 / (RRF_K + rank)) / (2 / (RRF_K + 1))`` so 1.0 means "first in both lists". Each
+document answers with its best-ranked *cause* section (fused chunk ranks; generic sections such
+as Symptoms or Diagnosis only locate the document).
 
 Codes: ``codes=[...]`` is a *preference applied as a prefilter first*: documents whose front
 matter lists one of the codes are searched with a prefilter and ranked first (by their own hybrid
@@ -171,6 +179,7 @@ class IndexStats:
     seconds: float = 0.0
     model_load_seconds: float = 0.0  # 0 when nothing needed embedding (the model is not loaded)
     embed_seconds: float = 0.0
+    query_side_seconds: float = 0.0  # ONNX query model (exported once per model hash) + snapshot
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -201,6 +210,9 @@ def _schema() -> Any:
         pa.field("ordinal", pa.int32()),
         pa.field("title", pa.string()),
         pa.field("heading", pa.string()),
+        pa.field("section", pa.string()),
+        pa.field("anchor", pa.string()),
+        pa.field("url", pa.string()),  # "" for rag/ documents (linked under the base URL)
         pa.field("codes", pa.list_(pa.string())),
         pa.field("tags", pa.list_(pa.string())),
         pa.field("text", pa.string()),
@@ -243,8 +255,10 @@ def build_index(
     *,
     embedder: Embedder | None = None,
     table: str = TABLE_NAME,
+    upstream: list[Document] | None = None,
 ) -> IndexStats:
-    """Index every Markdown document under rag_dir into db_dir, incrementally.
+    """Index every Markdown document under rag_dir (and the upstream libvirt pages: upstream.py,
+    or ``upstream`` when given) into db_dir, incrementally.
 
     Documents whose key (content hash + chunker version + model) is already in the table are not
     re-embedded; changed documents are replaced and removed ones deleted, in one atomic
@@ -253,13 +267,19 @@ def build_index(
     t0 = time.perf_counter()
     rag_path = Path(rag_dir) if rag_dir is not None else default_rag_dir()
     db_path = Path(db_dir) if db_dir is not None else default_db_dir()
+    from libvirt_operator.adapters.rag.upstream import load_upstream_documents
+
     docs = load_documents(rag_path)
+    docs += load_upstream_documents() if upstream is None else upstream
     stats = IndexStats(db_dir=str(db_path), documents=len(docs))
 
     db_path.mkdir(parents=True, exist_ok=True)
     db = _connect(db_path)
     exists = _table_exists(db, table)
     tbl = db.open_table(table) if exists else None
+    if tbl is not None and set(_schema().names) != set(tbl.schema.names):
+        db.drop_table(table)  # written by an older version: rebuild from scratch
+        tbl = None
 
     indexed: dict[str, str] = {}
     if tbl is not None:
@@ -273,6 +293,7 @@ def build_index(
     stats.deleted_documents = len(removed)
 
     chunks: list[Chunk] = [c for d in changed for c in chunk_document(d)]
+    urls = {d.path: d.url for d in docs}
     rows: list[dict[str, Any]] = []
     if chunks:
         emb = embedder or default_embedder()
@@ -285,7 +306,8 @@ def build_index(
         for c, v in zip(chunks, vectors, strict=True):
             rows.append({
                 "id": c.id, "path": c.path, "doc_key": keys[c.path], "ordinal": c.ordinal,
-                "title": c.title, "heading": c.heading, "codes": list(c.codes),
+                "title": c.title, "heading": c.heading, "section": c.section, "anchor": c.anchor,
+                "url": urls[c.path], "codes": list(c.codes),
                 "tags": list(c.tags), "text": c.text, "vector": v.tolist(),
             })
     stats.embedded_documents = len(changed)
@@ -315,8 +337,47 @@ def build_index(
         _ensure_indexes(tbl, rebuild_fts=False)
 
     stats.chunks = tbl.count_rows()
+    tq = time.perf_counter()
+    model = _install_query_model(db_path)
+    _write_snapshot(tbl, db_path, model)
+    stats.query_side_seconds = time.perf_counter() - tq
     stats.seconds = time.perf_counter() - t0
     return stats
+
+
+QUERY_MODEL_DIR = "model"
+
+
+def _install_query_model(db_path: Path) -> str:
+    """Copy the ONNX export of the model (exported once per content hash) into db_path/model."""
+    import json
+    import shutil
+
+    from libvirt_operator.adapters.rag.embed import INFO_FILE, export_onnx
+
+    src = export_onnx()
+    key = json.loads((src / INFO_FILE).read_text())["key"]
+    dst = db_path / QUERY_MODEL_DIR
+    info = dst / INFO_FILE
+    if info.is_file() and json.loads(info.read_text()).get("key") == key:
+        return key
+    tmp = db_path / f".{QUERY_MODEL_DIR}.{os.getpid()}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(src, tmp)
+    old = db_path / f".{QUERY_MODEL_DIR}.{os.getpid()}.old"
+    if dst.exists():
+        dst.rename(old)
+    tmp.rename(dst)
+    shutil.rmtree(old, ignore_errors=True)
+    return key
+
+
+def _write_snapshot(tbl: Any, db_path: Path, model: str) -> None:
+    from libvirt_operator.adapters.rag.snapshot import META_FIELDS, write_snapshot
+
+    data = (tbl.to_arrow().select([*META_FIELDS, "ordinal", "vector"])
+            .sort_by([("path", "ascending"), ("ordinal", "ascending")]).to_pylist())
+    write_snapshot(db_path, data, [r.pop("vector") for r in data], model=model)
 
 
 # --------------------------------------------------------------------------------------------
@@ -334,6 +395,9 @@ class SearchHit:
     heading: str  # the best-matching chunk's heading
     snippet: str  # the best-matching chunk's text, shortened
     code_match: bool = False  # listed one of the requested codes
+    section: str = ""  # the answering section: the document's best-ranked cause section ("" = whole doc)
+    anchor: str = ""  # its GitHub-style anchor
+    url: str = ""  # a public page for upstream documents; "" for rag/ (linked under the base URL)
 
     def as_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -342,7 +406,8 @@ class SearchHit:
         return d
 
 
-_SELECT = ["path", "title", "codes", "tags", "heading", "text"]
+_SELECT = ["id", "path", "title", "codes", "tags", "heading", "section", "anchor", "url", "text"]
+Engine = Literal["snapshot", "lancedb"]
 
 
 def _code_filter(codes: set[str]) -> str | None:
@@ -359,63 +424,110 @@ def _snippet(text: str, n: int = 300) -> str:
     return body if len(body) <= n else body[: n - 1] + "…"
 
 
+class _LanceEngine:
+    """Chunk searches on the LanceDB table (the build-time store; ``rag search --engine lancedb``)."""
+
+    def __init__(self, db_dir: Path, table: str, consistency: timedelta | None) -> None:
+        db = _connect(db_dir, consistency)
+        if not _table_exists(db, table):
+            raise IndexMissingError(f"knowledge base table {table!r} not found in {db_dir}")
+        self._tbl = db.open_table(table)
+
+    def vector_chunks(self, vector: Any, k: int, codes: set[str]) -> list[dict[str, Any]]:
+        q = self._tbl.search(list(map(float, vector)), vector_column_name="vector").distance_type("cosine")
+        if codes:
+            q = q.where(_code_filter(codes), prefilter=True)
+        return q.select([*_SELECT, "_distance"]).limit(k).to_list()
+
+    def fts_chunks(self, text: str, k: int, codes: set[str]) -> list[dict[str, Any]]:
+        from lancedb.query import MatchQuery
+
+        # MatchQuery: no query-parser syntax, so quotes/colons in error texts are harmless.
+        q = self._tbl.search(MatchQuery(text, "text"), query_type="fts")
+        if codes:
+            q = q.where(_code_filter(codes), prefilter=True)
+        return q.select([*_SELECT, "_score"]).limit(k).to_list()
+
+
 class Index:
-    """Read side of the index: one connection, one table handle, one embedder. Blocking."""
+    """Read side of the index: the query snapshot (or the LanceDB table) and the ONNX query model.
+
+    Blocking and thread-safe. ``engine="snapshot"`` (default) needs numpy, onnxruntime and
+    tokenizers only; it reloads the snapshot when a rebuild replaced it (checked at most every
+    ``read_consistency_interval``)."""
 
     def __init__(
         self,
         db_dir: str | Path | None = None,
         *,
-        embedder: Embedder | None = None,
+        embedder: Any = None,
         table: str = TABLE_NAME,
         read_consistency_interval: timedelta | None = timedelta(seconds=30),
         rrf_k: int = RRF_K,
+        engine: Engine = "snapshot",
     ) -> None:
         self.db_dir = Path(db_dir) if db_dir is not None else default_db_dir()
         self.table_name = table
-        self.embedder = embedder or default_embedder()
+        self.engine_name = engine
+        self._embedder = embedder
         self.rrf_k = rrf_k
         self._consistency = read_consistency_interval
-        self._tbl: Any = None
+        self._engine: Any = None
+        self._checked_at = 0.0
         self._lock = threading.Lock()
 
     @property
+    def embedder(self) -> Any:
+        if self._embedder is None:
+            from libvirt_operator.adapters.rag.embed import OnnxEmbedder
+
+            self._embedder = OnnxEmbedder(self.db_dir / QUERY_MODEL_DIR)
+        return self._embedder
+
+    @property
     def is_open(self) -> bool:
-        return self._tbl is not None
+        return self._engine is not None
 
     def open(self, *, load_model: bool = True) -> None:
-        """Open the table (and load the model). Raises IndexMissingError if there is no index."""
+        """Open the index (and load the model). Raises IndexMissingError if there is no index."""
         with self._lock:
-            if self._tbl is None:
+            if self._engine is None or self._stale():
                 if not self.db_dir.is_dir():
                     raise IndexMissingError(f"knowledge base index not found at {self.db_dir}")
-                db = _connect(self.db_dir, self._consistency)
-                if not _table_exists(db, self.table_name):
-                    raise IndexMissingError(
-                        f"knowledge base table {self.table_name!r} not found in {self.db_dir}")
-                self._tbl = db.open_table(self.table_name)
+                if self.engine_name == "lancedb":
+                    self._engine = _LanceEngine(self.db_dir, self.table_name, self._consistency)
+                else:
+                    from libvirt_operator.adapters.rag.snapshot import Snapshot
+
+                    try:
+                        self._engine = Snapshot.load(self.db_dir)
+                    except FileNotFoundError as err:
+                        raise IndexMissingError(str(err)) from err
+                self._checked_at = time.monotonic()
         if load_model:
             self.embedder.load()
 
+    def _stale(self) -> bool:
+        if self.engine_name != "snapshot" or self._consistency is None:
+            return False
+        now = time.monotonic()
+        if now - self._checked_at < self._consistency.total_seconds():
+            return False
+        self._checked_at = now
+        from libvirt_operator.adapters.rag.snapshot import Snapshot
+
+        return Snapshot.changed_since(self.db_dir, self._engine.mtime_ns)
+
     # -- raw chunk searches -----------------------------------------------------------------
 
-    def vector_chunks(self, vector: Sequence[float], k: int, where: str | None = None) -> list[dict[str, Any]]:
-        q = self._tbl.search(list(map(float, vector)), vector_column_name="vector").distance_type("cosine")
-        if where:
-            q = q.where(where, prefilter=True)
-        return q.select([*_SELECT, "_distance"]).limit(k).to_list()
+    def vector_chunks(self, vector: Sequence[float], k: int, codes: set[str] | None = None) -> list[dict[str, Any]]:
+        return self._engine.vector_chunks(vector, k, codes or set())
 
-    def fts_chunks(self, text: str, k: int, where: str | None = None) -> list[dict[str, Any]]:
-        from lancedb.query import MatchQuery
-
+    def fts_chunks(self, text: str, k: int, codes: set[str] | None = None) -> list[dict[str, Any]]:
         text = " ".join(text.split())[:MAX_QUERY_CHARS]
         if not re.search(r"\w", text):
             return []
-        # MatchQuery: no query-parser syntax, so quotes/colons in error texts are harmless.
-        q = self._tbl.search(MatchQuery(text, "text"), query_type="fts")
-        if where:
-            q = q.where(where, prefilter=True)
-        return q.select([*_SELECT, "_score"]).limit(k).to_list()
+        return self._engine.fts_chunks(text, k, codes or set())
 
     # -- document-level ranking ----------------------------------------------------------------
 
@@ -426,10 +538,38 @@ class Index:
             seen.setdefault(r["path"], r)
         return list(seen.values())
 
-    def _ranked(self, query: str, vector: Any, limit: int, mode: Mode, where: str | None) -> list[SearchHit]:
+    def _sections(self, fts_rows: list[dict[str, Any]], vec_rows: list[dict[str, Any]],
+                  mode: Mode) -> dict[str, dict[str, Any]]:
+        """Per document, the chunk of its best-ranked cause section (fused chunk ranks)."""
+        from libvirt_operator.adapters.rag.documents import is_cause_section
+
+        score: dict[tuple[str, str], float] = {}
+        rep: dict[tuple[str, str], dict[str, Any]] = {}
+        lists = [lst for lst, use in ((fts_rows, mode != "vector"), (vec_rows, mode != "fts")) if use]
+        for lst in lists:
+            ranks: dict[tuple[str, str], int] = {}
+            for r in lst:
+                key = (r["path"], r.get("anchor") or "")
+                if key not in ranks:
+                    ranks[key] = len(ranks) + 1
+                    rep.setdefault(key, r)
+            for key, rank in ranks.items():
+                score[key] = score.get(key, 0.0) + 1.0 / (self.rrf_k + rank)
+        best: dict[str, tuple[float, dict[str, Any]]] = {}
+        for (path, _), s in score.items():
+            r = rep[(path, _)]
+            if not is_cause_section(r.get("section") or ""):
+                continue
+            if path not in best or s > best[path][0]:
+                best[path] = (s, r)
+        return {p: r for p, (_, r) in best.items()}
+
+    def _ranked(self, query: str, vector: Any, limit: int, mode: Mode, codes: set[str]) -> list[SearchHit]:
         k = max(40, limit * 10)
-        vec_docs = self._by_document(self.vector_chunks(vector, k, where)) if mode != "fts" else []
-        fts_docs = self._by_document(self.fts_chunks(query, k, where)) if mode != "vector" else []
+        vec_rows = self.vector_chunks(vector, k, codes) if mode != "fts" else []
+        fts_rows = self.fts_chunks(query, k, codes) if mode != "vector" else []
+        vec_docs = self._by_document(vec_rows)
+        fts_docs = self._by_document(fts_rows)
 
         best: dict[str, tuple[float, dict[str, Any]]] = {}
         # Ties (common with RRF: ranks 1+2 vs 2+1) go to the better full-text rank: on verbatim
@@ -453,16 +593,19 @@ class Index:
                     rep.setdefault(r["path"], r)
             best = {p: (s / norm, rep[p]) for p, s in scores.items()}
 
+        sections = self._sections(fts_rows, vec_rows, mode)
         far = len(fts_docs) + len(vec_docs) + 1
         ordered = sorted(best.items(), key=lambda kv: (
             -round(kv[1][0], 9), fts_rank.get(kv[0], far), vec_rank.get(kv[0], far), kv[0]))
-        return [
-            SearchHit(
+        hits = []
+        for p, (s, r) in ordered:
+            sec = sections.get(p)
+            hits.append(SearchHit(
                 path=p, title=r["title"], codes=tuple(r["codes"] or ()), tags=tuple(r["tags"] or ()),
                 score=round(s, 4), heading=r["heading"], snippet=_snippet(r["text"]),
-            )
-            for p, (s, r) in ordered
-        ]
+                section=(sec or {}).get("section") or "", anchor=(sec or {}).get("anchor") or "",
+                url=r.get("url") or ""))
+        return hits
 
     def search(
         self,
@@ -479,14 +622,13 @@ class Index:
         query = (query or "").strip()[:MAX_QUERY_CHARS]
         wanted = _valid_codes(codes)
         vector = self.embedder.encode([query or " "])[0] if mode != "fts" else None
-        where = _code_filter(wanted)
         hits: list[SearchHit] = []
-        if where:
+        if wanted:
             hits = [dataclasses.replace(h, code_match=True)
-                    for h in self._ranked(query, vector, limit, mode, where)][:limit]
+                    for h in self._ranked(query, vector, limit, mode, wanted)][:limit]
         if len(hits) < limit:
             have = {h.path for h in hits}
-            for h in self._ranked(query, vector, limit, mode, None):
+            for h in self._ranked(query, vector, limit, mode, set()):
                 if h.path not in have:
                     hits.append(dataclasses.replace(h, code_match=bool(wanted & set(h.codes))))
                 if len(hits) >= limit:
@@ -494,16 +636,16 @@ class Index:
         return hits
 
 
-_indexes: dict[tuple[str, str], Index] = {}
+_indexes: dict[tuple[str, str, str], Index] = {}
 _indexes_lock = threading.Lock()
 
 
-def _shared_index(db_dir: str | Path | None, table: str) -> Index:
+def _shared_index(db_dir: str | Path | None, table: str, engine: Engine = "snapshot") -> Index:
     path = Path(db_dir) if db_dir is not None else default_db_dir()
-    key = (str(path.resolve()), table)
+    key = (str(path.resolve()), table, engine)
     with _indexes_lock:
         if key not in _indexes:
-            _indexes[key] = Index(path, table=table)
+            _indexes[key] = Index(path, table=table, engine=engine)
         return _indexes[key]
 
 
@@ -515,9 +657,10 @@ def search_documents(
     db_dir: str | Path | None = None,
     mode: Mode = "hybrid",
     table: str = TABLE_NAME,
+    engine: Engine = "snapshot",
 ) -> list[SearchHit]:
     """Hybrid search over the index in db_dir (default: settings), one hit per document."""
-    return _shared_index(db_dir, table).search(query, limit, codes, mode=mode)
+    return _shared_index(db_dir, table, engine).search(query, limit, codes, mode=mode)
 
 
 def get_document(path: str, rag_dir: str | Path | None = None, *, base_url: str | None = None) -> Document:

@@ -26,10 +26,12 @@ from pathlib import Path
 from typing import Any
 
 from libvirt_operator.adapters.rag.settings import DEFAULT_BASE_URL, RagSettings
+from libvirt_operator.core.classify import classify_text, explicit_code, is_generic, match_rule
 from libvirt_operator.core.errors import CATALOG, ErrorCode, redact
-from libvirt_operator.core.metrics import KNOWLEDGE_BASE_HEALTHY
+from libvirt_operator.core.metrics import KNOWLEDGE_BASE_HEALTHY, KNOWLEDGE_BASE_LOOKUP_SECONDS
 
 __all__ = [
+    "Explanation",
     "KnowledgeBase",
     "Remediation",
     "fallback_path",
@@ -44,9 +46,10 @@ log = logging.getLogger(__name__)
 @dataclasses.dataclass(frozen=True)
 class Remediation:
     title: str
-    url: str
+    url: str  # with the section's anchor when one section answers: .../host-unreachable.md#no-route-to-host
     score: float
     codes: tuple[str, ...] = ()
+    section: str = ""  # the answering section's heading ("" = the whole document)
 
     def as_dict(self) -> dict[str, Any]:
         return {"title": self.title, "url": self.url, "score": self.score, "codes": list(self.codes)}
@@ -54,6 +57,19 @@ class Remediation:
     def as_status(self) -> dict[str, Any]:
         """The shape of ``status.error.remediation[]``."""
         return {"title": self.title, "url": self.url, "score": self.score}
+
+
+@dataclasses.dataclass(frozen=True)
+class Explanation:
+    """What ``explain`` prints: the code, how it was decided, and the ranked links."""
+
+    code: ErrorCode
+    source: str  # "named" (the text names its code), "rule", "retrieval" or "fallback"
+    remediation: tuple[Remediation, ...]
+
+    @property
+    def section(self) -> str:
+        return self.remediation[0].section if self.remediation else ""
 
 
 def _coerce_code(code: Any) -> ErrorCode:
@@ -95,6 +111,21 @@ def normalise_message(message: str) -> str:
     return _SPACE.sub(" ", s).strip()[:500]
 
 
+_TAG = re.compile(r"\[[A-Z][A-Z0-9_]+\]")
+
+
+def _vote(hits: Iterable[Any]) -> ErrorCode | None:
+    """The code the top documents agree on: each document's score split among its codes."""
+    votes: dict[str, float] = collections.defaultdict(float)
+    for rank, h in enumerate(hits):
+        codes = [c for c in h.codes if c in ErrorCode.__members__]
+        for c in codes:
+            votes[c] += float(h.score) / len(codes) / (1 + 0.5 * rank)
+    if not votes:
+        return None
+    return ErrorCode(max(votes.items(), key=lambda kv: (kv[1], kv[0]))[0])
+
+
 class KnowledgeBase:
     """Remediation links for errors, from the runbook index (see module docstring)."""
 
@@ -106,11 +137,16 @@ class KnowledgeBase:
         settings: RagSettings | None = None,
         cache_size: int = 1024,
         retry_after: float = 300.0,
+        warmup_wait: float = 2.0,
         index_factory: Callable[[Path], Any] | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.settings = settings or RagSettings.from_env(db_dir=db_dir, base_url=base_url)
         self.retry_after = retry_after
+        # A reconcile that fails while the index loads (~0.5 s without torch) waits this long for
+        # it, so even the first status carries ranked, section-level links.
+        self.warmup_wait = warmup_wait
+        self._warm_done: asyncio.Event | None = None
         self._index_factory = index_factory
         self._clock = clock
         self._index: Any = None
@@ -167,15 +203,16 @@ class KnowledgeBase:
             c, key, early = self._without_lookup(code, message, limit)
             if early is not None:
                 return early
-            if self._loading and not self.loaded:
-                # Never make a reconcile wait for the model load (seconds on a cold pod): answer
+            if self._loading and not self.loaded and not await self._warmed_within(self.warmup_wait):
+                # Never make a reconcile wait long for the load (seconds on a busy node): answer
                 # with the fixed link now, uncached, and the ranked links on a later pass.
                 return self.fallback(c)
             async with self._async_lock():
                 cached = self._cache_get(key)  # filled while we waited?
                 if cached is not None:
                     return cached
-                return await asyncio.to_thread(self._lookup, c, message, limit, key)
+                with KNOWLEDGE_BASE_LOOKUP_SECONDS.time():  # the lookup itself, not the lock wait
+                    return await asyncio.to_thread(self._lookup, c, message, limit, key)
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # noqa: BLE001 - must never break a reconcile
@@ -193,9 +230,20 @@ class KnowledgeBase:
             self._mark_unhealthy(exc)
             return self.fallback(code)
 
+    async def _warmed_within(self, seconds: float) -> bool:
+        done = self._warm_done
+        if done is None or seconds <= 0:
+            return False
+        try:
+            await asyncio.wait_for(asyncio.shield(done.wait()), seconds)
+        except TimeoutError:
+            return False
+        return self.loaded
+
     async def warm_up(self) -> bool:
         """Open the index and load the model in a worker thread; returns healthy."""
         self._loading = True
+        self._warm_done = asyncio.Event()
         try:
             await asyncio.to_thread(self._ensure_index)
             self._mark_healthy()
@@ -205,6 +253,7 @@ class KnowledgeBase:
             self._mark_unhealthy(exc)
         finally:
             self._loading = False
+            self._warm_done.set()
         return self.healthy
 
     def search(self, query: str, limit: int = 5, codes: Iterable[Any] | None = None, **kw: Any) -> list[Any]:
@@ -265,20 +314,60 @@ class KnowledgeBase:
     def _lookup(self, code: ErrorCode, message: str, limit: int, key: tuple[str, str, int]) -> list[Remediation]:
         """Blocking: runs in a worker thread when called from remediation()."""
         try:
-            query = redact(message or "").strip() or CATALOG[code].summary
+            rest = _TAG.sub(" ", redact(message or "")).strip()
+            whole = not rest or explicit_code(rest) is not None  # only a code: no symptom to go by
+            query = f"{code.value} {CATALOG[code].summary}" if whole else rest
+            # A generic code says nothing about the cause: let retrieval rank every document.
+            codes = [] if is_generic(code) else [code.value]
             with self._lock:
-                hits = self._ensure_index().search(query, limit, [code.value])
-            out = [
-                Remediation(title=h.title, url=self.settings.link(h.path), score=float(h.score),
-                            codes=tuple(h.codes))
-                for h in hits[:limit]
-            ] or self.fallback(code)
+                hits = self._ensure_index().search(query, limit, codes)
+            # Our runbooks first where one fits; upstream pages (public url) follow.
+            hits = sorted(hits[:limit], key=lambda h: bool(h.url))
+            out = [self._link(h, whole=whole) for h in hits] or self.fallback(code)
         except Exception as exc:  # noqa: BLE001
             self._mark_unhealthy(exc)
             return self.fallback(code)
         self._mark_healthy()
         self._cache_put(key, out)
         return list(out)
+
+    def _link(self, hit: Any, *, whole: bool = False) -> Remediation:
+        """A search hit as a link: to its answering section (anchor), or to the whole document
+        when the query named only a code (no symptom to pick a section by)."""
+        section = "" if whole else hit.section
+        url = hit.url or self.settings.link(hit.path)
+        if section and hit.anchor:
+            url = f"{url}#{hit.anchor}"
+        title = f"{hit.title} › {section}" if section else hit.title
+        return Remediation(title=title, url=url, score=float(hit.score), codes=tuple(hit.codes), section=section)
+
+    def explain(self, text: str, limit: int = 3) -> Explanation:
+        """Code and links for any error text (blocking; for the CLI). Never raises.
+
+        The code comes from the text itself when it names one (``ISO_CHECKSUM_MISMATCH``,
+        ``HostUnreachable``, ``[CODE] message``), else from the classifier's rules, else from
+        the best-ranked documents' codes; the classifier's generic fallback only when the index
+        cannot answer."""
+        message = redact(text or "").strip()
+        named = explicit_code(message)
+        rule = None if named else match_rule(message)
+        if named is not None:
+            code, source = named, "named"
+        elif rule is not None:
+            code, source = rule.code, "rule"
+        else:
+            code, source = classify_text(message), "fallback"
+            try:
+                with self._lock:
+                    hits = [h for h in self._ensure_index().search(message, 6) if h.codes][:3]
+                voted = _vote(hits)
+                if voted is not None:
+                    code, source = voted, "retrieval"
+                self._mark_healthy()
+            except Exception as exc:  # noqa: BLE001
+                self._mark_unhealthy(exc)
+        links = self.remediation_sync(code, message, limit)
+        return Explanation(code=code, source=source, remediation=tuple(links))
 
     def _mark_healthy(self) -> None:
         if not self.healthy:

@@ -8,6 +8,7 @@ from typing import Annotated, ClassVar, Literal
 
 from pydantic import ConfigDict, Field
 
+from ..labels import labels_match, requirement_holds
 from .common import (
     ApiModel, Condition, ErrorStatus, PrinterColumn, Resource, ResourceInfo, SecretReference,
     age_column, conditions_field, observed_generation_field, ready_column, reason_column,
@@ -54,19 +55,8 @@ class LabelSelector(ApiModel):
         default_factory=list, max_length=32, description="Requirements that must all hold.")
 
     def matches(self, labels: Mapping[str, str]) -> bool:
-        if any(labels.get(k) != v for k, v in self.match_labels.items()):
-            return False
-        for req in self.match_expressions:
-            present = req.key in labels
-            if req.operator == "In" and not (present and labels[req.key] in req.values):
-                return False
-            if req.operator == "NotIn" and present and labels[req.key] in req.values:
-                return False
-            if req.operator == "Exists" and not present:
-                return False
-            if req.operator == "DoesNotExist" and present:
-                return False
-        return True
+        return labels_match(self.match_labels, labels) and all(
+            requirement_holds(req.key, req.operator, req.values, labels) for req in self.match_expressions)
 
 
 class LibvirtHostSpec(ApiModel):
@@ -94,6 +84,16 @@ class LibvirtHostSpec(ApiModel):
     probe_interval_seconds: int = Field(
         default=30, ge=5, le=3600,
         description="How often the operator probes the host and resynchronises its domains.")
+    # --- overcommit: how much of the host placement may promise (OpenStack's current defaults) ---
+    cpu_allocation_ratio: float = Field(
+        default=4.0, ge=1.0, le=64.0,
+        description=("Virtual CPUs placement may promise per host CPU (hostSelector placement only; a hostRef pin "
+                     "is never refused for capacity). Default 4.0, OpenStack's initial_cpu_allocation_ratio; "
+                     "1.0 means no CPU overcommit."))
+    memory_allocation_ratio: float = Field(
+        default=1.0, ge=0.5, le=4.0,
+        description=("Guest memory placement may promise per byte of host memory. Default 1.0 (no memory "
+                     "overcommit, OpenStack's initial_ram_allocation_ratio); below 1.0 keeps headroom for the host."))
     # --- tenancy: who may use this host, and what it exposes to them ---
     allowed_namespaces: list[Annotated[str, Field(max_length=63, pattern=NAMESPACE_PATTERN)]] | None = Field(
         default=None, max_length=MAX_TENANCY_ENTRIES, json_schema_extra=_SET,

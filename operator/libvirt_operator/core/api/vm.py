@@ -8,6 +8,8 @@ from typing import Annotated, ClassVar, Literal
 from pydantic import ConfigDict, Field
 
 from ..quantity import QUANTITY_PATTERN
+from .cloudinit import CloudInit
+from .image_source import CloneMode, DiskImageSource
 from .common import (
     OBJECT_NAME_PATTERN, ApiModel, Condition, ErrorStatus, LocalObjectReference, PrinterColumn, Resource,
     ResourceInfo, age_column, conditions_field, observed_generation_field, quantity_rules, ready_column,
@@ -38,15 +40,24 @@ class HostSelector(ApiModel):
 
 
 class VolumeSource(ApiModel):
-    """A new qcow2 volume created (and deleted) by the operator."""
+    """A new qcow2 volume created (and deleted) by the operator: empty, or from a base image (source)."""
 
-    model_config = ConfigDict(json_schema_extra={
-        "x-kubernetes-validations": quantity_rules("size", MIN_VOLUME_SIZE, MAX_VOLUME_SIZE)})
+    model_config = ConfigDict(json_schema_extra={"x-kubernetes-validations": [
+        *quantity_rules("size", MIN_VOLUME_SIZE, MAX_VOLUME_SIZE),
+        {"rule": "has(self.size) || has(self.source)", "message": "a volume needs a size unless it has a source"},
+        {"rule": "!has(self.clone) || has(self.source)", "message": "clone applies only to a volume with a source"},
+    ]})
 
-    size: str = Field(description=f"Volume size as a quantity, e.g. 10Gi ({MIN_VOLUME_SIZE} to {MAX_VOLUME_SIZE}).",
-                      pattern=QUANTITY_PATTERN, max_length=32)
+    size: str | None = Field(default=None, pattern=QUANTITY_PATTERN, max_length=32, description=(
+        f"Volume size as a quantity, e.g. 10Gi ({MIN_VOLUME_SIZE} to {MAX_VOLUME_SIZE}). With a source: "
+        "defaults to the base's size, and may only grow it (never shrink: VOLUME_SHRINK_REFUSED)."))
     pool: str | None = Field(default=None, max_length=253,
                              description="Storage pool; defaults to the host's defaultPool.")
+    source: DiskImageSource | None = Field(default=None, description=(
+        "Start from an existing volume (a base image) instead of an empty disk. The base is never modified."))
+    clone: CloneMode | None = Field(default=None, description=(
+        "backing (default): a qcow2 overlay whose backing file is the base (fast, thin; the base must stay "
+        "in place while the VM exists). full: an independent qcow2 copy of the base."))
 
 
 class CdromSource(ApiModel):
@@ -130,6 +141,8 @@ class VirtualMachineSpec(ApiModel):
         default=60, ge=0, le=3600,
         description=("When the VM must stop (runStrategy Halted), the guest is asked to shut down (ACPI) and "
                      "is powered off after this many seconds. Deletion powers off immediately."))
+    cloud_init: CloudInit | None = Field(default=None, description=(
+        "cloud-init NoCloud seed, attached as a read-only cdrom labelled cidata (built by the operator)."))
     install_media_policy: Literal["Keep", "EjectAfterFirstBoot"] = Field(
         default="Keep",
         description=("EjectAfterFirstBoot: empty the cdroms once the first run has ended (the guest powered off "
@@ -144,12 +157,31 @@ class StartFailure(ApiModel):
     retry_after: dt.datetime | None = Field(default=None, description="The VM is not restarted before this time.")
 
 
+AddressSource = Literal["agent", "lease", "arp"]
+
+
+class IPAddressStatus(ApiModel):
+    """One address of an interface, with where it was learned."""
+
+    address: str = Field(description="The IP address, e.g. 192.168.122.15 or fd00::15.")
+    prefix: int | None = Field(default=None, ge=0, le=128, description="Prefix length (netmask), e.g. 24.")
+    family: Literal["IPv4", "IPv6"] = Field(description="Address family.")
+    source: AddressSource = Field(description=(
+        "Where libvirt learned it: agent (the QEMU guest agent inside the guest, most exact), lease "
+        "(the DHCP lease of a libvirt network) or arp (the host's neighbour table, least exact)."))
+
+
 class InterfaceStatus(ApiModel):
     """What libvirt knows about an interface."""
 
     name: str = Field(description="Interface name from the spec.")
     mac: str | None = Field(default=None, description="MAC address.")
-    ip_addresses: list[str] = Field(default_factory=list, description="Addresses libvirt reports.")
+    network: str | None = Field(default=None, description="The libvirt network it is attached to (type network).")
+    bridge: str | None = Field(default=None, description="The host bridge it is attached to (type bridge).")
+    ip_addresses: list[IPAddressStatus] = Field(
+        default_factory=list,
+        description=("Addresses of the running guest on this interface (IPv4 first), from the most exact source "
+                     "that knows any: agent, then lease, then arp. Empty while stopped or not yet known."))
 
 
 class VolumeStatus(ApiModel):
@@ -158,6 +190,21 @@ class VolumeStatus(ApiModel):
     disk: str = Field(description="Disk name from the spec.")
     pool: str = Field(description="Storage pool.")
     name: str = Field(description="Volume name in the pool.")
+
+
+VmAction = Literal["start", "stop", "restart", "pause", "unpause"]
+ACTIONS: tuple[str, ...] = ("start", "stop", "restart", "pause", "unpause")
+
+
+class LastAction(ApiModel):
+    """The outcome of the last action request (annotation virt.libvirt-operator.io/action-request)."""
+
+    id: str = Field(description="The request's id; a request is executed once per id.")
+    action: str | None = Field(default=None, description="start, stop, restart, pause or unpause (as requested).")
+    phase: Literal["Pending", "Succeeded", "Failed"] = Field(description="Pending while it runs.")
+    message: str | None = Field(default=None, description="What happened, or why it was refused.")
+    requested_by: str | None = Field(default=None, description="Who asked (as the request says; informational).")
+    time: dt.datetime | None = Field(default=None, description="When the phase was recorded.")
 
 
 class VirtualMachineStatus(ApiModel):
@@ -174,6 +221,8 @@ class VirtualMachineStatus(ApiModel):
     domain_type: Literal["kvm", "qemu"] | None = Field(default=None, description="Domain type in use.")
     start_failure: StartFailure | None = Field(default=None, description="Restart backoff (RerunOnFailure).")
     interfaces: list[InterfaceStatus] = Field(default_factory=list, description="Interfaces as libvirt sees them.")
+    ip_address: str | None = Field(default=None, description=(
+        "The first address of the first interface that has one (the IP column); empty while none is known."))
     volumes: list[VolumeStatus] = Field(default_factory=list, description="Volumes the operator created.")
     first_boot_time: dt.datetime | None = Field(default=None, description="When the guest first ran.")
     last_start_time: dt.datetime | None = Field(
@@ -183,6 +232,8 @@ class VirtualMachineStatus(ApiModel):
         default=None, description="When a graceful shutdown was requested; cleared once the domain is off.")
     media_ejected: bool | None = Field(default=None, description="Install media was ejected after first boot.")
     error: ErrorStatus | None = Field(default=None, description="The last failure; cleared once healthy.")
+    last_action: LastAction | None = Field(
+        default=None, description="The outcome of the last start/stop/restart/pause/unpause request.")
 
 
 class VirtualMachine(Resource):
@@ -194,6 +245,7 @@ class VirtualMachine(Resource):
         printer_columns=(
             PrinterColumn("Host", ".status.host"),
             PrinterColumn("Status", ".status.printableStatus"),
+            PrinterColumn("IP", ".status.ipAddress", description="The VM's first IP address."),
             ready_column(),
             reason_column(),
             age_column(),

@@ -1,7 +1,7 @@
 #!/bin/bash
 # Start one simulated libvirt host: virtlogd + libvirtd with all their state under ROOT.
 #
-# Usage (see tests/harness/libvirt_hosts.py, which writes the config files first):
+# Usage (see libvirt_operator/devenv/libvirtd.py, which writes the config files first):
 #   unshare --mount --propagation private -- taskset -c 0 bash libvirtd-in-namespace.sh ROOT
 #
 # Inside the private mount namespace the per-host directories ROOT/{etc,run,lib,cache,log}

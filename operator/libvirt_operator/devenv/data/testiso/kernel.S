@@ -37,9 +37,11 @@ wait_thr:                       /* wait until the transmit holding register is e
     outb    %al, %dx
     jmp     next_char
 done:
+    call    disk_marker         /* disk.c: report and write the disk marker, if there is a disk */
+halt:
     cli
     hlt
-    jmp     done
+    jmp     halt
 
     .section .rodata
 message:

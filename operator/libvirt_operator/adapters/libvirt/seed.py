@@ -1,0 +1,97 @@
+"""The cloud-init NoCloud seed on a host: an ISO 9660 image labelled ``cidata`` (built in memory with
+pycdlib: Rock Ridge names for Linux, Joliet for Windows' cloudbase-init), uploaded once per content
+into the host's pool with the ISOImage upload path, and older seeds of the VM pruned once no running
+domain uses them.
+
+The seed holds user data (maybe from a Secret): it is written to a private temporary file only for
+the upload's duration and never logged."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import tempfile
+import xml.etree.ElementTree as ET
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import libvirt
+import pycdlib
+
+from ...core.domain import owned_volume_prefix
+from .connection import HostConnection
+from .pools import find_pool
+from .volumes import UploadedVolume, upload_volume, volume_info
+
+# 8.3 names for plain ISO 9660 readers; the real names come from Rock Ridge and Joliet.
+_ISO9660_NAMES = {"user-data": "/USERDATA.;1", "meta-data": "/METADATA.;1", "network-config": "/NETWORKC.;1"}
+
+
+def build_seed_iso(files: Iterable[tuple[str, bytes]], label: str = "cidata") -> bytes:
+    """The NoCloud seed image with these files at its root."""
+    iso = pycdlib.PyCdlib()
+    iso.new(interchange_level=3, joliet=3, rock_ridge="1.09", vol_ident=label)
+    try:
+        for name, data in files:
+            iso.add_fp(io.BytesIO(data), len(data), _ISO9660_NAMES[name], rr_name=name, joliet_path=f"/{name}")
+        out = io.BytesIO()
+        iso.write_fp(out)
+        return out.getvalue()
+    finally:
+        iso.close()
+
+
+async def ensure_seed(host: HostConnection, pool: str, volume: str, files: Iterable[tuple[str, bytes]],
+                      spool_dir: str | None = None) -> tuple[str, bool]:
+    """(path of the seed volume, whether it was uploaded now). An existing volume of that name has
+    that content already (the name is a digest of it, and a failed upload deletes its volume)."""
+    found = await volume_info(host, pool, volume)
+    if found is not None:
+        return found[1], False
+    image = build_seed_iso(files)
+    fd, tmp = tempfile.mkstemp(prefix="lvop-seed-", suffix=".iso", dir=spool_dir)
+    try:
+        with os.fdopen(fd, "wb") as fh:  # mkstemp: mode 0600, only the operator reads it
+            fh.write(image)
+        uploaded: UploadedVolume = await upload_volume(host, pool, volume, Path(tmp))
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+    return uploaded.path, True
+
+
+def _cdrom_sources(xml: str) -> set[str]:
+    return {s.get("file", "") for s in ET.fromstring(xml).iterfind("./devices/disk[@device='cdrom']/source")}
+
+
+def prune_seeds_blocking(conn: libvirt.virConnect, uid: str, pool_name: str, keep: str,
+                         is_seed: Callable[[str], bool]) -> list[str]:
+    """Delete this VM's other seed volumes (names `is_seed` accepts) in the pool, except those its
+    running domain still has attached (the live definition keeps the old seed until the next boot).
+    Returns the names deleted."""
+    pool = find_pool(conn, pool_name)
+    if pool is None or not pool.isActive():
+        return []
+    in_use: set[str] = set()
+    try:
+        dom = conn.lookupByUUIDString(uid)
+        if dom.isActive():
+            in_use = _cdrom_sources(dom.XMLDesc(0))
+    except libvirt.libvirtError as err:
+        if err.get_error_code() != libvirt.VIR_ERR_NO_DOMAIN:
+            raise
+    deleted = []
+    prefix = owned_volume_prefix(uid)
+    for vol in pool.listAllVolumes(0):
+        name = vol.name()
+        if not name.startswith(prefix) or name == keep or not is_seed(name) or vol.path() in in_use:
+            continue
+        try:
+            vol.delete(0)
+        except libvirt.libvirtError as err:
+            if err.get_error_code() != libvirt.VIR_ERR_NO_STORAGE_VOL:
+                raise
+            continue
+        deleted.append(name)
+    return deleted

@@ -1,0 +1,237 @@
+"""Host-layer faults against the real operator process (`libvirt-operator run`, a subprocess) on a
+private control plane of its own (so that stopping its apiserver or SIGTERM-ing the operator cannot
+disturb the session's operator):
+
+- a qemu+ssh host that accepts TCP and never answers: other hosts still become Ready, the hung host's
+  status names the URI and the step, and SIGTERM ends the process within 10 s leaving no ssh behind;
+- an apiserver outage longer than kopf's patch retries (> 60 s): the host probe survives it and a
+  daemon that dies afterwards turns the host NotReady;
+- a daemon that dies turns its host NotReady at once (its connection's close callback), not at the
+  next probe;
+- a daemon that hangs (SIGSTOP) turns its host NotReady through libvirt's keepalive, and Ready again
+  once it answers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.harness.controlplane import ControlPlane, ControlPlaneUnavailable, ensure_binaries
+from tests.harness.kube import Kube, condition
+from tests.harness.operator_process import OperatorProcess
+from tests.harness.sshd import keygen
+
+@pytest.fixture(scope="module")
+def private_cp(tmp_path_factory) -> Iterator[ControlPlane]:
+    try:
+        bin_dir = ensure_binaries()
+    except ControlPlaneUnavailable as exc:
+        if os.environ.get("CI", "").lower() in ("true", "1", "yes"):
+            pytest.fail(f"control plane unavailable in CI: {exc}", pytrace=False)
+        pytest.skip(f"control plane unavailable: {exc}")
+    with ControlPlane(tmp_path_factory.mktemp("faults-cp"), bin_dir=bin_dir) as cp:
+        Kube(cp.kubeconfig_path).apply_crds()
+        yield cp
+
+
+@pytest.fixture
+def operator_process(private_cp, tmp_path) -> Iterator[OperatorProcess]:
+    op = OperatorProcess(private_cp.kubeconfig_path, tmp_path).start()
+    yield op
+    op.kill()
+
+
+class SilentHost:
+    """A TCP listener on loopback that accepts connections and never sends a byte."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(16)
+        self.port = self.sock.getsockname()[1]
+        self.accepted: list[socket.socket] = []
+        self._stop = False
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while not self._stop:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.accepted.append(conn)
+
+    def close(self) -> None:
+        self._stop = True
+        for s in [*self.accepted, self.sock]:
+            s.close()
+
+
+def _ssh_to(port: int) -> list[int]:
+    """ssh processes the operator started (its wrapper's config lives in a lvop-cred- dir) to port."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            argv = [a.decode(errors="replace") for a in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")]
+        except OSError:
+            continue
+        if os.path.basename(argv[0]) == "ssh" and any("lvop-cred-" in a for a in argv) \
+                and any(a == "-p" and b == str(port) for a, b in zip(argv, argv[1:])):
+            found.append(int(pid))
+    return found
+
+
+def _wait(predicate, timeout: float, what: str, op: OperatorProcess):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        assert op.alive(), f"operator exited waiting for {what}:\n{op.tail()}"
+        time.sleep(0.5)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}\noperator log:\n{op.tail()}")
+
+
+@pytest.mark.parametrize("scheme", ["qemu+ssh", "qemu+tcp"])
+def test_sigterm_stops_the_operator_within_10s_while_a_host_hangs(private_cp, operator_process, tmp_path,
+                                                                 scheme) -> None:
+    kube = Kube(private_cp.kubeconfig_path)
+    silent = SilentHost()
+    hung, healthy = f"hung-{uuid.uuid4().hex[:6]}", f"healthy-{uuid.uuid4().hex[:6]}"
+    try:
+        key = tmp_path / "id_key"
+        keygen(key, "operator")
+        ns = kube.new_namespace("hung")
+        kube.core.create_namespaced_secret(ns, {"metadata": {"name": "ssh"}, "stringData": {
+            "ssh-privatekey": key.read_text(),
+            "known_hosts": f"[127.0.0.1]:{silent.port} " + " ".join(Path(f"{key}.pub").read_text().split()[:2])}})
+        if scheme == "qemu+ssh":
+            spec = {"uri": f"qemu+ssh://root@127.0.0.1:{silent.port}/system",
+                    "credentialsSecretRef": {"name": "ssh", "namespace": ns}}
+            shown = f"qemu+ssh://***@127.0.0.1:{silent.port}/system"  # the user is redacted like credentials
+        else:  # no ssh in between: libvirt's own open blocks until the operator gives up on it
+            spec = {"uri": f"qemu+tcp://127.0.0.1:{silent.port}/system", "insecure": True}
+            shown = spec["uri"]
+        kube.create("libvirthosts", {"metadata": {"name": hung}, "spec": spec})
+        # a healthy host next to it: its probe must not queue behind the hung one
+        kube.create("libvirthosts", {"metadata": {"name": healthy}, "spec": {"uri": "test:///default"}})
+
+        def hung_reported():
+            host = kube.get("libvirthosts", hung)
+            ready = condition(host, "Ready") if host and host.get("status") else None
+            return host if ready and ready["status"] == "False" else None
+
+        host = _wait(hung_reported, 60, "the hung host's status", operator_process)
+        ready = condition(host, "Ready")
+        assert ready["reason"] == "HostUnreachable"
+        # which URI hung, and at which step
+        assert f"{shown} hung" in ready["message"], ready
+        assert "step: connect" in ready["message"], ready
+        assert host["status"]["error"]["context"]["step"] == "connect"
+        assert "PRIVATE KEY" not in str(host["status"]), "a secret reached the status"
+        _wait(lambda: (condition(kube.get("libvirthosts", healthy), "Ready") or {}).get("status") == "True",
+              30, "the healthy host to be Ready", operator_process)
+
+        if scheme == "qemu+ssh":  # SIGTERM while an ssh to the hung host is running
+            _wait(lambda: _ssh_to(silent.port), 30, "an ssh child to the hung host", operator_process)
+        else:  # SIGTERM while libvirt's open of the hung host is blocked
+            _wait(lambda: silent.accepted, 30, "a connection to the hung host", operator_process)
+        sent = time.monotonic()
+        operator_process.proc.send_signal(signal.SIGTERM)
+        try:
+            operator_process.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"the operator did not exit within 10 s of SIGTERM:\n{operator_process.tail()}")
+        took = time.monotonic() - sent
+        time.sleep(0.5)
+        assert _ssh_to(silent.port) == [], "an ssh process to the hung host outlived the operator"
+        assert took <= 10
+    finally:
+        silent.close()
+        for name in (hung, healthy):
+            kube.delete("libvirthosts", name)
+
+
+def test_host_probe_survives_an_apiserver_outage_longer_than_a_minute(private_cp, operator_process,
+                                                                      libvirtd_factory) -> None:
+    kube = Kube(private_cp.kubeconfig_path)
+    daemon = libvirtd_factory("outage")
+    try:
+        kube.create("libvirthosts", {"metadata": {"name": "outage"},
+                                     "spec": {"uri": daemon.uri, "insecure": True, "probeIntervalSeconds": 5}})
+        _wait(lambda: (condition(kube.get("libvirthosts", "outage"), "Ready") or {}).get("status") == "True",
+              60, "the host to be Ready", operator_process)
+        private_cp.stop_apiserver()
+        time.sleep(75)  # longer than kopf's patch retries (~60 s)
+        private_cp.start_apiserver()
+        time.sleep(10)  # the operator notices the apiserver is back
+        daemon.stop()   # now the host dies: its status must say so
+        host = _wait(lambda: (h := kube.get("libvirthosts", "outage")) and
+                     (condition(h, "Ready") or {}).get("status") == "False" and h, 45,
+                     "the host to turn NotReady after the outage", operator_process)
+        assert condition(host, "Ready")["reason"] == "HostUnreachable"
+    finally:
+        if not private_cp.running or private_cp._apiserver is None:
+            private_cp.start_apiserver()
+        kube.delete("libvirthosts", "outage")
+
+
+def test_a_dead_daemon_turns_its_host_notready_at_once(private_cp, operator_process, libvirtd_factory) -> None:
+    kube = Kube(private_cp.kubeconfig_path)
+    daemon = libvirtd_factory("dies")
+    try:
+        # default probe interval (30 s): only the lost connection can make it NotReady within seconds
+        kube.create("libvirthosts", {"metadata": {"name": "dies"}, "spec": {"uri": daemon.uri, "insecure": True}})
+        _wait(lambda: (condition(kube.get("libvirthosts", "dies"), "Ready") or {}).get("status") == "True",
+              60, "the host to be Ready", operator_process)
+        time.sleep(1)
+        killed = time.monotonic()
+        daemon.stop()
+        host = _wait(lambda: (h := kube.get("libvirthosts", "dies")) and
+                     (condition(h, "Ready") or {}).get("status") == "False" and h, 20,
+                     "the host to turn NotReady", operator_process)
+        took = time.monotonic() - killed
+        assert took < 8, f"NotReady only after {took:.1f}s (the next probe, not the lost connection)"
+        assert condition(host, "Ready")["reason"] == "HostUnreachable"
+    finally:
+        kube.delete("libvirthosts", "dies")
+
+
+def test_a_frozen_daemon_turns_its_host_notready_by_keepalive_and_back(private_cp, operator_process,
+                                                                       libvirtd_factory) -> None:
+    kube = Kube(private_cp.kubeconfig_path)
+    daemon = libvirtd_factory("frozen")
+    name = f"frozen-{uuid.uuid4().hex[:6]}"
+    pid = daemon.pid
+    assert pid
+    try:
+        kube.create("libvirthosts", {"metadata": {"name": name}, "spec": {"uri": daemon.uri, "insecure": True}})
+        _wait(lambda: (condition(kube.get("libvirthosts", name), "Ready") or {}).get("status") == "True",
+              60, "the host to be Ready", operator_process)
+        os.kill(pid, signal.SIGSTOP)  # the daemon hangs: the TCP connection stays, nothing answers
+        frozen = time.monotonic()
+        host = _wait(lambda: (h := kube.get("libvirthosts", name)) and
+                     (condition(h, "Ready") or {}).get("status") == "False" and h, 45,
+                     "the host to turn NotReady", operator_process)
+        took = time.monotonic() - frozen
+        message = condition(host, "Ready")["message"]
+        assert "keepalive" in message and daemon.uri in message, message
+        assert took < 30, f"NotReady only after {took:.0f}s"
+        os.kill(pid, signal.SIGCONT)
+        _wait(lambda: (condition(kube.get("libvirthosts", name), "Ready") or {}).get("status") == "True",
+              60, "the host to be Ready again", operator_process)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGCONT)
+        kube.delete("libvirthosts", name)

@@ -1,0 +1,84 @@
+"""A running VM's IP addresses in status.interfaces and the IP column, on libvirt test-driver hosts
+(the test driver answers virDomainInterfaceAddresses for interfaces on a network), through the real
+apiserver and the in-process operator."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from typing import Any
+
+from prometheus_client import REGISTRY
+
+from libvirt_operator.reconcile import addresses
+from tests.harness.kube import GROUP, VERSION, Kube
+
+VM = "virtualmachines"
+
+
+def printed_columns(kube: Kube, namespace: str, name: str) -> dict[str, Any]:
+    """The row `kubectl get` prints: the apiserver's Table rendering of the CRD's printer columns."""
+    request = kube.api.param_serialize(
+        "GET", f"/apis/{GROUP}/{VERSION}/namespaces/{namespace}/{VM}/{name}",
+        header_params={"Accept": "application/json;as=Table;v=v1;g=meta.k8s.io"}, auth_settings=["BearerToken"])
+    response = kube.api.call_api(*request)
+    response.read()
+    data = json.loads(response.data)
+    assert data["kind"] == "Table", data
+    names = [c["name"] for c in data["columnDefinitions"]]
+    return dict(zip(names, data["rows"][0]["cells"], strict=True))
+
+
+def polls(host: str) -> float:
+    return REGISTRY.get_sample_value("libvirt_operator_libvirt_calls_total",
+                                     {"host": host, "operation": "interface_addresses", "outcome": "ok"}) or 0.0
+
+
+def test_running_vm_shows_its_leased_address_and_stopping_clears_it(kube, operator, namespace, test_host_factory,
+                                                                    monkeypatch) -> None:
+    monkeypatch.setattr(addresses, "KNOWN_POLL_SECONDS", 1.0)  # in-process operator: every second, not minute
+    host = f"ip-{uuid.uuid4().hex[:6]}"
+    kube.create("libvirthosts", {"metadata": {"name": host},
+                                 "spec": {"uri": test_host_factory(host, network=True)}})
+    kube.wait_condition("libvirthosts", host, "Ready", "True", timeout=30)
+    kube.create(VM, {"metadata": {"name": "web"}, "spec": {
+        "hostRef": host, "memory": "128Mi",
+        "interfaces": [{"name": "nic0", "type": "network", "source": "default"},
+                       {"name": "nic1", "type": "network", "source": "default"}]}}, namespace)
+
+    t0 = time.monotonic()
+    obj = kube.wait_for(lambda: (o := kube.get(VM, "web", namespace)) and (o.get("status") or {}).get("ipAddress")
+                        and o, timeout=30, what="an IP address in the status")
+    seconds = time.monotonic() - t0
+    status = obj["status"]
+    nic0, nic1 = status["interfaces"]
+    assert nic0["name"] == "nic0" and nic0["network"] == "default" and nic0["mac"]
+    assert nic0["ipAddresses"] == [{"address": status["ipAddress"], "prefix": 24, "family": "IPv4",
+                                    "source": "lease"}]
+    assert status["ipAddress"].startswith("192.168.122.")  # the test driver's made-up lease (never dialled)
+    assert nic1["ipAddresses"][0]["address"] != status["ipAddress"]  # the IP column: the first interface's
+    assert printed_columns(kube, namespace, "web")["IP"] == status["ipAddress"]
+    print(f"address visible {seconds:.1f}s after the VM was created")
+
+    # Asked again and again (every second here instead of every minute): an unchanged answer writes
+    # nothing, so the resourceVersion stays.
+    version = obj["metadata"]["resourceVersion"]
+    asked = polls(host)
+    kube.wait_for(lambda: polls(host) >= asked + 3, timeout=70, what="three more polls")
+    assert kube.get(VM, "web", namespace)["metadata"]["resourceVersion"] == version
+
+    kube.patch(VM, "web", {"spec": {"runStrategy": "Halted"}}, namespace)
+    obj = kube.wait_for(lambda: (o := kube.get(VM, "web", namespace))["status"].get("printableStatus")
+                        == "Stopped" and o, timeout=30, what="stopped")
+    assert "ipAddress" not in obj["status"]
+    assert all("ipAddresses" not in i for i in obj["status"]["interfaces"])
+    assert obj["status"]["interfaces"][0]["mac"] == nic0["mac"]  # names and MACs stay
+    assert printed_columns(kube, namespace, "web").get("IP") in (None, "")
+
+    kube.patch(VM, "web", {"spec": {"runStrategy": "Always"}}, namespace)
+    kube.wait_for(lambda: (kube.get(VM, "web", namespace)["status"].get("ipAddress") or "").startswith("192.168."),
+                  timeout=30, what="the address again after a start")
+    kube.delete(VM, "web", namespace)
+    kube.wait_for(lambda: kube.get(VM, "web", namespace) is None, timeout=30, what="VM deleted")
+    kube.delete("libvirthosts", host)
