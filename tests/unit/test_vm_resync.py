@@ -169,3 +169,23 @@ def test_a_burst_of_placements_spreads_within_capacity() -> None:
             view.placed(uid, plan.placement_reservation(spec, p.host, uid))
     assert chosen == {"a": 10, "b": 10, None: 1}
 
+
+
+async def test_a_host_round_hands_back_an_action_request_it_cannot_execute(world) -> None:
+    """Regression (CI, stop 19): the watch queued the VM for its action request, the requeue loop found
+    the host round holding the VM and backed off, and the round's healthy outcome then dropped the key:
+    the stop request waited forever. A host round never executes requests, so it must hand them back."""
+    rt, st, conn, refreshed = world
+    request = '{"action": "stop", "id": "r1"}'
+    st.vms["a"]["metadata"]["annotations"] = {hvm.actions.ACTION_REQUEST_ANNOTATION: request}
+    st.retry.schedule("a", hvm.BUSY_RETRY_SECONDS)  # what the requeue loop does when the lock is taken
+    await hvm.resync_host(rt, st, "h", conn)
+    assert "a" in refreshed and "a" in st.retry
+    assert st.retry.pop_due() == ["a"]  # due now: the full reconcile runs at once
+
+    # Executed (status.lastAction final for that id): the next round clears the key as before.
+    st.vms["a"]["status"]["lastAction"] = {"id": "r1", "phase": "Succeeded"}
+    st.retry.schedule("a", hvm.BUSY_RETRY_SECONDS)
+    st.full_synced["h"] -= hvm.RESYNC_SECONDS
+    await hvm.resync_host(rt, st, "h", conn)
+    assert "a" not in st.retry

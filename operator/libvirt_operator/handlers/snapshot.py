@@ -222,7 +222,7 @@ async def delete_snapshot(body: kopf.Body, meta: kopf.Meta, status: kopf.Status,
 
 
 @kopf.on.event(GROUP, VERSION, VMS)
-async def vm_gone(type: str | None, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+async def watch_snapshot_sources(type: str | None, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
     """A deleted VM took its volumes, and the snapshots inside them, along: its snapshots turn Failed."""
     if type != "DELETED":
         return

@@ -37,8 +37,7 @@ from ..core.errors import AppError, ErrorCode
 from ..core.logs import get_logger
 from ..core.metrics import DOMAIN_EVENTS, ORPHANED_DOMAINS, VM_RESYNC_SECONDS
 from ..adapters.kube import ConflictError
-from ..reconcile import orphans, plan
-from ..reconcile.actions import ACTION_REQUEST_ANNOTATION
+from ..reconcile import actions, orphans, plan
 from ..reconcile.failures import error_status, human_message
 from ..reconcile.runtime import Runtime
 from ..reconcile.status import merge_patch
@@ -266,7 +265,14 @@ async def watch_vms(type: str | None, uid: str, body: kopf.Body, memo: kopf.Memo
 
 
 def _action_request(vm: Mapping[str, Any] | None) -> str | None:
-    return (((vm or {}).get("metadata") or {}).get("annotations") or {}).get(ACTION_REQUEST_ANNOTATION)
+    return (((vm or {}).get("metadata") or {}).get("annotations") or {}).get(actions.ACTION_REQUEST_ANNOTATION)
+
+
+def _action_pending(vm: Mapping[str, Any] | None, status: Mapping[str, Any]) -> bool:
+    """The VM carries an action request that `status` does not show as executed or refused."""
+    if vm is None:
+        return False
+    return actions.pending_request((vm.get("metadata") or {}).get("annotations"), status.get("lastAction")) is not None
 
 
 def _iso_refs(vm: Mapping[str, Any] | None) -> set[str]:
@@ -297,7 +303,9 @@ async def _load_hosts(rt: Runtime, st: VmState) -> None:
 # Applying an outcome: status (only when changed), Events, requeue
 # --------------------------------------------------------------------------------------------
 
-async def _apply(rt: Runtime, st: VmState, vm: dict[str, Any], outcome: VmOutcome) -> None:
+async def _apply(rt: Runtime, st: VmState, vm: dict[str, Any], outcome: VmOutcome, *, full: bool = True) -> None:
+    """`full`: the outcome of a full reconcile (handler, requeue loop), which executes action requests;
+    a host round's (`full=False`) only refreshes power state."""
     meta = vm["metadata"]
     uid = meta["uid"]
     ended_with(outcome.error, outcome.requeue_after)  # the reconcile's result, when one runs this
@@ -323,6 +331,10 @@ async def _apply(rt: Runtime, st: VmState, vm: dict[str, Any], outcome: VmOutcom
         # An action request came in while this reconcile ran on the older object (the requeue loop
         # found the lock taken and left it to us): run again, or the request would wait forever.
         st.retry.schedule(uid, 0)
+    elif _action_pending(st.vms.get(uid), outcome.status):
+        # Only a full reconcile executes a request; a host round that saw it (after the requeue loop
+        # found the lock taken) must hand it back, never drop the key the watch queued for it.
+        st.retry.schedule(uid, 0 if not full else BUSY_RETRY_SECONDS)
     else:
         st.retry.done(uid)
     if outcome.requeue_after is not None:
@@ -524,7 +536,7 @@ async def _report_host_lost(rt: Runtime, st: VmState, host: str, err: AppError) 
             events = [] if (previous or {}).get("code") == err.code.value else [
                 ("Warning", err.reason, human_message(err, err_state))]
             with contextlib.suppress(AppError):
-                await _apply(rt, st, current, VmOutcome(new, events, None, None))
+                await _apply(rt, st, current, VmOutcome(new, events, None, None), full=False)
 
 
 async def _wait_any(wake: asyncio.Event, stopped: kopf.DaemonStopped, timeout: float) -> None:
@@ -588,7 +600,7 @@ async def resync_host(rt: Runtime, st: VmState, host: str, conn: Any) -> float:
                     continue
                 try:
                     outcome = await sync_vm(current, rt, st.view(rt), observed=obs)
-                    await _apply(rt, st, current, outcome)
+                    await _apply(rt, st, current, outcome, full=False)
                 except AppError as err:
                     log.info("VM resync failed", **_vm_log(current), host=host, code=err.code.value,
                              error=err.message)
