@@ -20,11 +20,15 @@ import libvirt
 import pycdlib
 
 from ...core.domain import owned_volume_prefix
+from ...core.logs import get_logger
 from .connection import HostConnection
 from .pools import find_pool
-from .volumes import UploadedVolume, upload_volume, volume_info
+from .volumes import UploadedVolume, read_volume, upload_volume, volume_info
+
+log = get_logger(__name__)
 
 # 8.3 names for plain ISO 9660 readers; the real names come from Rock Ridge and Joliet.
+MAX_SEED_BYTES = 4 * 2**20  # far above any seed cloud-init accepts (user data is capped well below)
 _ISO9660_NAMES = {"user-data": "/USERDATA.;1", "meta-data": "/METADATA.;1", "network-config": "/NETWORKC.;1"}
 
 
@@ -42,19 +46,48 @@ def build_seed_iso(files: Iterable[tuple[str, bytes]], label: str = "cidata") ->
         iso.close()
 
 
+def read_seed_iso(image: bytes) -> dict[str, bytes] | None:
+    """The files at the root of a seed image, or None when the bytes are no readable seed (e.g. an
+    upload cut short). Compared by content: two builds of one seed differ in their timestamps."""
+    iso = pycdlib.PyCdlib()
+    try:
+        iso.open_fp(io.BytesIO(image))
+    except Exception:  # noqa: BLE001  (pycdlib raises several types for damaged images)
+        return None
+    try:
+        files = {}
+        for name, iso_path in _ISO9660_NAMES.items():
+            out = io.BytesIO()
+            try:
+                iso.get_file_from_iso_fp(out, iso_path=iso_path)
+            except pycdlib.pycdlibexception.PyCdlibException:
+                continue
+            files[name] = out.getvalue()
+        return files
+    finally:
+        iso.close()
+
+
 async def ensure_seed(host: HostConnection, pool: str, volume: str, files: Iterable[tuple[str, bytes]],
                       spool_dir: str | None = None) -> tuple[str, bool]:
-    """(path of the seed volume, whether it was uploaded now). An existing volume of that name has
-    that content already (the name is a digest of it, and a failed upload deletes its volume)."""
+    """(path of the seed volume, whether it was uploaded now). The name is a digest of the content,
+    but an existing volume is reused only when its bytes are the seed's: an operator killed during
+    the upload leaves a volume of the right name and size with partial content."""
+    files = list(files)
     found = await volume_info(host, pool, volume)
+    if found is not None and found[0] <= MAX_SEED_BYTES:
+        content = await read_volume(host, pool, volume, MAX_SEED_BYTES)
+        if content is None or read_seed_iso(content) == dict(files):  # None: test:// cannot read back
+            return found[1], False
     if found is not None:
-        return found[1], False
+        log.warning("cloud-init seed volume does not hold its content; uploading it again",
+                    pool=pool, volume=volume, size=found[0])
     image = build_seed_iso(files)
     fd, tmp = tempfile.mkstemp(prefix="lvop-seed-", suffix=".iso", dir=spool_dir)
     try:
         with os.fdopen(fd, "wb") as fh:  # mkstemp: mode 0600, only the operator reads it
             fh.write(image)
-        uploaded: UploadedVolume = await upload_volume(host, pool, volume, Path(tmp))
+        uploaded: UploadedVolume = await upload_volume(host, pool, volume, Path(tmp))  # replaces a bad one
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)

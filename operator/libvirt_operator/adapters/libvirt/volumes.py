@@ -6,6 +6,7 @@ thread pool). An upload holds one of the host's call slots for its whole duratio
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import os
@@ -185,6 +186,38 @@ def volume_info_blocking(conn: libvirt.virConnect, pool_name: str, vol_name: str
     return int(vol.info()[1]), vol.path()
 
 
+def read_volume_blocking(conn: libvirt.virConnect, pool_name: str, vol_name: str, limit: int) -> bytes | None:
+    """The volume's bytes (at most `limit`), or None when the volume is absent or the driver cannot
+    download (libvirt's test driver)."""
+    pool = conn.storagePoolLookupByName(pool_name)
+    vol = find_volume(pool, vol_name)
+    if vol is None:
+        return None
+    size = min(int(vol.info()[1]), limit)
+    stream = conn.newStream(0)
+    try:
+        vol.download(stream, 0, size, 0)
+    except libvirt.libvirtError as err:
+        if err.get_error_code() == libvirt.VIR_ERR_NO_SUPPORT:
+            return None
+        raise
+    chunks, got, done = [], 0, False
+    try:
+        while got < size:
+            data = stream.recv(min(UPLOAD_CHUNK, size - got))
+            if not data:
+                break
+            chunks.append(data)
+            got += len(data)
+        stream.finish()
+        done = True
+    finally:
+        if not done:
+            with contextlib.suppress(libvirt.libvirtError):
+                stream.abort()
+    return b"".join(chunks)
+
+
 # --- async wrappers ---------------------------------------------------------------------------
 
 def _upload_timeout(size: int) -> float:
@@ -212,6 +245,10 @@ async def delete_volume(host: HostConnection, pool_name: str, vol_name: str) -> 
 
 async def volume_info(host: HostConnection, pool_name: str, vol_name: str) -> tuple[int, str] | None:
     return await host.call("volume.info", lambda conn: volume_info_blocking(conn, pool_name, vol_name))
+
+
+async def read_volume(host: HostConnection, pool_name: str, vol_name: str, limit: int) -> bytes | None:
+    return await host.call("volume.read", lambda conn: read_volume_blocking(conn, pool_name, vol_name, limit))
 
 
 async def pool_space(host: HostConnection, pool_name: str) -> tuple[int, int]:
