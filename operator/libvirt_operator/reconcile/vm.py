@@ -253,7 +253,8 @@ async def sync_vm(body: Mapping[str, Any], rt: Runtime, view: ClusterView, *,
             disks = await _resolve_media(spec, namespace, host, hv, conn, view, stage,
                                          ejected=bool(status.get("mediaEjected")))
             try:
-                volumes, disks, created_in = await _ensure_volumes(spec, uid, hv, conn, disks, events)
+                volumes, disks, created_in = await _ensure_volumes(spec, uid, hv, conn, disks, events,
+                                                                   _recorded_volumes(old_status))
             except AppError:
                 # Some may exist by now (the first disk's, when the second one's pool fails): say so.
                 status["volumes"] = await _existing_volumes(spec, uid, hv, conn)
@@ -584,12 +585,17 @@ async def _resolve_media(spec: VirtualMachineSpec, namespace: str, host: str, hv
     return disks
 
 
+def _recorded_volumes(old_status: Mapping[str, Any]) -> frozenset[str]:
+    return frozenset(v["name"] for v in old_status.get("volumes") or [] if isinstance(v, dict) and v.get("name"))
+
+
 async def _ensure_volumes(spec: VirtualMachineSpec, uid: str, hv: plan.HostView, conn: Any,
-                          disks: list[DiskDefinition], events: list[Event]
+                          disks: list[DiskDefinition], events: list[Event], recorded: frozenset[str] = frozenset()
                           ) -> tuple[list[dict[str, str]], list[DiskDefinition], set[str]]:
     """Each volume disk gets the volume named with the VM's uid (created when missing), or the
     earlier-scheme volume its own domain already uses. The returned list is the informational
-    status.volumes: nothing ever reads it back to decide what to attach or delete."""
+    status.volumes; it is read back for one thing only: a cloned volume the last status recorded is
+    never copied again (`recorded`: protects a disk whose domain was undefined out of band)."""
     requests = []
     clones = vm_images.clone_requests(spec, uid, hv)  # disks from a base image (volume.source)
     cloned = {c.disk for c in clones}
@@ -600,7 +606,7 @@ async def _ensure_volumes(spec: VirtualMachineSpec, uid: str, hv: plan.HostView,
     if not requests and not clones:
         return [], disks, set()
     results = await conn.call("ensure_volumes", lambda c: domains.ensure_volumes(c, uid, requests)) if requests else []
-    results = [*results, *await vm_images.ensure_clones(conn, uid, clones)]
+    results = [*results, *await vm_images.ensure_clones(conn, uid, clones, recorded)]
     by_disk = {r.disk: r for r in results}
     out = []
     for d in disks:

@@ -29,9 +29,12 @@ def clone_requests(spec: VirtualMachineSpec, uid: str, hv: plan.HostView) -> lis
     return out
 
 
-async def ensure_clones(conn: Any, uid: str, requests: list[clone.CloneRequest]) -> list[VolumeResult]:
+async def ensure_clones(conn: Any, uid: str, requests: list[clone.CloneRequest],
+                        finished: frozenset[str] = frozenset()) -> list[VolumeResult]:
+    """`finished`: volume names the VM's last status recorded (copies known to be complete)."""
     if not requests:
         return []
     full = any(r.mode == clone.FULL for r in requests)
-    return await conn.call("clone_volumes", lambda c: clone.clone_volumes(c, uid, requests),
-                           timeout=FULL_CLONE_TIMEOUT if full else None)
+    # A full copy may run for many minutes: it takes one of the host's stream slots, never a call slot.
+    return await conn.call("clone_volumes", lambda c: clone.clone_volumes(c, uid, requests, finished),
+                           timeout=FULL_CLONE_TIMEOUT if full else None, stream=full)

@@ -77,14 +77,51 @@ def clone_xml(name: str, capacity: int, backing_path: str | None = None, backing
     return ET.tostring(root, encoding="unicode")
 
 
-def clone_one(conn: libvirt.virConnect, uid: str, req: CloneRequest) -> VolumeResult:
-    """The VM's volume for this disk: kept when it exists (it was cloned before), else cloned now."""
+def _used_by_domain(conn: libvirt.virConnect, uid: str, path: str) -> bool:
+    """The VM's own domain (persistent or running definition) has this volume as a disk."""
+    try:
+        dom = conn.lookupByUUIDString(uid)
+    except libvirt.libvirtError as err:
+        if err.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+            return False
+        raise
+    flags = (0, libvirt.VIR_DOMAIN_XML_INACTIVE) if dom.isActive() else (libvirt.VIR_DOMAIN_XML_INACTIVE,)
+    # Every disk, not only those our builder named: a domain from any earlier scheme counts too.
+    return any(src.get("file") == path for f in flags
+               for src in ET.fromstring(dom.XMLDesc(f)).iterfind("./devices/disk/source"))
+
+
+def _discard_unfinished(conn: libvirt.virConnect, uid: str, vol: libvirt.virStorageVol, req: CloneRequest,
+                        finished: frozenset[str]) -> bool:
+    """True when `vol` is the VM's finished copy: recorded as such (`finished`, the volumes of the
+    VM's last status) or a disk of its domain. Otherwise it was never handed to a guest and may be a
+    copy cut short (an operator killed during a long full copy, or libvirtd dying during it): it is
+    deleted so the caller copies again, which loses nothing. A copy libvirtd is still writing cannot
+    be deleted yet: the reconcile waits and looks again."""
+    if req.name in finished or _used_by_domain(conn, uid, vol.path()):
+        return True
+    try:
+        vol.delete(0)
+    except libvirt.libvirtError as err:
+        if err.get_error_code() == libvirt.VIR_ERR_NO_STORAGE_VOL:
+            return False
+        raise AppError(ErrorCode.LIBVIRT_ERROR,
+                       f"volume {req.pool}/{req.name} exists but is not known to hold a finished copy of "
+                       f"{req.source_pool}/{req.source_name}, and it cannot be replaced yet (libvirt: "
+                       f"{err.get_error_message()}); a copy may still be running on the host",
+                       {"pool": req.pool, "volume": req.name}, cause=err) from err
+    return False
+
+
+def clone_one(conn: libvirt.virConnect, uid: str, req: CloneRequest,
+              finished: frozenset[str] = frozenset()) -> VolumeResult:
+    """The VM's volume for this disk: kept when it exists as a finished copy, else (re)cloned now."""
     if not owns_volume(uid, req.name):
         raise AppError(ErrorCode.INVALID_SPEC, f"volume {req.name} is not named for VirtualMachine uid {uid}",
                        {"volume": req.name[:64]})
     pool = active_pool(conn, req.pool)
     existing = find_volume(pool, req.name)
-    if existing is not None:
+    if existing is not None and _discard_unfinished(conn, uid, existing, req, finished):
         return VolumeResult(req.pool, existing.name(), existing.path(), False, req.disk)
     base = _base(conn, req)
     base_capacity = int(base.info()[1])
@@ -109,5 +146,6 @@ def clone_one(conn: libvirt.virConnect, uid: str, req: CloneRequest) -> VolumeRe
     return VolumeResult(req.pool, vol.name(), vol.path(), True, req.disk)
 
 
-def clone_volumes(conn: libvirt.virConnect, uid: str, requests: Iterable[CloneRequest]) -> list[VolumeResult]:
-    return [clone_one(conn, uid, req) for req in requests]
+def clone_volumes(conn: libvirt.virConnect, uid: str, requests: Iterable[CloneRequest],
+                  finished: frozenset[str] = frozenset()) -> list[VolumeResult]:
+    return [clone_one(conn, uid, req, finished) for req in requests]
