@@ -9,16 +9,13 @@ an ISOImage from a loopback HTTP server and booted from its cdrom by the in-proc
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import hashlib
-import ipaddress
-import json
 import time
 import uuid
 
 import pytest
 
-from tests.harness.kube import GROUP, VERSION, Kube
+from tests.harness.kube import Kube
 from tests.harness.linux_guest import (
     AGENT_MARKER,
     DHCP_MARKER,
@@ -57,26 +54,6 @@ def guest_iso(tmp_path_factory):
     return build_linux_guest_iso(tmp_path_factory.mktemp("linux-guest"))
 
 
-@pytest.fixture
-def iso_downloads(operator, tmp_path):
-    rt = operator.runtime
-    original = rt.settings
-    rt.settings = dataclasses.replace(original, iso_cache_dir=str(tmp_path / "iso-cache"), iso_resync_seconds=2.0,
-                                      download_allowed_networks=(ipaddress.ip_network("127.0.0.0/8"),))
-    yield
-    rt.settings = original
-
-
-def table_row(kube: Kube, namespace: str, name: str) -> dict[str, object]:
-    request = kube.api.param_serialize(
-        "GET", f"/apis/{GROUP}/{VERSION}/namespaces/{namespace}/{VM}/{name}",
-        header_params={"Accept": "application/json;as=Table;v=v1;g=meta.k8s.io"}, auth_settings=["BearerToken"])
-    response = kube.api.call_api(*request)
-    response.read()
-    data = json.loads(response.data)
-    return dict(zip([c["name"] for c in data["columnDefinitions"]], data["rows"][0]["cells"], strict=True))
-
-
 def test_guest_dhcp_lease_shows_in_status_and_ip_column(kube, operator, namespace, nat_host, guest_iso,
                                                         iso_downloads) -> None:
     from tests.harness.http_server import TestHTTPServer
@@ -112,7 +89,7 @@ def test_guest_dhcp_lease_shows_in_status_and_ip_column(kube, operator, namespac
         assert lan["mac"] == nat_host.leases()[0]["mac"]
         assert lan["ipAddresses"] == [{"address": address, "prefix": prefix, "family": "IPv4", "source": "lease"}]
         assert obj["status"]["ipAddress"] == address
-        row = table_row(kube, namespace, "dhcp")
+        row = kube.printed_columns(VM, "dhcp", namespace)
         assert row["IP"] == address and row["Status"] == "Running"
         print(f"lease on the serial console {lease_seconds:.1f}s after Ready; in the status "
               f"{status_seconds:.1f}s after Ready")

@@ -76,20 +76,6 @@ def test_blank_disk_vm_runs_and_delete_cleans_the_host(kube, operator, namespace
         kube.delete("libvirthosts", host)
 
 
-@pytest.fixture
-def iso_downloads(operator, tmp_path):
-    """Let the in-process operator download from the loopback test server into a temp cache."""
-    import dataclasses
-    import ipaddress
-
-    rt = operator.runtime
-    original = rt.settings
-    rt.settings = dataclasses.replace(original, iso_cache_dir=str(tmp_path / "iso-cache"), iso_resync_seconds=2.0,
-                                      download_allowed_networks=(ipaddress.ip_network("127.0.0.0/8"),))
-    yield
-    rt.settings = original
-
-
 def test_vm_boots_an_isoimage_and_its_serial_output_is_readable_on_the_host(
         kube, operator, namespace, libvirtd, test_iso, iso_downloads) -> None:
     import hashlib

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from collections.abc import Callable
@@ -54,6 +55,17 @@ class Kube:
             if err.status == 404:
                 return None
             raise
+
+    def printed_columns(self, plural: str, name: str, namespace: str) -> dict[str, Any]:
+        """The row `kubectl get` prints: the apiserver's Table rendering of the CRD's printer columns."""
+        request = self.api.param_serialize(
+            "GET", f"/apis/{GROUP}/{VERSION}/namespaces/{namespace}/{plural}/{name}",
+            header_params={"Accept": "application/json;as=Table;v=v1;g=meta.k8s.io"}, auth_settings=["BearerToken"])
+        response = self.api.call_api(*request)
+        response.read()
+        data = json.loads(response.data)
+        assert data["kind"] == "Table", data
+        return dict(zip([c["name"] for c in data["columnDefinitions"]], data["rows"][0]["cells"], strict=True))
 
     def patch(self, plural: str, name: str, body: dict[str, Any], namespace: str | None = None) -> dict[str, Any]:
         if namespace:

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
+import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -50,6 +53,30 @@ def without_session_operator() -> Iterator[None]:
     yield
     for op in paused:
         op.start()
+
+
+@pytest.fixture(scope="module")
+def libvirtd_host(kube, libvirtd, operator) -> Iterator[str]:
+    """A LibvirtHost on the session's real libvirtd, Ready, for one module's tests; deleted afterwards."""
+    (libvirtd.root / "log" / "qemu").mkdir(parents=True, exist_ok=True)  # the serial logs live there
+    name = f"hv-{uuid.uuid4().hex[:6]}"
+    kube.create("libvirthosts", {"metadata": {"name": name},
+                                 "spec": {"uri": libvirtd.uri, "insecure": True, "probeIntervalSeconds": 5}})
+    kube.wait_condition("libvirthosts", name, "Ready", "True", timeout=60)
+    yield name
+    kube.delete("libvirthosts", name)
+
+
+@pytest.fixture
+def iso_downloads(operator, tmp_path) -> Iterator[Path]:
+    """The session operator downloads ISOImages from the loopback test server into a temp cache."""
+    rt = operator.runtime
+    original = rt.settings
+    cache = tmp_path / "iso-cache"
+    rt.settings = dataclasses.replace(original, iso_cache_dir=str(cache), iso_resync_seconds=2.0,
+                                      download_allowed_networks=(ipaddress.ip_network("127.0.0.0/8"),))
+    yield cache
+    rt.settings = original
 
 
 @pytest.fixture

@@ -56,13 +56,8 @@ def cache_dir(operator, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def host(kube, libvirtd, operator) -> str:
-    name = f"iso-host-{uuid.uuid4().hex[:6]}"
-    kube.create("libvirthosts", {"metadata": {"name": name},
-                                 "spec": {"uri": libvirtd.uri, "insecure": True, "probeIntervalSeconds": 5}})
-    kube.wait_condition("libvirthosts", name, "Ready", "True", timeout=60)
-    yield name
-    kube.delete("libvirthosts", name)
+def host(libvirtd_host: str) -> str:
+    return libvirtd_host
 
 
 @pytest.fixture

@@ -4,30 +4,14 @@ apiserver and the in-process operator."""
 
 from __future__ import annotations
 
-import json
 import time
 import uuid
-from typing import Any
 
 from prometheus_client import REGISTRY
 
 from libvirt_operator.reconcile import addresses
-from tests.harness.kube import GROUP, VERSION, Kube
 
 VM = "virtualmachines"
-
-
-def printed_columns(kube: Kube, namespace: str, name: str) -> dict[str, Any]:
-    """The row `kubectl get` prints: the apiserver's Table rendering of the CRD's printer columns."""
-    request = kube.api.param_serialize(
-        "GET", f"/apis/{GROUP}/{VERSION}/namespaces/{namespace}/{VM}/{name}",
-        header_params={"Accept": "application/json;as=Table;v=v1;g=meta.k8s.io"}, auth_settings=["BearerToken"])
-    response = kube.api.call_api(*request)
-    response.read()
-    data = json.loads(response.data)
-    assert data["kind"] == "Table", data
-    names = [c["name"] for c in data["columnDefinitions"]]
-    return dict(zip(names, data["rows"][0]["cells"], strict=True))
 
 
 def polls(host: str) -> float:
@@ -58,7 +42,7 @@ def test_running_vm_shows_its_leased_address_and_stopping_clears_it(kube, operat
                                     "source": "lease"}]
     assert status["ipAddress"].startswith("192.168.122.")  # the test driver's made-up lease (never dialled)
     assert nic1["ipAddresses"][0]["address"] != status["ipAddress"]  # the IP column: the first interface's
-    assert printed_columns(kube, namespace, "web")["IP"] == status["ipAddress"]
+    assert kube.printed_columns(VM, "web", namespace)["IP"] == status["ipAddress"]
     print(f"address visible {seconds:.1f}s after the VM was created")
 
     # Asked again and again (every second here instead of every minute): an unchanged answer writes
@@ -74,7 +58,7 @@ def test_running_vm_shows_its_leased_address_and_stopping_clears_it(kube, operat
     assert "ipAddress" not in obj["status"]
     assert all("ipAddresses" not in i for i in obj["status"]["interfaces"])
     assert obj["status"]["interfaces"][0]["mac"] == nic0["mac"]  # names and MACs stay
-    assert printed_columns(kube, namespace, "web").get("IP") in (None, "")
+    assert kube.printed_columns(VM, "web", namespace).get("IP") in (None, "")
 
     kube.patch(VM, "web", {"spec": {"runStrategy": "Always"}}, namespace)
     kube.wait_for(lambda: (kube.get(VM, "web", namespace)["status"].get("ipAddress") or "").startswith("192.168."),

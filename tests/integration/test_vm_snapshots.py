@@ -12,7 +12,6 @@ import ipaddress
 import json
 import subprocess
 import time
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -59,14 +58,8 @@ def cache_dir(operator, tmp_path_factory) -> Any:
 
 
 @pytest.fixture(scope="module")
-def host(kube, libvirtd, operator) -> Any:
-    (libvirtd.root / "log" / "qemu").mkdir(parents=True, exist_ok=True)  # the serial logs live there
-    name = f"snap-{uuid.uuid4().hex[:6]}"
-    kube.create("libvirthosts", {"metadata": {"name": name},
-                                 "spec": {"uri": libvirtd.uri, "insecure": True, "probeIntervalSeconds": 5}})
-    kube.wait_condition("libvirthosts", name, "Ready", "True", timeout=60)
-    yield name
-    kube.delete("libvirthosts", name)
+def host(libvirtd_host: str) -> str:
+    return libvirtd_host
 
 
 @pytest.fixture
