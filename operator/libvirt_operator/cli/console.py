@@ -59,7 +59,8 @@ def _explain(code: int, namespace: str, name: str, server_message: str) -> str:
     if code == 501:
         return f"the host of {what} has no console support (e.g. libvirt's test driver). {server_message}"
     if code == 503:
-        return f"console unavailable: {server_message or 'the console API or the VM host is not available'}"
+        return ("console unavailable: " + (server_message or f"the host of {what} is not connected or the VM is "
+                                           "not running (a console needs a running domain)"))
     return f"cannot open the console of {what}: HTTP {code}. {server_message}"
 
 

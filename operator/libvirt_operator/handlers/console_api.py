@@ -30,18 +30,21 @@ from ..adapters.kube import KubeClient
 from ..adapters.kube.frontproxy import RequestHeaderConfig, caller_from_headers, may, read_requestheader_config
 from ..adapters.libvirt import HostPool
 from ..adapters.libvirt.console import open_console
+from ..adapters.libvirt.events import ensure_event_thread
 from ..core.api.common import GROUP as VM_GROUP
 from ..core.api.common import SUBRESOURCES_GROUP as GROUP
 from ..core.api.common import SUBRESOURCES_GROUP_VERSION as GROUP_VERSION
 from ..core.errors import AppError, ErrorCode
 from ..core.logs import get_logger
+from ..core.settings import Settings
+from ..core.api.host import LibvirtHostSpec
+from ..reconcile.host import connect_options
+from ..reconcile.runtime import Runtime
 
 log = get_logger(__name__)
 VERSION = GROUP_VERSION.rsplit("/", 1)[1]
 CONSOLE_PATH = f"/apis/{GROUP_VERSION}/namespaces/{{namespace}}/virtualmachines/{{name}}/console"
 
-_HTTP_STATUS_FOR = {ErrorCode.VM_NOT_FOUND: 404, ErrorCode.HOST_NOT_FOUND: 503, ErrorCode.HOST_UNREACHABLE: 503,
-                    ErrorCode.LIBVIRT_TIMEOUT: 503, ErrorCode.HYPERVISOR_UNSUPPORTED: 501}
 
 
 def status(code: int, reason: str, message: str, details: dict[str, Any] | None = None) -> web.Response:
@@ -76,14 +79,17 @@ class RunningConsoleServer:
     runner: web.AppRunner
     port: int
     cert_path: Path  # the serving cert (an APIService's caBundle, when it is self-signed)
+    rt: Runtime
 
     async def cleanup(self) -> None:
         await self.runner.cleanup()
+        await self.rt.pool.close_all()
+        await self.rt.kube.close()
 
 
 class ConsoleServer:
-    def __init__(self, kube: KubeClient, pool: HostPool, requestheader: RequestHeaderConfig) -> None:
-        self.kube, self.pool, self.requestheader = kube, pool, requestheader
+    def __init__(self, rt: Runtime, requestheader: RequestHeaderConfig) -> None:
+        self.rt, self.kube, self.requestheader = rt, rt.kube, requestheader
         self.app = web.Application(middlewares=[self._front_proxy_only])
         self.app.add_routes([
             web.get("/apis", _json({"kind": "APIGroupList", "apiVersion": "v1", "groups": [_group()]})),
@@ -107,6 +113,13 @@ class ConsoleServer:
         return await handler(request)
 
     async def _console(self, request: web.Request) -> web.StreamResponse:
+        try:
+            return await self._console_checked(request)
+        except AppError as err:  # the Kubernetes API failed us (SubjectAccessReview, reads)
+            log.warning("console request failed", error=err.message)
+            return status(503, "ServiceUnavailable", f"the console API could not ask the Kubernetes API: {err.message}")
+
+    async def _console_checked(self, request: web.Request) -> web.StreamResponse:
         namespace, name = request.match_info["namespace"], request.match_info["name"]
         caller = caller_from_headers(self.requestheader, request.headers)
         if caller is None:
@@ -123,24 +136,27 @@ class ConsoleServer:
         if vm is None:
             return status(404, "NotFound", f'virtualmachines.{VM_GROUP} "{name}" not found', details)
         host_name = (vm.get("status") or {}).get("host") or (vm.get("spec") or {}).get("hostRef")
-        host = self.pool.get(host_name) if host_name else None
-        if host is None:
-            return status(503, "ServiceUnavailable", f"VirtualMachine {namespace}/{name} has no connected host "
-                          f"({host_name or 'not placed yet'})", details)
+        host_obj = await self.kube.get_object("libvirthosts", host_name) if host_name else None
+        if host_obj is None:
+            return status(503, "ServiceUnavailable", f"VirtualMachine {namespace}/{name} is not on a host "
+                          f"({'LibvirtHost ' + host_name + ' not found' if host_name else 'not placed yet'})", details)
+        try:  # this server's own connection (every replica serves consoles, leader or not), kept
+            # current with the host's spec and Secret (the pool replaces it when they changed)
+            spec = LibvirtHostSpec.model_validate(host_obj.get("spec") or {})
+            host = await self.rt.pool.ensure(host_name, await connect_options(spec, self.rt))
+        except (AppError, ValueError) as err:
+            return status(503, "ServiceUnavailable", f"cannot connect to host {host_name}: "
+                          f"{getattr(err, 'message', None) or err}", details)
         if request.headers.get("Upgrade", "").lower() != "websocket":
             return status(400, "BadRequest", "the console is a WebSocket: connect with `kubectl libvirt console`")
         try:
             console = await open_console(host, vm["metadata"]["uid"])
         except AppError as err:
-            code = _HTTP_STATUS_FOR.get(err.code, 409)
-            if err.code == ErrorCode.VM_NOT_FOUND:
-                message = f"VirtualMachine {namespace}/{name} has no domain on host {host_name} (not created yet?)"
-            elif "support" in err.message.lower():
-                code, message = 501, f"host {host_name} has no console support: {err.message}"
-            else:
-                message = f"cannot open the console of VirtualMachine {namespace}/{name}: {err.message}"
-            return status(code, "ServiceUnavailable" if code == 503 else "BadRequest" if code == 409 else
-                          "NotFound" if code == 404 else "NotImplemented", message, details)
+            if err.code == ErrorCode.HYPERVISOR_UNSUPPORTED or "support" in err.message.lower():
+                return status(501, "NotImplemented", f"host {host_name} has no console support: {err.message}", details)
+            why = "it has no domain on its host yet" if err.code == ErrorCode.VM_NOT_FOUND else err.message
+            return status(503, "ServiceUnavailable", f"cannot open the console of VirtualMachine {namespace}/{name}: "
+                          f"{why}", details)
         log.info("console opened", namespace=namespace, vm=name, user=caller.user, host=host_name)
         try:
             return await _pipe(request, console)
@@ -206,26 +222,38 @@ def _ssl_context(cert: Path, key: Path, requestheader: RequestHeaderConfig) -> s
     return ctx
 
 
-async def start_console_server(kube: KubeClient, pool: HostPool, *, port: int, address: str = "0.0.0.0",
-                               cert_file: str | None = None, key_file: str | None = None,
-                               service_names: tuple[str, ...] = ()) -> RunningConsoleServer:
-    """Serve on `port` (0: any free port, see `bound_port`). Without cert/key files a self-signed
-    cert for `service_names` is generated (the APIService then carries insecureSkipTLSVerify, or
-    its caBundle when the deployer reads the cert back)."""
-    requestheader = await read_requestheader_config(kube)
-    if not (cert_file and key_file):
+async def start_console_server(settings: Settings, kubeconfig: str | None = None) -> RunningConsoleServer:
+    """Serve the console API on settings.console_port (0: any free port) with a client and host
+    connections of its own, apart from kopf's: every replica serves consoles, elected or not (the
+    Service spans them all). Without cert/key files a self-signed cert for console_service_names
+    is generated (the APIService then skips verification, or carries it as caBundle)."""
+    ensure_event_thread()  # before the first libvirt connection
+    kube = await KubeClient.create(kubeconfig)
+    try:
+        requestheader = await read_requestheader_config(kube)
+    except BaseException:
+        await kube.close()
+        raise
+    if not (settings.console_cert_file and settings.console_key_file):
         directory = Path(tempfile.mkdtemp(prefix="lvop-console-tls-"))
-        cert, key = self_signed_cert(list(service_names) or ["localhost"], directory)
+        cert, key = self_signed_cert(list(settings.console_service_names) or ["localhost"], directory)
     else:
-        cert, key = Path(cert_file), Path(key_file)
-    server = ConsoleServer(kube, pool, requestheader)
+        cert, key = Path(settings.console_cert_file), Path(settings.console_key_file)
+    rt = Runtime(settings=settings, pool=HostPool(), kube=kube)
+    server = ConsoleServer(rt, requestheader)
     runner = web.AppRunner(server.app, access_log=None)  # an access log would carry user names per request
     await runner.setup()
-    site = web.TCPSite(runner, address, port, ssl_context=_ssl_context(cert, key, requestheader))
-    await site.start()
-    port = _bound_port(runner) or port
+    site = web.TCPSite(runner, settings.console_address, settings.console_port or 0,
+                       ssl_context=_ssl_context(cert, key, requestheader))
+    try:
+        await site.start()
+    except BaseException:
+        await runner.cleanup()
+        await kube.close()
+        raise
+    port = _bound_port(runner)
     log.info("console API serving", port=port, group=GROUP_VERSION)
-    return RunningConsoleServer(runner, port, cert)
+    return RunningConsoleServer(runner, port, cert, rt)
 
 
 def _bound_port(runner: web.AppRunner) -> int:

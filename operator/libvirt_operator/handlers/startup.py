@@ -18,11 +18,10 @@ from ..core.logs import get_logger
 from ..core.metrics import initialise_series
 from ..core.settings import Settings
 from ..reconcile.runtime import Runtime
-from .console_api import start_console_server
 
 log = get_logger(__name__)
 RUNTIME_KEY = "runtime"
-CONSOLE_SERVER_KEY = "console_server"
+CONSOLE_SERVER_KEY = "console_server"  # set by cli/operator_main.py when it serves the console API
 _current_memo: Any = None
 
 
@@ -81,21 +80,6 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
     _current_memo = memo
     memo[RUNTIME_KEY] = Runtime(settings=op_settings, pool=HostPool(), kube=kube, remediator=remediator,
                                 namespaces=tuple(memo.get("namespaces") or ()))
-    if op_settings.console_port is not None:
-        await _start_console(op_settings, memo)
-
-
-async def _start_console(op_settings: Settings, memo: kopf.Memo) -> None:
-    """The console API; a failure (no front proxy configured, no permission to read its CA) only
-    disables consoles, never the operator."""
-    rt = runtime_of(memo)
-    try:
-        memo[CONSOLE_SERVER_KEY] = await start_console_server(
-            rt.kube, rt.pool, port=op_settings.console_port or 0, address=op_settings.console_address,
-            cert_file=op_settings.console_cert_file, key_file=op_settings.console_key_file,
-            service_names=op_settings.console_service_names)
-    except Exception as err:  # noqa: BLE001
-        log.error("console API not started: consoles are unavailable", error=str(err))
 
 
 @kopf.on.probe(id="knowledgeBase")
@@ -115,8 +99,5 @@ async def cleanup(memo: kopf.Memo, **_: Any) -> None:
     rt: Runtime | None = memo.get(RUNTIME_KEY)
     if rt is None:
         return
-    console = memo.get(CONSOLE_SERVER_KEY)
-    if console is not None:
-        await console.cleanup()
     await rt.pool.close_all()
     await rt.kube.close()
