@@ -116,11 +116,32 @@ def user_kubeconfig(controlplane: Any, user: str, directory: Path) -> Path:
     return path
 
 
-def bind_console(kube: Kube, namespace: str, user: str) -> None:
+def token_kubeconfig(kube: Kube, controlplane: Any, namespace: str, account: str, directory: Path) -> Path:
+    """A kubeconfig with a bearer token of a ServiceAccount (TokenRequest), as a CI job would have."""
+    kube.core.create_namespaced_service_account(namespace, {"metadata": {"name": account}})
+    token = kube.core.create_namespaced_service_account_token(
+        account, namespace, {"spec": {"expirationSeconds": 3600}}).status.token
+    import base64
+
+    cfg = {"apiVersion": "v1", "kind": "Config", "current-context": account,
+           "clusters": [{"name": "envtest", "cluster": {
+               "server": controlplane.server_url,
+               "certificate-authority-data": base64.b64encode(controlplane.ca_cert_path.read_bytes()).decode()}}],
+           "users": [{"name": account, "user": {"token": token}}],
+           "contexts": [{"name": account, "context": {"cluster": "envtest", "user": account}}]}
+    path = directory / f"{account}.kubeconfig"
+    path.write_text(yaml.safe_dump(cfg))
+    path.chmod(0o600)
+    return path
+
+
+def bind_console(kube: Kube, namespace: str, user: str, kind: str = "User") -> None:
+    subject = ({"kind": "ServiceAccount", "name": user, "namespace": namespace} if kind == "ServiceAccount"
+               else {"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": user})
     client.RbacAuthorizationV1Api(kube.api).create_namespaced_role_binding(namespace, {
         "metadata": {"name": f"console-{user}"},
         "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": CONSOLE_ROLE},
-        "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": user}]})
+        "subjects": [subject]})
 
 
 class ConsoleProcess:
@@ -238,8 +259,9 @@ def test_a_vm_on_a_host_without_console_support_gets_a_clear_error(
     kube.wait_condition("libvirthosts", host, "Ready", "True", timeout=30)
     kube.create(VM, {"metadata": {"name": "vm"}, "spec": {"hostRef": host, "memory": "128Mi"}}, namespace)
     kube.wait_condition(VM, "vm", "Ready", "True", namespace=namespace, timeout=30)
-    carol = user_kubeconfig(controlplane, "carol", tmp_path)
-    bind_console(kube, namespace, "carol")
+    # (a ServiceAccount's bearer token this time: the CLI's other way to authenticate)
+    carol = token_kubeconfig(kube, controlplane, namespace, "carol", tmp_path)
+    bind_console(kube, namespace, "carol", kind="ServiceAccount")
     started = time.monotonic()
     done = run_console(carol, f"{namespace}/vm")
     assert done.returncode != 0

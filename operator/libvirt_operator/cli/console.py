@@ -36,11 +36,12 @@ def _client_tls(cfg: Any) -> ssl.SSLContext | bool:
     return ctx
 
 
-def _auth_headers(cfg: Any) -> dict[str, str]:
-    token = (cfg.api_key or {}).get("authorization") or (cfg.api_key or {}).get("BearerToken")
+async def _auth_headers(cfg: Any) -> dict[str, str]:
+    """What the kubeconfig authenticates with besides a client cert: a bearer token (also from exec
+    plugins and OIDC, refreshed by the client library's hook) or basic auth."""
+    token = await cfg.get_api_key_with_prefix("BearerToken", alias="authorization")
     if token:
-        prefix = (cfg.api_key_prefix or {}).get("authorization")
-        return {"Authorization": f"{prefix} {token}" if prefix and not token.startswith(prefix) else token}
+        return {"Authorization": token}
     if cfg.username:
         return {"Authorization": cfg.get_basic_auth_token()}
     return {}
@@ -82,7 +83,7 @@ async def _session(namespace: str, name: str, kubeconfig: str | None, context: s
     cfg = client.Configuration()
     await config.load_kube_config(config_file=kubeconfig, context=context, client_configuration=cfg)
     url = _console_url(cfg.host, namespace, name)
-    kw = {"ssl": _client_tls(cfg), "headers": _auth_headers(cfg)}
+    kw = {"ssl": _client_tls(cfg), "headers": await _auth_headers(cfg)}
     async with aiohttp.ClientSession(trust_env=True) as session:
         try:
             ws = await session.ws_connect(url, protocols=(PROTOCOL,), heartbeat=30, max_msg_size=1 << 20, **kw)
