@@ -6,6 +6,7 @@ real CLI as a subprocess, and a real libvirtd running the test ISO."""
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import ssl
 import subprocess
@@ -291,3 +292,25 @@ def test_requests_that_bypass_the_apiserver_are_refused(console_api, controlplan
     with pytest.raises((ssl.SSLError, urllib.error.URLError, ConnectionResetError)):
         urllib.request.urlopen(urllib.request.Request(url, headers={"X-Remote-User": "admin"}), context=admin,
                                timeout=10)
+
+
+def test_the_operator_authorises_each_console_itself(console_api, controlplane) -> None:
+    """The apiserver already refuses users without the role before proxying; the operator asks again
+    (SubjectAccessReview), so that whoever holds the front proxy's certificate still gets only what
+    RBAC allows. Called here with that certificate directly, naming a user without the role."""
+    url = (f"https://127.0.0.1:{console_api}/apis/{SUBRESOURCES_GROUP_VERSION}/namespaces/default/"
+           "virtualmachines/any/console")
+    proxy = ssl.create_default_context()
+    proxy.check_hostname, proxy.verify_mode = False, ssl.CERT_NONE
+    proxy.load_cert_chain(str(controlplane.cert_dir / "front-proxy-client.crt"),
+                          str(controlplane.cert_dir / "front-proxy-client.key"))
+    request = urllib.request.Request(url, headers={"X-Remote-User": "mallory", "X-Remote-Group": "system:authenticated"})
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(request, context=proxy, timeout=10)
+    assert refused.value.code == 403
+    body = json.loads(refused.value.read())
+    assert body["kind"] == "Status" and body["reason"] == "Forbidden" and 'User "mallory"' in body["message"]
+    # The front proxy's cert without a user: 401.
+    with pytest.raises(urllib.error.HTTPError) as anonymous:
+        urllib.request.urlopen(urllib.request.Request(url), context=proxy, timeout=10)
+    assert anonymous.value.code == 401
