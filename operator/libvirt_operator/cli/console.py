@@ -105,6 +105,7 @@ async def _attach(ws: Any) -> int:
     stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
     fd = stdin.fileno()
     quit_requested = asyncio.Event()
+    typed: asyncio.Queue[bytes] = asyncio.Queue()  # sent in order by one task
     tty_state = termios.tcgetattr(fd) if os.isatty(fd) else None
     if tty_state is not None:
         sys.stderr.write("Connected to the console (escape character is ^])\r\n")
@@ -118,7 +119,7 @@ async def _attach(ws: Any) -> int:
             return
         head, esc, _ = data.partition(ESCAPE)
         if head:
-            loop.create_task(ws.send_bytes(head))
+            typed.put_nowait(head)
         if esc:
             quit_requested.set()
 
@@ -137,14 +138,19 @@ async def _attach(ws: Any) -> int:
                 stdout.write(msg.data.encode())
                 stdout.flush()
 
+    async def input_() -> None:
+        while True:
+            await ws.send_bytes(await typed.get())
+
     pump = asyncio.create_task(output())
+    sender = asyncio.create_task(input_())
     quitting = asyncio.create_task(quit_requested.wait())
     try:
         await asyncio.wait({pump, quitting}, return_when=asyncio.FIRST_COMPLETED)
     finally:
         if reading_input:
             loop.remove_reader(fd)
-        for task in (pump, quitting):
+        for task in (pump, sender, quitting):
             task.cancel()
         if tty_state is not None:
             termios.tcsetattr(fd, termios.TCSADRAIN, tty_state)
