@@ -244,6 +244,29 @@ def test_a_user_bound_to_the_console_role_reads_the_guest_serial_output_and_othe
     assert code == 0, err
     assert "alice" not in err and "BEGIN" not in err  # no credentials echoed
 
+    # On a terminal: raw mode (Ctrl-] reaches the CLI as a byte, not a signal) and restored afterwards.
+    import pty
+    import termios
+
+    controller, terminal = pty.openpty()
+    cooked = termios.tcgetattr(terminal)
+    on_tty = subprocess.Popen([sys.executable, "-m", "libvirt_operator", "console", f"{namespace}/guest",
+                               "--kubeconfig", str(alice)], stdin=terminal, stdout=terminal,
+                              stderr=subprocess.PIPE, env={**os.environ})
+    try:
+        kube.wait_for(lambda: termios.tcgetattr(terminal)[3] & termios.ICANON == 0 or on_tty.poll() is not None,
+                      timeout=30, what="terminal in raw mode")
+        assert on_tty.poll() is None, on_tty.communicate()
+        os.write(controller, b"\x1d")
+        assert on_tty.wait(20) == 0
+        assert b"escape character is ^]" in on_tty.stderr.read()
+        assert termios.tcgetattr(terminal) == cooked
+    finally:
+        if on_tty.poll() is None:
+            on_tty.kill()
+        os.close(controller)
+        os.close(terminal)
+
     missing = run_console(alice, f"{namespace}/nope")
     assert missing.returncode != 0 and "not found" in missing.stderr, missing.stderr
     kube.delete(VM, "guest", namespace)
