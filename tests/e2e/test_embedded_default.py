@@ -56,6 +56,16 @@ def test_dev_runs_the_operator_on_a_local_control_plane_and_libvirt_host(tmp_pat
         for name in ("controller_runtime_reconcile_time_seconds", "controller_runtime_reconcile_total",
                      "controller_runtime_reconcile_errors_total"):
             assert name in metrics
+        # The console through the local apiserver (the dev command registers the console API).
+        kube.wait_condition("virtualmachines", "blank", "Ready", "True", namespace="default", timeout=120)
+        console = subprocess.Popen([sys.executable, "-m", "libvirt_operator", "console", "default/blank",
+                                    "--kubeconfig", str(kubeconfig)], stdin=subprocess.PIPE,
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ})
+        Kube.wait_for(lambda: "console opened" in (tmp_path / "dev.log").read_text() or console.poll() is not None,
+                      timeout=60, what="console opened")
+        assert console.poll() is None, console.communicate()
+        _out, err = console.communicate(b"\x1d", timeout=30)  # Ctrl-] quits
+        assert console.returncode == 0, err
         output = (tmp_path / "dev.log").read_text()
         assert f"export KUBECONFIG={kubeconfig}" in output
         assert f"http://127.0.0.1:{port}/metrics" in output

@@ -71,7 +71,11 @@ class Helm:
 
 def _image_args(image: str, pull_policy: str) -> list[str]:
     repo, tag = image.rsplit(":", 1)
-    return ["--set", f"image.repository={repo}", "--set", f"image.tag={tag}", "--set", f"image.pullPolicy={pull_policy}"]
+    # The console API off: the harness cluster's apiserver has no front proxy (and there is no
+    # kube-proxy to reach a ClusterIP), so its APIService could never be Available, and an
+    # unavailable aggregated API stalls namespace deletion. tests/integration/test_console.py covers it.
+    return ["--set", f"image.repository={repo}", "--set", f"image.tag={tag}", "--set", f"image.pullPolicy={pull_policy}",
+            "--set", "console.enabled=false"]
 
 
 @pytest.fixture(scope="module")

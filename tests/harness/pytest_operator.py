@@ -30,7 +30,8 @@ def operator(kube, kubeconfig, rag_index, tmp_path_factory) -> Iterator[InProces
     temporary directory (where test_host_factory writes them)."""
     settings = Settings(knowledge_base_enabled=True, rag_db_dir=str(rag_index["db_dir"]),
                         download_allowed_networks=(ipaddress.ip_network("127.0.0.0/8"),),
-                        allow_test_driver=True, test_driver_dirs=(str(tmp_path_factory.getbasetemp()),))
+                        allow_test_driver=True, test_driver_dirs=(str(tmp_path_factory.getbasetemp()),),
+                        console_port=0, console_service_names=(CONSOLE_SERVICE_DNS,))
     op = InProcessOperator(kubeconfig, settings=settings)
     op.start()
     _SESSION_OPERATORS.append(op)
@@ -40,6 +41,10 @@ def operator(kube, kubeconfig, rag_index, tmp_path_factory) -> Iterator[InProces
 
 
 _SESSION_OPERATORS: list[InProcessOperator] = []
+# The console API's Service as tests register it (tests/integration/test_console.py): an ExternalName
+# Service to localhost; its name is in the self-signed cert, so the APIService can carry its caBundle.
+CONSOLE_SERVICE_NAMESPACE, CONSOLE_SERVICE = "default", "libvirt-operator-console"
+CONSOLE_SERVICE_DNS = f"{CONSOLE_SERVICE}.{CONSOLE_SERVICE_NAMESPACE}.svc"
 
 
 @pytest.fixture(scope="module")

@@ -95,9 +95,16 @@ def _manifests() -> list[tuple[str, dict[str, Any]]]:
             for p in sorted(DEPLOY.glob("*.yaml")) for d in _docs(p)]
 
 
-def _by_kind(kind: str) -> dict[str, Any]:
-    (doc,) = [d for _, d in _manifests() if d["kind"] == kind]
+CONSOLE_FILE = "70-console-api.yaml"  # the console's aggregated API and its RBAC: checked on their own
+
+
+def _by_kind(kind: str, *, console: bool = False) -> dict[str, Any]:
+    (doc,) = [d for label, d in _manifests() if d["kind"] == kind and label.startswith(CONSOLE_FILE) == console]
     return doc
+
+
+def _console_docs() -> dict[tuple[str, str], dict[str, Any]]:
+    return {(d["kind"], d["metadata"]["name"]): d for d in _docs(DEPLOY / CONSOLE_FILE)}
 
 
 def _rule_set(rules: list[dict[str, Any]]) -> set[tuple[str, str, str, str]]:
@@ -216,6 +223,9 @@ def rbac_installed(dyn) -> None:
     """Namespace, ServiceAccount, ClusterRole and ClusterRoleBinding, for real (idempotent)."""
     for kind in ("Namespace", "ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding"):
         _apply(dyn, _by_kind(kind))
+    for (kind, _name), doc in _console_docs().items():
+        if kind in ("ClusterRole", "ClusterRoleBinding", "RoleBinding"):
+            _apply(dyn, doc)
 
 
 @pytest.mark.parametrize("label", [label for label, _ in _manifests()])
@@ -223,8 +233,8 @@ def test_every_manifest_applies_with_server_side_dry_run(dyn, rbac_installed, la
     doc = dict(_manifests())[label]
     resource, result = _apply(dyn, doc, dry_run="All")
     assert result.kind == doc["kind"] and result.metadata.name == doc["metadata"]["name"]
-    if resource.namespaced:
-        assert result.metadata.namespace == NAMESPACE
+    if resource.namespaced:  # (the console's front-proxy CA reader is bound where the CA is published)
+        assert result.metadata.namespace == ("kube-system" if "extension-apiserver" in label else NAMESPACE)
     if doc["kind"] == "Deployment":  # defaulting and validation ran: the pod template is complete
         assert result.spec.template.spec.containers[0].image == doc["spec"]["template"]["spec"]["containers"][0]["image"]
 
@@ -263,18 +273,29 @@ def test_helm_chart_renders_and_applies_with_server_side_dry_run(dyn, rbac_insta
         args += ["--set", value]
     rendered = _helm(helm_binary, tmp_path, *args).stdout
     docs = [d for d in yaml.safe_load_all(rendered) if d]
-    assert sorted(d["kind"] for d in docs) == ["ClusterRole", "ClusterRoleBinding", "ConfigMap",  # Grafana dashboard
+    assert sorted(d["kind"] for d in docs) == ["APIService",  # the console (+ its Service, 2 ClusterRoles, bindings)
+                                               *["ClusterRole"] * 3, *["ClusterRoleBinding"] * 2,
+                                               "ConfigMap",  # Grafana dashboard
                                                "Deployment", "NetworkPolicy", "PodDisruptionBudget",
                                                "Role", "RoleBinding",  # the leader-election Lease
-                                               "Service", "ServiceAccount", *["ValidatingAdmissionPolicy"] * 4,
+                                               "RoleBinding",  # extension-apiserver-authentication-reader
+                                               "Service", "Service", "ServiceAccount",
+                                               *["ValidatingAdmissionPolicy"] * 4,
                                                *["ValidatingAdmissionPolicyBinding"] * 4]
     policies = {d["metadata"]["name"]: d for d in docs if d["kind"] == "ValidatingAdmissionPolicy"}
     writers = policies["lvop-libvirt-operator-status-writers"]["spec"]["validations"][0]["expression"]
     assert f"'system:serviceaccount:{NAMESPACE}:lvop-libvirt-operator'" in writers
     for doc in docs:
         _apply(dyn, doc, dry_run="All")
-    (role,) = [d for d in docs if d["kind"] == "ClusterRole"]
+    (role,) = [d for d in docs if d["kind"] == "ClusterRole" and "console" not in d["metadata"]["name"]]
     assert _rule_set(role["rules"]) == set(REQUIRED)
+    chart_console = {(d["kind"], d["metadata"]["name"].replace("lvop-libvirt-operator", "libvirt-operator")): d
+                     for d in docs if "console" in d["metadata"]["name"] or d["kind"] == "APIService"
+                     or "extension-apiserver" in d["metadata"]["name"]}
+    manifest_console = _console_docs()
+    assert chart_console.keys() == manifest_console.keys()
+    for key in (("ClusterRole", "libvirt-operator-console"), ("ClusterRole", "libvirt-operator-console-authorizer")):
+        assert chart_console[key]["rules"] == manifest_console[key]["rules"]
     lease = "lvop-lock" if sets else "lvop-libvirt-operator"
     (lease_role,) = [d for d in docs if d["kind"] == "Role"]
     assert lease_role["metadata"]["namespace"] == NAMESPACE
@@ -304,7 +325,7 @@ def test_helm_chart_without_leader_election_runs_one_recreated_pod(tmp_path, hel
     rendered = _helm(helm_binary, tmp_path, "template", "lvop", str(CHART), "--namespace", NAMESPACE,
                      "--set", "leaderElection.enabled=false", "--set", "replicaCount=1").stdout
     docs = [d for d in yaml.safe_load_all(rendered) if d]
-    kinds = {d["kind"] for d in docs}
+    kinds = {d["kind"] for d in docs if "extension-apiserver" not in d["metadata"]["name"]}  # (the console's)
     assert not kinds & {"Role", "RoleBinding", "PodDisruptionBudget"}
     (dep,) = [d for d in docs if d["kind"] == "Deployment"]
     assert dep["spec"]["replicas"] == 1 and dep["spec"]["strategy"] == {"type": "Recreate"}
@@ -483,3 +504,34 @@ def test_lease_requests_as_the_operator(kube, sa_api, namespace) -> None:
         assert status_of(coord.create_namespaced_lease, namespace, body) == 403
     finally:
         admin.delete_namespaced_lease(LEASE_NAME, NAMESPACE)
+
+
+def test_console_rbac_is_the_subresource_for_users_and_the_review_for_the_operator() -> None:
+    docs = _console_docs()
+    assert _rule_set(docs[("ClusterRole", "libvirt-operator-console")]["rules"]) == {
+        ("get", "subresources.virt.libvirt-operator.io", "virtualmachines", "console")}
+    assert _rule_set(docs[("ClusterRole", "libvirt-operator-console-authorizer")]["rules"]) == {
+        ("create", "authorization.k8s.io", "subjectaccessreviews", "")}
+    reader = docs[("RoleBinding", "libvirt-operator-extension-apiserver-authentication-reader")]
+    assert reader["metadata"]["namespace"] == "kube-system"
+    assert reader["roleRef"]["name"] == "extension-apiserver-authentication-reader"
+    service, apiservice = docs[("Service", "libvirt-operator-console")], docs[("APIService", "v1alpha1.subresources.virt.libvirt-operator.io")]
+    assert apiservice["spec"]["service"] == {"name": service["metadata"]["name"], "namespace": NAMESPACE, "port": 443}
+    dep = _by_kind("Deployment")
+    ctr = dep["spec"]["template"]["spec"]["containers"][0]
+    assert {"name": "console", "containerPort": 8443, "protocol": "TCP"} in ctr["ports"]
+    assert "--console-port=8443" in ctr["args"]
+    assert f"--console-service-name=libvirt-operator-console.{NAMESPACE}.svc" in ctr["args"]
+
+
+def test_the_operator_may_read_the_front_proxy_ca_and_review_access(sa_api) -> None:
+    """What the console API does at start and per console, as the operator's ServiceAccount."""
+    cm = client.CoreV1Api(sa_api).read_namespaced_config_map("extension-apiserver-authentication", "kube-system")
+    assert "requestheader-client-ca-file" in cm.data
+    review = client.AuthorizationV1Api(sa_api).create_subject_access_review({
+        "apiVersion": "authorization.k8s.io/v1", "kind": "SubjectAccessReview", "spec": {
+            "user": "someone", "resourceAttributes": {
+                "verb": "get", "group": "subresources.virt.libvirt-operator.io", "resource": "virtualmachines",
+                "subresource": "console", "namespace": "default", "name": "vm"}}})
+    assert review.status.allowed is False
+    assert not _can_i(sa_api, "get", "", "configmaps", "", "kube-system")  # that one ConfigMap only

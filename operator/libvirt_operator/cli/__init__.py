@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import pathlib
 import sys
 from typing import Any
@@ -53,13 +54,20 @@ def main() -> None:
               help="Accept test:// LibvirtHost URIs (libvirt's test driver; development and tests only).")
 @click.option("--test-driver-dir", "test_driver_dirs", multiple=True, metavar="DIR",
               help="Directory whose .xml files test:/// URIs may name (repeatable; default: only test:///default).")
+@click.option("--console-port", type=int, default=None,
+              help="Serve the console API (backend of the subresources APIService) on this port; default: off.")
+@click.option("--console-cert-file", default=None, help="Its TLS cert (default: self-signed, generated at start).")
+@click.option("--console-key-file", default=None, help="Its TLS key.")
+@click.option("--console-service-name", "console_service_names", multiple=True, metavar="DNS",
+              help="DNS names of the self-signed cert (the Service: <name>.<namespace>.svc); repeatable.")
 @leader_election_click_options
 def run(namespaces: tuple[str, ...], metrics_port: int, metrics_address: str, liveness_port: int,
         log_format: str, log_level: str, no_knowledge_base: bool, rag_db: str | None,
         remediation_base_url: str | None, download_allow: tuple[str, ...], download_deny: tuple[str, ...],
         download_max_size: str | None, max_concurrent_imports: int | None,
         iso_cache_dir: str | None, allow_test_driver: bool, test_driver_dirs: tuple[str, ...],
-        **leader_election: Any) -> None:
+        console_port: int | None, console_cert_file: str | None, console_key_file: str | None,
+        console_service_names: tuple[str, ...], **leader_election: Any) -> None:
     """Run the operator in the foreground against the cluster in KUBECONFIG (or in-cluster)."""
     from .operator_main import OperatorOptions, run_blocking, settings_from_options
 
@@ -68,6 +76,8 @@ def run(namespaces: tuple[str, ...], metrics_port: int, metrics_address: str, li
         download_allow=download_allow, download_deny=download_deny, iso_cache_dir=iso_cache_dir,
         download_max_size=download_max_size, max_concurrent_imports=max_concurrent_imports,
         allow_test_driver=allow_test_driver, test_driver_dirs=test_driver_dirs)
+    settings = dataclasses.replace(settings, console_port=console_port, console_cert_file=console_cert_file,
+                                   console_key_file=console_key_file, console_service_names=console_service_names)
     run_blocking(OperatorOptions(
         namespaces=namespaces, metrics_port=metrics_port, metrics_address=metrics_address,
         liveness_port=liveness_port, log_format=log_format, log_level=log_level,  # type: ignore[arg-type]
@@ -103,9 +113,13 @@ def dev(workdir: pathlib.Path, libvirt_mode: str, metrics_port: int) -> None:
     sys.exit(run_dev(workdir.resolve(), libvirt_mode, metrics_port))
 
 
+from .console import console as _console  # noqa: E402
+from .vm_actions import kubectl_plugin as _kubectl_plugin  # noqa: E402
 from .vm_actions import vm as _vm_actions  # noqa: E402  (start/stop/restart/pause/unpause)
 
+_kubectl_plugin.add_command(_console)
 main.add_command(_vm_actions)
+main.add_command(_console)
 
 
 try:  # the knowledge-base commands need the rag extra

@@ -7,7 +7,9 @@ manifests/examples/): `make run` from the repository.
 
 from __future__ import annotations
 
+import base64
 import contextlib
+import dataclasses
 import hashlib
 import http.server
 import os
@@ -101,6 +103,7 @@ def run_dev(workdir: pathlib.Path, libvirt_mode: str, metrics_port: int) -> int:
         for created in create_objects(api, [_render(samples_dir / f, values) for f in sample_files]):
             print(f"    {created}")
 
+        console_settings = _register_console(api, workdir)
         _say(f"export KUBECONFIG={kubeconfig}")
         _say("kubectl get libvirthosts,virtualmachines,isoimages -A")
         if metrics_port:
@@ -111,12 +114,48 @@ def run_dev(workdir: pathlib.Path, libvirt_mode: str, metrics_port: int) -> int:
             settings = settings_from_options(download_allow=("127.0.0.0/8",),
                                              iso_cache_dir=str(workdir / "iso-cache"),
                                              allow_test_driver=True, test_driver_dirs=(str(workdir),))
+            settings = dataclasses.replace(settings, **console_settings)
             run_blocking(OperatorOptions(metrics_port=metrics_port, metrics_address="127.0.0.1",
                                          liveness_port=0, log_format="console", settings=settings))
         except KeyboardInterrupt:
             pass
         _say("stopping: operator stopped; removing local domains, libvirtd and the control plane")
     return 0
+
+
+def _register_console(api: Any, workdir: pathlib.Path) -> dict[str, Any]:
+    """The console API as the deploy manifests register it, but behind an ExternalName Service to
+    localhost (the aggregator refuses loopback Endpoints; ExternalName is followed as is) and with the
+    caBundle of a cert made here. `libvirt-operator console ns/vm` then works with the admin kubeconfig."""
+    import socket
+
+    from kubernetes import client
+    from kubernetes.client.exceptions import ApiException
+
+    from ..core.api.common import SUBRESOURCES_GROUP
+    from ..handlers.console_api import self_signed_cert
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    service, namespace = "libvirt-operator-console", "default"
+    tls_dir = workdir / "console-tls"
+    tls_dir.mkdir(mode=0o700, exist_ok=True)
+    cert, key = self_signed_cert([f"{service}.{namespace}.svc"], tls_dir)
+    core, apis = client.CoreV1Api(api), client.ApiregistrationV1Api(api)
+    name = f"v1alpha1.{SUBRESOURCES_GROUP}"
+    for delete in (lambda: core.delete_namespaced_service(service, namespace), lambda: apis.delete_api_service(name)):
+        with contextlib.suppress(ApiException):
+            delete()
+    core.create_namespaced_service(namespace, {"metadata": {"name": service}, "spec": {
+        "type": "ExternalName", "externalName": "localhost", "ports": [{"port": port}]}})
+    apis.create_api_service({"apiVersion": "apiregistration.k8s.io/v1", "kind": "APIService", "metadata": {"name": name},
+                             "spec": {"group": SUBRESOURCES_GROUP, "version": "v1alpha1", "groupPriorityMinimum": 1000,
+                                      "versionPriority": 15, "caBundle": base64.b64encode(cert.read_bytes()).decode(),
+                                      "service": {"name": service, "namespace": namespace, "port": port}}})
+    _say("console: libvirt-operator console <namespace>/<vm>   (Ctrl-] quits)")
+    return {"console_port": port, "console_address": "127.0.0.1", "console_cert_file": str(cert),
+            "console_key_file": str(key)}
 
 
 def _build_boot_iso(workdir: pathlib.Path) -> pathlib.Path | None:

@@ -11,7 +11,7 @@ import pathlib
 import sys
 import threading
 from collections.abc import Callable
-from typing import Literal
+from typing import Any, Literal
 
 import click
 import kopf
@@ -89,7 +89,33 @@ async def run_operator(options: OperatorOptions, *, stop_flag: asyncio.Event | t
     _load_handlers()
     settings = options.settings or Settings(knowledge_base_enabled=options.knowledge_base)
     memo = kopf.Memo(settings=settings, namespaces=tuple(options.namespaces))  # the orphan report's scope
+    console = await _start_console(settings, memo)
+    try:
+        await _run(options, memo, stop_flag, ready_flag, on_lost)
+    finally:
+        if console is not None:
+            await console.cleanup()
 
+
+async def _start_console(settings: Settings, memo: kopf.Memo) -> Any:
+    """The console API, in every replica (elected or not); a failure (no front proxy configured, no
+    permission to read its CA) disables consoles only, never the operator."""
+    if settings.console_port is None:
+        return None
+    from ..core.logs import get_logger
+    from ..handlers.console_api import start_console_server
+    from ..handlers.startup import CONSOLE_SERVER_KEY
+
+    try:
+        memo[CONSOLE_SERVER_KEY] = server = await start_console_server(settings, os.environ.get("KUBECONFIG"))
+    except Exception as err:  # noqa: BLE001
+        get_logger(__name__).error("console API not started: consoles are unavailable", error=str(err))
+        return None
+    return server
+
+
+async def _run(options: OperatorOptions, memo: kopf.Memo, stop_flag: asyncio.Event | threading.Event | None,
+               ready_flag: asyncio.Event | threading.Event | None, on_lost: Callable[[str], None] | None) -> None:
     async def run_kopf(flag: asyncio.Event | threading.Event | None) -> None:
         await kopf.operator(
             standalone=True,  # no kopf peering: one process acts, the Lease's holder when elected

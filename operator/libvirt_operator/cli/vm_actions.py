@@ -132,7 +132,7 @@ for _action in ACTIONS:
 
 @click.group(name="kubectl-libvirt", context_settings={"help_option_names": ["-h", "--help"]})
 def kubectl_plugin() -> None:
-    """kubectl plugin: `kubectl libvirt vm restart <ns>/<name> [--wait]`."""
+    """kubectl plugin: `kubectl libvirt vm restart <ns>/<name> [--wait]`, `kubectl libvirt console <ns>/<name>`."""
 
 
-kubectl_plugin.add_command(vm)
+kubectl_plugin.add_command(vm)  # `console` is added by cli/__init__.py (console.py builds on this module)

@@ -46,3 +46,11 @@ class Settings:
     # unless --allow-test-driver (dev launcher, tests); files only under these directories.
     allow_test_driver: bool = False
     test_driver_dirs: tuple[str, ...] = ()
+    # The console API (handlers/console_api.py), the backend of an APIService: off (None) unless
+    # --console-port; 0 picks a free port (tests). Without cert files a self-signed cert for
+    # console_service_names is generated at start.
+    console_port: int | None = None
+    console_address: str = "0.0.0.0"
+    console_cert_file: str | None = None
+    console_key_file: str | None = None
+    console_service_names: tuple[str, ...] = ()

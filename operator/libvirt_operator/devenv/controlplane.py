@@ -64,6 +64,7 @@ __all__ = [
 BIN_DIR_ENV = "LIBVIRT_OPERATOR_CONTROLPLANE_BIN"
 
 _SERVICE_CIDR = "10.0.0.0/24"
+FRONT_PROXY_CLIENT_CN = "front-proxy-client"
 _LOG_TAIL_LINES = 40
 
 
@@ -377,6 +378,18 @@ class ControlPlane:
             f"--service-account-issuer={self.server_url}",
             f"--service-account-key-file={pki['sa_pub']}",
             f"--service-account-signing-key-file={pki['sa_key']}",
+            # The front proxy (kube-aggregator): how aggregated APIs (the operator's console
+            # subresource) learn who the caller is. The apiserver presents the proxy client cert and
+            # sets X-Remote-*; the extension server trusts only certs from the requestheader CA.
+            # No --enable-aggregator-routing: the default (service) routing is the one that follows
+            # an ExternalName Service to localhost, which the tests use to reach an in-process server.
+            f"--requestheader-client-ca-file={pki['front_proxy_ca_crt']}",
+            f"--requestheader-allowed-names={FRONT_PROXY_CLIENT_CN}",
+            "--requestheader-username-headers=X-Remote-User",
+            "--requestheader-group-headers=X-Remote-Group",
+            "--requestheader-extra-headers-prefix=X-Remote-Extra-",
+            f"--proxy-client-cert-file={pki['front_proxy_client_crt']}",
+            f"--proxy-client-key-file={pki['front_proxy_client_key']}",
             "--profiling=false",
             *self.extra_apiserver_args,
         ]
@@ -540,7 +553,19 @@ class ControlPlane:
             serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
         )
 
+        # A CA of its own for the front proxy, as kubeadm does: a cert from the cluster CA (a user's)
+        # must never pass as the aggregator's.
+        fp_ca_key = _new_key()
+        fp_ca_name = _name("libvirt-operator-test-front-proxy-ca")
+        fp_ca = _issue(subject=fp_ca_name, key=fp_ca_key, issuer=fp_ca_name, issuer_key=fp_ca_key, is_ca=True)
+        fp_client_key = _new_key()
+        fp_client = _issue(subject=_name(FRONT_PROXY_CLIENT_CN), key=fp_client_key, issuer=fp_ca_name,
+                           issuer_key=fp_ca_key, eku=[ExtendedKeyUsageOID.CLIENT_AUTH])
+
         return {
+            "front_proxy_ca_crt": _write(d / "front-proxy-ca.crt", _cert_pem(fp_ca), 0o644),
+            "front_proxy_client_crt": _write(d / "front-proxy-client.crt", _cert_pem(fp_client), 0o644),
+            "front_proxy_client_key": _write(d / "front-proxy-client.key", _key_pem(fp_client_key)),
             "ca_crt": _write(self.ca_cert_path, _cert_pem(ca), 0o644),
             "ca_key": _write(d / "ca.key", _key_pem(ca_key)),
             "serving_crt": _write(d / "apiserver.crt", _cert_pem(serving), 0o644),

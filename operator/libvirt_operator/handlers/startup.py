@@ -21,6 +21,7 @@ from ..reconcile.runtime import Runtime
 
 log = get_logger(__name__)
 RUNTIME_KEY = "runtime"
+CONSOLE_SERVER_KEY = "console_server"  # set by cli/operator_main.py when it serves the console API
 _current_memo: Any = None
 
 

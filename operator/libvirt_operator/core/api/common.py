@@ -12,6 +12,9 @@ from pydantic.alias_generators import to_camel
 GROUP = "virt.libvirt-operator.io"
 VERSION = "v1alpha1"
 API_VERSION = f"{GROUP}/{VERSION}"
+# The aggregated API the operator serves itself (the console: handlers/console_api.py).
+SUBRESOURCES_GROUP = f"subresources.{GROUP}"
+SUBRESOURCES_GROUP_VERSION = f"{SUBRESOURCES_GROUP}/v1alpha1"
 CATEGORY = "libvirt"
 # A Kubernetes object name (DNS-1123 subdomain) and a namespace name (DNS-1123 label).
 OBJECT_NAME_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
