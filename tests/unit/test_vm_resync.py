@@ -14,7 +14,7 @@ from libvirt_operator.core.api.vm import VirtualMachineSpec
 from libvirt_operator.core.domain import DomainObservation, PowerState
 from libvirt_operator.core.settings import Settings
 from libvirt_operator.handlers import vm as hvm
-from libvirt_operator.reconcile import plan
+from libvirt_operator.reconcile import actions, plan
 from libvirt_operator.reconcile.runtime import Runtime
 from libvirt_operator.reconcile.vm import VmOutcome
 
@@ -177,7 +177,7 @@ async def test_a_host_round_hands_back_an_action_request_it_cannot_execute(world
     the stop request waited forever. A host round never executes requests, so it must hand them back."""
     rt, st, conn, refreshed = world
     request = '{"action": "stop", "id": "r1"}'
-    st.vms["a"]["metadata"]["annotations"] = {hvm.actions.ACTION_REQUEST_ANNOTATION: request}
+    st.vms["a"]["metadata"]["annotations"] = {actions.ACTION_REQUEST_ANNOTATION: request}
     st.retry.schedule("a", hvm.BUSY_RETRY_SECONDS)  # what the requeue loop does when the lock is taken
     await hvm.resync_host(rt, st, "h", conn)
     assert "a" in refreshed and "a" in st.retry

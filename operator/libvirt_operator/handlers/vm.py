@@ -37,16 +37,17 @@ from ..core.errors import AppError, ErrorCode
 from ..core.logs import get_logger
 from ..core.metrics import DOMAIN_EVENTS, ORPHANED_DOMAINS, VM_RESYNC_SECONDS
 from ..adapters.kube import ConflictError
-from ..reconcile import actions, orphans
+from ..reconcile import orphans
 from ..reconcile.failures import error_status, human_message
 from ..reconcile.runtime import Runtime
 from ..reconcile.status import merge_patch
 from ..reconcile.tenancy import watched
-from ..reconcile.vm import TENANCY_CODES, VmOutcome, delete_vm, host_lost_status, sync_vm
+from ..reconcile.vm import VmOutcome, delete_vm, host_lost_status, sync_vm
 from .instrument import ended_with, reconciler
 from .iso import wake_deletions as wake_iso_deletions
 from .teardown import TEARDOWN_FINALIZER, held_for_teardown, hold_for_teardown, release_teardown
 from .startup import runtime_of
+from .vm_apply import _action_request, _apply
 from .vm_state import BUSY_RETRY_SECONDS, PLURAL, VmState, _load_hosts, _plain, _vm_log, state_of
 
 log = get_logger(__name__)
@@ -131,17 +132,6 @@ async def watch_vms(type: str | None, uid: str, body: kopf.Body, memo: kopf.Memo
         st.wake_task = asyncio.create_task(_wake_loop(st), name="vm-wake-loop")
 
 
-def _action_request(vm: Mapping[str, Any] | None) -> str | None:
-    return (((vm or {}).get("metadata") or {}).get("annotations") or {}).get(actions.ACTION_REQUEST_ANNOTATION)
-
-
-def _action_pending(vm: Mapping[str, Any] | None, status: Mapping[str, Any]) -> bool:
-    """The VM carries an action request that `status` does not show as executed or refused."""
-    if vm is None:
-        return False
-    return actions.pending_request((vm.get("metadata") or {}).get("annotations"), status.get("lastAction")) is not None
-
-
 def _iso_refs(vm: Mapping[str, Any] | None) -> set[str]:
     """The ISOImages a VM's cdroms name."""
     disks = ((vm or {}).get("spec") or {}).get("disks") or []
@@ -149,53 +139,6 @@ def _iso_refs(vm: Mapping[str, Any] | None) -> set[str]:
             if (ref := ((disk or {}).get("cdrom") or {}).get("isoImageRef") or {}).get("name")}
 
 
-# --------------------------------------------------------------------------------------------
-# Applying an outcome: status (only when changed), Events, requeue
-# --------------------------------------------------------------------------------------------
-
-async def _apply(rt: Runtime, st: VmState, vm: dict[str, Any], outcome: VmOutcome, *, full: bool = True) -> None:
-    """`full`: the outcome of a full reconcile (handler, requeue loop), which executes action requests;
-    a host round's (`full=False`) only refreshes power state."""
-    meta = vm["metadata"]
-    uid = meta["uid"]
-    ended_with(outcome.error, outcome.requeue_after)  # the reconcile's result, when one runs this
-    patch = merge_patch(vm.get("status") or {}, outcome.status)
-    if patch:
-        written = await rt.kube.patch_status(PLURAL, meta["namespace"], meta["name"], patch)
-        cached = st.vms.get(uid)
-        if cached is not None:  # our write is newer than the cache until the watch delivers it
-            cached["status"] = dict(outcome.status)
-            if written is not None:
-                cached["metadata"]["resourceVersion"] = (written.get("metadata") or {}).get("resourceVersion")
-        st.index(uid)
-    for type_, reason, message in outcome.events:
-        kopf.event(vm, type=type_, reason=reason, message=message)
-    error = outcome.error
-    if error is not None and (error.code in WAITING_CODES and error.retryable or error.code in TENANCY_CODES):
-        st.parked[uid] = error.code  # re-checked at once when a host, an ISOImage or a namespace changes
-    else:
-        st.parked.pop(uid, None)
-    if error is not None and (error.retryable or error.code in TENANCY_CODES):
-        st.retry.failed(uid)  # the requeue loop runs the full reconcile again after the backoff
-    elif _action_request(st.vms.get(uid)) != _action_request(vm):
-        # An action request came in while this reconcile ran on the older object (the requeue loop
-        # found the lock taken and left it to us): run again, or the request would wait forever.
-        st.retry.schedule(uid, 0)
-    elif _action_pending(st.vms.get(uid), outcome.status):
-        # Only a full reconcile executes a request; a host round that saw it (after the requeue loop
-        # found the lock taken) must hand it back, never drop the key the watch queued for it.
-        st.retry.schedule(uid, 0 if not full else BUSY_RETRY_SECONDS)
-    else:
-        st.retry.done(uid)
-    if outcome.requeue_after is not None:
-        st.requeue[uid] = time.monotonic() + outcome.requeue_after
-        st.wake_host(outcome.status.get("host"))
-    else:
-        st.requeue.pop(uid, None)
-
-
-WAITING_CODES = {ErrorCode.NO_SCHEDULABLE_HOST, ErrorCode.INSUFFICIENT_RESOURCES, ErrorCode.ISO_NOT_FOUND,
-                 ErrorCode.HOST_NOT_FOUND, ErrorCode.HOST_UNREACHABLE}
 
 
 def _current(st: VmState, body: Mapping[str, Any]) -> dict[str, Any]:
