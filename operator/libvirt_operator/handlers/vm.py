@@ -24,7 +24,7 @@ import asyncio
 import contextlib
 import math
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
 import kopf
@@ -35,19 +35,17 @@ from ..core.api.common import GROUP, VERSION
 from ..core.domain import ABSENT
 from ..core.errors import AppError, ErrorCode
 from ..core.logs import get_logger
-from ..core.metrics import DOMAIN_EVENTS, ORPHANED_DOMAINS, VM_RESYNC_SECONDS
-from ..adapters.kube import ConflictError
-from ..reconcile import orphans
+from ..core.metrics import DOMAIN_EVENTS, VM_RESYNC_SECONDS
 from ..reconcile.failures import error_status, human_message
 from ..reconcile.runtime import Runtime
 from ..reconcile.status import merge_patch
-from ..reconcile.tenancy import watched
 from ..reconcile.vm import VmOutcome, delete_vm, host_lost_status, sync_vm
 from .instrument import ended_with, reconciler
 from .iso import wake_deletions as wake_iso_deletions
 from .teardown import TEARDOWN_FINALIZER, held_for_teardown, hold_for_teardown, release_teardown
 from .startup import runtime_of
 from .vm_apply import _action_request, _apply
+from .vm_orphans import _check_orphans
 from .vm_state import BUSY_RETRY_SECONDS, PLURAL, VmState, _load_hosts, _plain, _vm_log, state_of
 
 log = get_logger(__name__)
@@ -137,8 +135,6 @@ def _iso_refs(vm: Mapping[str, Any] | None) -> set[str]:
     disks = ((vm or {}).get("spec") or {}).get("disks") or []
     return {ref["name"] for disk in disks
             if (ref := ((disk or {}).get("cdrom") or {}).get("isoImageRef") or {}).get("name")}
-
-
 
 
 def _current(st: VmState, body: Mapping[str, Any]) -> dict[str, Any]:
@@ -418,52 +414,6 @@ async def resync_host(rt: Runtime, st: VmState, host: str, conn: Any) -> float:
             # Due but not refreshed (held by a handler, or not defined yet): not a busy loop.
             waits.append(deadline - now if deadline > now else BUSY_RETRY_SECONDS)
     return min(waits)
-
-
-async def _check_orphans(rt: Runtime, st: VmState, host: str, conn: Any, observed: Mapping[str, Any]) -> None:
-    st.orphan_checked[host] = time.monotonic()
-    owns = watched(rt.namespaces)
-    unknown = orphans.unaccounted(observed, st.vms)
-    candidates = await conn.call("owners", lambda c: domains.owners(c, unknown)) if unknown else {}
-    # Domains of namespaces this instance does not watch are another instance's to judge.
-    candidates = orphans.own_candidates(candidates, owns)
-    confirmed = orphans.confirmed_orphans(candidates, st.orphan_candidates.get(host, set()))
-    st.orphan_candidates[host] = {u for u, meta in candidates.items() if meta.owner is not None}
-    ORPHANED_DOMAINS.labels(host).set(len(confirmed))
-    entries = orphans.orphan_status(candidates, confirmed)
-    current = ((st.hosts.get(host) or {}).get("status") or {}).get("orphanedDomains") or []
-    if entries != orphans.own_entries(current, owns):
-        if entries:
-            log.warning("orphaned domains on host", kind="LibvirtHost", name=host,
-                        domains=[e["uuid"] for e in entries])
-        await _write_orphans(rt, st, host, entries, owns)
-
-
-ORPHAN_WRITE_ATTEMPTS = 5
-
-
-async def _write_orphans(rt: Runtime, st: VmState, host: str, entries: list[dict[str, Any]],
-                         owns: Callable[[str], bool]) -> None:
-    """Replace this instance's entries of the host's orphanedDomains, keeping every other instance's:
-    read the host fresh, merge, write with its resourceVersion as precondition; on a conflict (another
-    instance or the probe wrote meanwhile) read and merge again."""
-    for _ in range(ORPHAN_WRITE_ATTEMPTS):
-        obj = await rt.kube.get_object("libvirthosts", host)
-        if obj is None:
-            return
-        current = (obj.get("status") or {}).get("orphanedDomains") or []
-        merged = orphans.merge_entries(current, entries, owns)
-        if merged != current:
-            try:
-                await rt.kube.patch_status("libvirthosts", None, host, {"orphanedDomains": merged or None},
-                                           resource_version=obj["metadata"]["resourceVersion"])
-            except ConflictError:
-                continue
-        cached = st.hosts.get(host)
-        if cached is not None:  # newer than the cache until the watch delivers it
-            cached["status"] = {**(cached.get("status") or {}), "orphanedDomains": merged}
-        return
-    log.info("orphanedDomains not written: the host's status kept changing", kind="LibvirtHost", name=host)
 
 
 # --------------------------------------------------------------------------------------------
