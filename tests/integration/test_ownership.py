@@ -190,7 +190,7 @@ def test_status_written_by_someone_else_never_chooses_what_is_attached_or_delete
     forged = [{"disk": "root", "pool": "default", "name": victim_disk},
               {"disk": "cd", "pool": "default", "name": victim_iso}]
     patch_status(kube, VM, evil_ns, "wiper", {"volumes": forged, "domainName": victim_dname})
-    from libvirt_operator.handlers.vm import state_of
+    from libvirt_operator.handlers.vm_state import state_of
     vm_state = state_of(operator.runtime)
     kube.wait_for(lambda: (vm_state.vms.get(wiper_uid) or {}).get("status", {}).get("volumes") == forged,
                   timeout=10, what="the operator sees the forged status")

@@ -191,7 +191,7 @@ async def test_concurrent_placements_see_each_other_before_any_status_lands(test
     placement counts the ones decided before it, although no status has been written yet."""
     from collections import Counter
 
-    from libvirt_operator.handlers.vm import VmState
+    from libvirt_operator.handlers.vm_state import VmState
 
     pool = HostPool()
     st = VmState()

@@ -25,23 +25,22 @@ from typing import Any
 import kopf
 
 from ..core.api.common import GROUP, VERSION
-from ..core.errors import AppError, ErrorCode
+from ..core.errors import AppError
 from ..core.logs import get_logger
 from ..reconcile.runtime import Runtime
-from ..reconcile.status import merge_patch
-from ..reconcile.vm import delete_vm, sync_vm
-from .instrument import ended_with, reconciler
+from ..reconcile.vm import sync_vm
+from .instrument import reconciler
 from .iso import wake_deletions as wake_iso_deletions
-from .teardown import TEARDOWN_FINALIZER, held_for_teardown, hold_for_teardown, release_teardown
+from .teardown import TEARDOWN_FINALIZER, hold_for_teardown, release_teardown
 from .startup import runtime_of
 from . import vm_hosts  # noqa: F401  (registers the per-host daemon host_vm_sync)
 from .vm_apply import _action_request, _apply
-from .vm_state import BUSY_RETRY_SECONDS, PLURAL, VmState, _load_hosts, _plain, _vm_log, state_of
+from .vm_retry import _retry_one, _wake_loop
+from .vm_teardown import DELETE_RETRY_CAP_SECONDS, _held_for_teardown, _teardown
+from .vm_state import PLURAL, VmState, _load_hosts, _plain, state_of
 
 log = get_logger(__name__)
 RETRY_CONCURRENCY = 8                  # requeued reconciles running at once
-WAKE_DEBOUNCE_SECONDS = 0.2            # a burst of host/ISO events wakes the parked VMs once
-DELETE_RETRY_CAP_SECONDS = 10.0  # so a force-release annotation is honoured quickly
 
 
 # --------------------------------------------------------------------------------------------
@@ -164,31 +163,6 @@ async def reconcile_vm(body: kopf.Body, meta: kopf.Meta, memo: kopf.Memo, patch:
         await _apply(rt, st, vm, outcome)
 
 
-async def _teardown(rt: Runtime, st: VmState, vm: dict[str, Any]) -> bool:
-    """One teardown attempt (the caller holds the VM's lock); True when the VM may go. When blocked
-    (its host is gone or unreachable) the status says so and the requeue loop tries again, woken
-    by host changes and by the force-release annotation."""
-    meta = vm["metadata"]
-    uid = meta["uid"]
-    outcome = await delete_vm(vm, rt, st.view())
-    for type_, reason, message in outcome.events:
-        kopf.event(vm, type=type_, reason=reason, message=message)
-    if outcome.released:
-        st.requeue.pop(uid, None)
-        st.parked.pop(uid, None)
-        st.retry.done(uid)
-        return True
-    if outcome.status is not None:
-        patch = merge_patch(vm.get("status") or {}, outcome.status)
-        if patch:
-            await rt.kube.patch_status(PLURAL, meta["namespace"], meta["name"], patch)
-            vm["status"] = outcome.status
-    st.index(uid)
-    st.parked[uid] = outcome.error.code if outcome.error else ErrorCode.HOST_UNREACHABLE
-    st.retry.failed(uid, at_most=DELETE_RETRY_CAP_SECONDS)
-    return False
-
-
 @kopf.on.delete(GROUP, VERSION, PLURAL)
 @reconciler("virtualmachine", "VirtualMachine")
 async def delete_vm_handler(body: kopf.Body, meta: kopf.Meta, memo: kopf.Memo, patch: kopf.Patch, retry: int,
@@ -220,79 +194,6 @@ async def delete_vm_handler(body: kopf.Body, meta: kopf.Meta, memo: kopf.Memo, p
                               delay=min(DELETE_RETRY_CAP_SECONDS, 2.0 * 2 ** min(retry, 4)))
 
 
-
-
-# --------------------------------------------------------------------------------------------
-# Waiting VMs: one requeue loop (backoff) + wake-ups from watch events
-# --------------------------------------------------------------------------------------------
-
-@reconciler("virtualmachine", "VirtualMachine")  # a requeued reconcile is a reconcile
-async def _retry_one(rt: Runtime, st: VmState, uid: str) -> None:
-    """A due VM: the same sync path as the handler (sync_vm + _apply, under the VM's lock)."""
-    vm = st.vms.get(uid)
-    if vm is not None and _held_for_teardown(vm):
-        await _retry_teardown(rt, st, uid)
-        return
-    if vm is None or vm["metadata"].get("deletionTimestamp"):
-        st.parked.pop(uid, None)
-        st.retry.done(uid)
-        return
-    lock = st.lock(uid)
-    if lock.locked():  # a handler or the host's round is on it; look again shortly unless it decides
-        st.retry.schedule(uid, BUSY_RETRY_SECONDS)
-        return
-    await _load_hosts(rt, st)
-    async with lock:
-        vm = st.vms.get(uid)
-        if vm is None or vm["metadata"].get("deletionTimestamp"):
-            return
-        try:
-            outcome = await sync_vm(vm, rt, st.view(rt))
-            await _apply(rt, st, vm, outcome)
-        except AppError as err:  # e.g. the status patch failed: back off and try again
-            log.info("requeued VM reconcile failed", **_vm_log(vm), code=err.code.value, error=err.message)
-            ended_with(err)
-            st.retry.failed(uid)
-
-
-def _held_for_teardown(vm: Mapping[str, Any]) -> bool:
-    return held_for_teardown(vm.get("metadata") or {})
-
-
-async def _retry_teardown(rt: Runtime, st: VmState, uid: str) -> None:
-    lock = st.lock(uid)
-    if lock.locked():
-        st.retry.schedule(uid, BUSY_RETRY_SECONDS)
-        return
-    await _load_hosts(rt, st)  # an unplaced VM's teardown searches every known host
-    async with lock:
-        vm = st.vms.get(uid)
-        if vm is None or not _held_for_teardown(vm):
-            return
-        meta = vm["metadata"]
-        try:
-            if await _teardown(rt, st, vm):
-                await rt.kube.remove_finalizer(PLURAL, meta["namespace"], meta["name"], TEARDOWN_FINALIZER)
-        except AppError as err:
-            log.info("VM teardown retry failed", **_vm_log(vm), code=err.code.value, error=err.message)
-            st.retry.failed(uid, at_most=DELETE_RETRY_CAP_SECONDS)
-
-
-async def _wake_loop(st: VmState) -> None:
-    """Host/namespace changes wake every parked VM, ISOImage changes those waiting for media (debounced)."""
-    while True:
-        waits = {asyncio.ensure_future(st.parked_wake.wait()), asyncio.ensure_future(st.media_wake.wait())}
-        try:
-            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for task in waits:
-                task.cancel()
-        await asyncio.sleep(WAKE_DEBOUNCE_SECONDS)
-        everything = st.parked_wake.is_set()
-        st.parked_wake.clear()
-        st.media_wake.clear()
-        st.retry.wake([uid for uid, code in st.parked.items()
-                       if everything or code is ErrorCode.ISO_NOT_FOUND])
 
 
 @kopf.on.cleanup()
