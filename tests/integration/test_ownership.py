@@ -218,7 +218,7 @@ async def direct(test_host_factory):
     from libvirt_operator.adapters.libvirt import ConnectOptions, HostPool
     from libvirt_operator.core.settings import Settings
     from libvirt_operator.reconcile.runtime import Runtime
-    from libvirt_operator.reconcile.vm import ClusterView
+    from libvirt_operator.reconcile.vm_types import ClusterView
 
     uri = test_host_factory("direct", cpus=8, memory_mib=8192)
     pool = HostPool()

@@ -17,7 +17,7 @@ from libvirt_operator.handlers import vm_hosts
 from libvirt_operator.handlers.vm_state import BUSY_RETRY_SECONDS, VmState
 from libvirt_operator.reconcile import actions, plan
 from libvirt_operator.reconcile.runtime import Runtime
-from libvirt_operator.reconcile.vm import VmOutcome
+from libvirt_operator.reconcile.vm_types import VmOutcome
 
 MiB = 2**20
 

@@ -17,7 +17,8 @@ from ..core.workqueue import QueueMetrics
 from ..reconcile import plan
 from ..reconcile.runtime import Runtime
 from ..reconcile.tenancy import namespace_labels_of
-from ..reconcile.vm import ClusterView, record_placement
+from ..reconcile.vm import record_placement
+from ..reconcile.vm_types import ClusterView
 from .requeue import Requeue
 
 log = get_logger(__name__)
