@@ -13,7 +13,7 @@ from ..core.errors import ErrorCode
 from ..reconcile import actions
 from ..reconcile.runtime import Runtime
 from ..reconcile.status import merge_patch
-from ..reconcile.vm import TENANCY_CODES
+from ..reconcile.vm_status import TENANCY_CODES
 from ..reconcile.vm_types import VmOutcome
 from .instrument import ended_with
 from .vm_state import BUSY_RETRY_SECONDS, PLURAL, VmState

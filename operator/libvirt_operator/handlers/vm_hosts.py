@@ -26,7 +26,8 @@ from ..core.logs import get_logger
 from ..core.metrics import DOMAIN_EVENTS, VM_RESYNC_SECONDS
 from ..reconcile.failures import error_status, human_message
 from ..reconcile.runtime import Runtime
-from ..reconcile.vm import host_lost_status, sync_vm
+from ..reconcile.vm import sync_vm
+from ..reconcile.vm_status import host_lost_status
 from ..reconcile.vm_types import VmOutcome
 from .startup import runtime_of
 from .vm_apply import _apply
