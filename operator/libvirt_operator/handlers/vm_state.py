@@ -17,7 +17,7 @@ from ..core.workqueue import QueueMetrics
 from ..reconcile import plan
 from ..reconcile.runtime import Runtime
 from ..reconcile.tenancy import namespace_labels_of
-from ..reconcile.vm import record_placement
+from ..reconcile.vm_placement import record_placement
 from ..reconcile.vm_types import ClusterView
 from .requeue import Requeue
 
@@ -122,7 +122,7 @@ class VmState:
                            if rt is not None else None)
 
     async def record_placement(self, rt: Runtime, body: Mapping[str, Any], placed: dict[str, Any]) -> str:
-        """reconcile.vm.record_placement, then the cache shows the object as written (status and
+        """reconcile.vm_placement.record_placement, then the cache shows the object as written (status and
         resourceVersion), so the next write's precondition is not stale because of our own write."""
         host, obj = await record_placement(rt, body, placed)
         self.remember(obj)
