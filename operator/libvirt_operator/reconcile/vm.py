@@ -15,28 +15,27 @@ from typing import Any
 import pydantic
 
 from ..adapters.libvirt import domains
-from ..adapters.libvirt.pools import pool_commitment
-from ..adapters.libvirt.volumes import volume_name as iso_volume_name
 from ..adapters.libvirt.domain_xml import DomainXMLError, build_domain_xml, definition_hash
 from ..core.api.common import FORCE_RELEASE_ANNOTATION
 from ..core.api.vm import StartFailure, VirtualMachineSpec
 from ..core.conditions import get_condition, now as utcnow, remove_condition, set_condition, summarize, timestamp
 from ..core.domain import (
-    ABSENT, DiskDefinition, DomainDefinition, DomainObservation, InterfaceDefinition, Owner, PowerState, StopCause,
-    domain_name, volume_name,
+    ABSENT, DomainDefinition, DomainObservation, InterfaceDefinition, Owner, PowerState, StopCause, domain_name,
 )
 from ..core.errors import AppError, ErrorCode
 from ..core.logs import get_logger
-from ..core.metrics import POOL_COMMITMENT_RATIO, VM_OPERATIONS
+from ..core.metrics import VM_OPERATIONS
 from ..core.quantity import parse_quantity
 from ..core.timestamps import parse_time as _time
-from . import actions, addresses, plan, vm_actions, vm_images, vm_seed
+from . import actions, addresses, plan, vm_actions, vm_seed
 from .host import host_connection
 from .failures import error_status, human_message
 from .runtime import Runtime
 from .vm_types import ClusterView, DeleteOutcome, Event, VmOutcome, _Stage
 from .vm_status import RESTART_REQUIRED, SCHEDULED, _failed, _refused, _transition_events
 from .vm_placement import find_own_domain
+from .vm_media import _eject, _resolve_media
+from .vm_volumes import _check_commitment, _ensure_volumes, _existing_volumes
 
 log = get_logger(__name__)
 
@@ -345,11 +344,6 @@ def _crashed(observed: DomainObservation) -> bool:
         observed.state is PowerState.SHUTOFF and observed.stop_cause is StopCause.FAILURE)
 
 
-def _eject(status: dict[str, Any], events: list[Event]) -> None:
-    status["mediaEjected"] = True
-    events.append(("Normal", "MediaEjected", "the first run ended: install media removed from the cdroms"))
-
-
 async def _act(action: plan.Action, conn: Any, uid: str) -> DomainObservation:
     if action is plan.Action.START:
         return await conn.call("start", lambda c: domains.start(c, uid))
@@ -371,137 +365,6 @@ def _name_conflict(dname: str, host: str, uuid: str, owner: Owner | None, view: 
                     f"a domain named {dname} with UUID {uuid} already exists on {host}, {whose}; it is left "
                     "untouched. Remove or rename it on the host (virsh undefine) and the VM will be created",
                     {"host": host, "domain": dname, "uuid": uuid})
-
-
-def _iso_volume(iso: Mapping[str, Any], namespace: str, ref: str, hv: plan.HostView) -> tuple[str, str] | None:
-    """(pool, volume) the importer gives this ISOImage on this host, derived from the ISOImage's own
-    identity (namespace, name, checksum) and the pool rule, never from the pool/volume in its status:
-    whoever can write that status cannot point a cdrom at another image's or tenant's volume."""
-    iso_spec = iso.get("spec") or {}
-    checksum = iso_spec.get("checksum") or (iso.get("status") or {}).get("verifiedChecksum")
-    if not checksum:
-        return None
-    try:
-        volume = iso_volume_name(namespace, ref, str(checksum))
-    except ValueError:
-        return None
-    return iso_spec.get("pool") or hv.default_pool, volume
-
-
-async def _resolve_media(spec: VirtualMachineSpec, namespace: str, host: str, hv: plan.HostView, conn: Any,
-                         view: ClusterView, stage: _Stage, ejected: bool = False) -> list[DiskDefinition]:
-    """Disk definitions; cdroms point at the ISOImage volume's path on this host (empty once ejected).
-    The volume's name is derived from the ISOImage and checked to exist on the host."""
-    disks: list[DiskDefinition] = []
-    for disk in spec.disks:
-        if disk.cdrom is None:
-            disks.append(DiskDefinition(disk.name, "disk", None, "qcow2", disk.boot_order))
-            continue
-        if ejected:
-            disks.append(DiskDefinition(disk.name, "cdrom", None, "raw", disk.boot_order))
-            continue
-        ref = disk.cdrom.iso_image_ref.name
-        iso = view.iso(namespace, ref)
-        entry = expected = None
-        if iso is not None:
-            # The import's progress as reported; what is attached is decided below, from the host.
-            entry = next((h for h in (iso.get("status") or {}).get("hosts") or []
-                          if h.get("host") == host and h.get("phase") == "Ready"), None)
-            expected = _iso_volume(iso, namespace, ref, hv)
-        if entry is None or expected is None:
-            stage.waiting_media = True
-            why = "does not exist" if iso is None else f"is not Ready on LibvirtHost {host}"
-            raise AppError(ErrorCode.ISO_NOT_FOUND, f"ISOImage {namespace}/{ref} for disk {disk.name} {why}",
-                           {"isoImage": ref, "host": host, "disk": disk.name})
-        pool, vol = expected
-        path = await conn.call("volume_path", lambda c, p=pool, v=vol: domains.volume_path(c, p, v))
-        if path is None:
-            stage.waiting_media = True
-            raise AppError(ErrorCode.ISO_NOT_FOUND,
-                           f"volume {vol} of ISOImage {namespace}/{ref} is missing from pool {pool} on {host}",
-                           {"isoImage": ref, "host": host, "pool": pool, "volume": vol})
-        disks.append(DiskDefinition(disk.name, "cdrom", path, "raw", disk.boot_order, pool, vol))
-    return disks
-
-
-async def _ensure_volumes(spec: VirtualMachineSpec, uid: str, hv: plan.HostView, conn: Any,
-                          disks: list[DiskDefinition], events: list[Event]
-                          ) -> tuple[list[dict[str, str]], list[DiskDefinition], set[str]]:
-    """Each volume disk gets the volume named with the VM's uid (created when missing), or the
-    earlier-scheme volume its own domain already uses. The returned list is the informational
-    status.volumes: nothing ever reads it back to decide what to attach or delete."""
-    requests = []
-    clones = vm_images.clone_requests(spec, uid, hv)  # disks from a base image (volume.source)
-    cloned = {c.disk for c in clones}
-    for disk in spec.disks:
-        if disk.volume is not None and disk.name not in cloned and disk.volume.size is not None:
-            requests.append(domains.VolumeRequest(disk.volume.pool or hv.default_pool, volume_name(uid, disk.name),
-                                                  parse_quantity(disk.volume.size), disk.name))
-    if not requests and not clones:
-        return [], disks, set()
-    results = await conn.call("ensure_volumes", lambda c: domains.ensure_volumes(c, uid, requests)) if requests else []
-    results = [*results, *await vm_images.ensure_clones(conn, uid, clones)]
-    by_disk = {r.disk: r for r in results}
-    out = []
-    for d in disks:
-        if d.device == "disk":
-            r = by_disk[d.name]
-            out.append(dataclasses.replace(d, path=r.path, pool=r.pool, volume=r.name))
-        else:
-            out.append(d)
-    created = [r.name for r in results if r.created]
-    if created:
-        VM_OPERATIONS.labels("create_volume").inc(len(created))
-        events.append(("Normal", "VolumesCreated", f"created volume(s) {', '.join(created)}"))
-    volumes = [{"disk": d.name, "pool": d.pool or "", "name": d.volume or ""} for d in out if d.device == "disk"]
-    return volumes, out, {r.pool for r in results if r.created}
-
-
-STORAGE_OVERCOMMITTED = "StorageOvercommitted"
-
-
-async def _check_commitment(host: str, pools: list[str], conn: Any, status: dict[str, Any], events: list[Event],
-                            generation: int) -> None:
-    """After creating thin volumes: do the pool's volumes now promise more than it holds? Reported on
-    the VM (condition StorageOvercommitted, a Warning Event) and as a per-pool metric; the VM keeps
-    running either way (a guest that fills its disk then fails its writes)."""
-    over = []
-    for pool in pools:
-        try:
-            committed, capacity = await conn.call("pool_commitment", lambda c, p=pool: pool_commitment(c, p))
-        except AppError as err:
-            log.info("pool commitment not measured", host=host, pool=pool, code=err.code.value)
-            continue
-        if capacity > 0:
-            POOL_COMMITMENT_RATIO.labels(host, pool).set(committed / capacity)
-        if committed > capacity:
-            over.append(f"pool {pool} on {host}: its volumes may grow to {committed / 2**30:.1f} GiB, it holds "
-                        f"{capacity / 2**30:.1f} GiB")
-    conditions = status.get("conditions") or []
-    if over:
-        message = "; ".join(over) + " (thin volumes overcommit it: guests fail writes when it fills up)"
-        if (get_condition(conditions, STORAGE_OVERCOMMITTED) or {}).get("status") != "True":
-            events.append(("Warning", "PoolOvercommitted", message))
-        status["conditions"] = set_condition(conditions, STORAGE_OVERCOMMITTED, True, "PoolOvercommitted", message,
-                                             generation)
-    else:
-        status["conditions"] = remove_condition(conditions, STORAGE_OVERCOMMITTED)
-
-
-async def _existing_volumes(spec: VirtualMachineSpec, uid: str, hv: plan.HostView, conn: Any) -> list[dict[str, str]]:
-    """The VM's uid-named volumes that exist on the host (informational status.volumes)."""
-    found = []
-    for disk in spec.disks:
-        if disk.volume is None:
-            continue
-        pool, name = disk.volume.pool or hv.default_pool, volume_name(uid, disk.name)
-        try:
-            path = await conn.call("volume_path", lambda c, p=pool, v=name: domains.volume_path(c, p, v))
-        except AppError:
-            continue
-        if path is not None:
-            found.append({"disk": disk.name, "pool": pool, "name": name})
-    return found
 
 
 # --------------------------------------------------------------------------------------------
