@@ -242,7 +242,8 @@ async def test_an_earlier_scheme_volume_two_domains_share_is_kept_until_the_last
     # upgrade each VM keeps using what its own domain uses; deleting one must not take the other's disk.
     import uuid as uuidlib
 
-    from libvirt_operator.reconcile.vm import delete_vm, sync_vm
+    from libvirt_operator.reconcile.vm import sync_vm
+    from libvirt_operator.reconcile.vm_delete import delete_vm
 
     rt, conn, view = direct
     a_uid, ab_uid = str(uuidlib.uuid4()), str(uuidlib.uuid4())
@@ -280,7 +281,8 @@ async def test_an_earlier_scheme_volume_two_domains_share_is_kept_until_the_last
 async def test_teardown_deletes_only_volumes_named_with_the_vm_uid(direct) -> None:
     import uuid as uuidlib
 
-    from libvirt_operator.reconcile.vm import delete_vm, sync_vm
+    from libvirt_operator.reconcile.vm import sync_vm
+    from libvirt_operator.reconcile.vm_delete import delete_vm
 
     rt, conn, view = direct
     uid, other = str(uuidlib.uuid4()), str(uuidlib.uuid4())

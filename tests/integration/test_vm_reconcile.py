@@ -15,7 +15,8 @@ from libvirt_operator.adapters.libvirt.volumes import volume_name as iso_volume_
 from libvirt_operator.core.errors import ErrorCode
 from libvirt_operator.core.settings import Settings
 from libvirt_operator.reconcile.runtime import Runtime
-from libvirt_operator.reconcile.vm import delete_vm, sync_vm
+from libvirt_operator.reconcile.vm import sync_vm
+from libvirt_operator.reconcile.vm_delete import delete_vm
 from libvirt_operator.reconcile.vm_types import ClusterView
 
 try:

@@ -12,7 +12,7 @@ from ..core.errors import AppError, ErrorCode
 from ..core.logs import get_logger
 from ..reconcile.runtime import Runtime
 from ..reconcile.status import merge_patch
-from ..reconcile.vm import delete_vm
+from ..reconcile.vm_delete import delete_vm
 from .teardown import TEARDOWN_FINALIZER, held_for_teardown
 from .vm_state import BUSY_RETRY_SECONDS, PLURAL, VmState, _load_hosts, _vm_log
 

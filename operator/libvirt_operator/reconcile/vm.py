@@ -6,7 +6,6 @@ The operator never writes spec: every result is a status (and Events)."""
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import datetime as dt
 from collections.abc import Awaitable, Callable, Mapping
@@ -16,11 +15,10 @@ import pydantic
 
 from ..adapters.libvirt import domains
 from ..adapters.libvirt.domain_xml import DomainXMLError, build_domain_xml, definition_hash
-from ..core.api.common import FORCE_RELEASE_ANNOTATION
-from ..core.api.vm import StartFailure, VirtualMachineSpec
+from ..core.api.vm import VirtualMachineSpec
 from ..core.conditions import get_condition, now as utcnow, remove_condition, set_condition, summarize, timestamp
 from ..core.domain import (
-    ABSENT, DomainDefinition, DomainObservation, InterfaceDefinition, Owner, PowerState, StopCause, domain_name,
+    ABSENT, DomainDefinition, DomainObservation, InterfaceDefinition, Owner, PowerState, domain_name,
 )
 from ..core.errors import AppError, ErrorCode
 from ..core.logs import get_logger
@@ -31,40 +29,14 @@ from . import actions, addresses, plan, vm_actions, vm_seed
 from .host import host_connection
 from .failures import error_status, human_message
 from .runtime import Runtime
-from .vm_types import ClusterView, DeleteOutcome, Event, VmOutcome, _Stage
+from .vm_types import ClusterView, Event, VmOutcome, _Stage
 from .vm_status import RESTART_REQUIRED, SCHEDULED, _failed, _refused, _transition_events
 from .vm_placement import find_own_domain
 from .vm_media import _eject, _resolve_media
 from .vm_volumes import _check_commitment, _ensure_volumes, _existing_volumes
+from .vm_power import _NOT_GUEST_FAULT, _OPERATION, _act, _crashed, _power_status, _put_power_status
 
 log = get_logger(__name__)
-
-_NOT_GUEST_FAULT = {ErrorCode.HOST_UNREACHABLE, ErrorCode.HOST_AUTH_FAILED, ErrorCode.LIBVIRT_TIMEOUT,
-                    ErrorCode.HOST_NOT_FOUND}
-_OPERATION = {plan.Action.START: "start", plan.Action.SHUTDOWN: "stop", plan.Action.DESTROY: "stop"}
-
-
-def _power_status(status: Mapping[str, Any]) -> plan.PowerStatus:
-    failure = status.get("startFailure")
-    return plan.PowerStatus(
-        first_boot_time=_time(status.get("firstBootTime")),
-        last_start_time=_time(status.get("lastStartTime")),
-        stop_requested_time=_time(status.get("stopRequestedTime")),
-        start_failure=StartFailure.model_validate(failure) if failure else None,
-    )
-
-
-def _put_power_status(status: dict[str, Any], power: plan.PowerStatus) -> None:
-    for key, value in (("firstBootTime", power.first_boot_time), ("lastStartTime", power.last_start_time),
-                       ("stopRequestedTime", power.stop_requested_time)):
-        if value is None:
-            status.pop(key, None)
-        else:
-            status[key] = timestamp(value)
-    if power.start_failure is None:
-        status.pop("startFailure", None)
-    else:
-        status["startFailure"] = power.start_failure.to_wire()
 
 
 async def sync_vm(body: Mapping[str, Any], rt: Runtime, view: ClusterView, *,
@@ -337,21 +309,6 @@ def _pending_writer(rt: Runtime, namespace: str, name: str) -> Callable[[dict[st
     return write
 
 
-def _crashed(observed: DomainObservation) -> bool:
-    """libvirt says the domain died, not that it was shut down or powered off: state crashed, or shut
-    off with reason crashed/failed (QEMU killed, crashed, or failed to start)."""
-    return observed.state is PowerState.CRASHED or (
-        observed.state is PowerState.SHUTOFF and observed.stop_cause is StopCause.FAILURE)
-
-
-async def _act(action: plan.Action, conn: Any, uid: str) -> DomainObservation:
-    if action is plan.Action.START:
-        return await conn.call("start", lambda c: domains.start(c, uid))
-    if action is plan.Action.SHUTDOWN:
-        return await conn.call("shutdown", lambda c: domains.shutdown(c, uid))
-    return await conn.call("destroy", lambda c: domains.destroy(c, uid))
-
-
 def _name_conflict(dname: str, host: str, uuid: str, owner: Owner | None, view: ClusterView) -> AppError:
     """A domain with our name but another UUID: never adopted, redefined or deleted; say whose it is."""
     if owner is None:
@@ -365,137 +322,3 @@ def _name_conflict(dname: str, host: str, uuid: str, owner: Owner | None, view: 
                     f"a domain named {dname} with UUID {uuid} already exists on {host}, {whose}; it is left "
                     "untouched. Remove or rename it on the host (virsh undefine) and the VM will be created",
                     {"host": host, "domain": dname, "uuid": uuid})
-
-
-# --------------------------------------------------------------------------------------------
-# Deletion
-# --------------------------------------------------------------------------------------------
-
-async def delete_vm(body: Mapping[str, Any], rt: Runtime, view: ClusterView) -> DeleteOutcome:
-    """Destroy, undefine (NVRAM too) and delete the VM's volumes: those named with its uid and those
-    its own domain (UUID = uid) uses under the earlier naming scheme; decided on the host, never from
-    status.volumes or status.domainName (whoever can patch status must not choose what is deleted).
-    A host that is gone or unreachable blocks release with a condition until it returns, or until the
-    VM carries the annotation virt.libvirt-operator.io/force-release: "true" (then the finalizer is
-    released and whatever is left on the host is abandoned)."""
-    meta = body.get("metadata") or {}
-    uid = meta.get("uid", "")
-    generation = int(meta.get("generation") or 0)
-    status = dict(body.get("status") or {})
-    force = (meta.get("annotations") or {}).get(FORCE_RELEASE_ANNOTATION) == "true"
-    host = status.get("host")
-    if not host:
-        return await _delete_unplaced(body, rt, view, status, generation, force)
-    host_obj = view.hosts.get(host)
-    default_pool = plan.HostView.from_object(host_obj).default_pool if host_obj else "default"
-    # Where to look for volumes named with the VM's uid (the adapter adds its domain's disks' pools).
-    # Pools from status only widen the search: a name without this uid is never deleted.
-    pools = {default_pool}
-    pools.update(str(v["pool"]) for v in status.get("volumes") or [] if isinstance(v, dict) and v.get("pool"))
-    try:
-        spec = VirtualMachineSpec.model_validate(body.get("spec") or {})
-        pools.update(disk.volume.pool or default_pool for disk in spec.disks if disk.volume is not None)
-    except pydantic.ValidationError:
-        pass
-    try:
-        conn = await host_connection(rt, host, host_obj)
-        if conn is None:
-            raise AppError(ErrorCode.HOST_NOT_FOUND,
-                           f"LibvirtHost {host} is gone: the domain and its volumes cannot be removed; set the "
-                           f'annotation {FORCE_RELEASE_ANNOTATION}: "true" to release the VM anyway',
-                           {"host": host})
-        if not uid:
-            raise AppError(ErrorCode.INVALID_SPEC, "the VirtualMachine has no uid", {"host": host})
-        deleted = await conn.call("teardown", lambda c: domains.teardown(c, uid, sorted(pools)))
-    except AppError as err:
-        if force:
-            return DeleteOutcome(True, None, [("Warning", "ForceReleased",
-                                               f"released without cleaning up host {host}: {err.message}")], None)
-        return await _deletion_blocked(err, status, generation, rt, [])
-    VM_OPERATIONS.labels("delete").inc()
-    return DeleteOutcome(True, None, [("Normal", "Deleted",
-                                       f"domain removed from {host}; volumes deleted: {', '.join(deleted) or 'none'}")])
-
-
-def _teardown_pools(body: Mapping[str, Any], default_pool: str) -> list[str]:
-    pools = {default_pool}
-    try:
-        spec = VirtualMachineSpec.model_validate(body.get("spec") or {})
-        pools.update(disk.volume.pool or default_pool for disk in spec.disks if disk.volume is not None)
-    except pydantic.ValidationError:
-        pass
-    return sorted(pools)
-
-
-async def _delete_unplaced(body: Mapping[str, Any], rt: Runtime, view: ClusterView, status: dict[str, Any],
-                           generation: int, force: bool) -> DeleteOutcome:
-    """A VM whose status names no host may still have a domain and volumes somewhere (placed by an
-    older release that recorded the host after define, or a status wiped since): tear down by UUID
-    and uid on every known host that can be asked. A Ready host the VM could be on (hostRef /
-    hostSelector) that fails the teardown blocks the release, as for a placed VM; hosts that are not
-    Ready are not searched (an unschedulable VM must stay deletable while its hosts are down), and
-    a Warning Event names the ones the VM could be on."""
-    meta = body.get("metadata") or {}
-    uid = meta.get("uid", "")
-    if not uid or not view.hosts:
-        return DeleteOutcome(True, None, [])
-    try:
-        spec: VirtualMachineSpec | None = VirtualMachineSpec.model_validate(body.get("spec") or {})
-    except pydantic.ValidationError:
-        spec = None
-
-    async def clean(name: str, host_obj: Mapping[str, Any]) -> tuple[str, bool, list[str] | None, AppError | None]:
-        hv = plan.HostView.from_object(host_obj)
-        could_be_there = spec is None or plan.matches_selector(hv, spec)
-        conn = rt.pool.get(name)
-        if conn is None and not hv.ready:
-            return name, could_be_there, None, None
-        pools = _teardown_pools(body, hv.default_pool)
-        try:
-            if conn is None:
-                conn = await host_connection(rt, name, host_obj)
-            return name, could_be_there, await conn.call("teardown", lambda c: domains.teardown(c, uid, pools)), None
-        except AppError as err:
-            if not (could_be_there and hv.ready):
-                log.info("host not searched for an unplaced VM's leftovers", host=name, uid=uid,
-                         code=err.code.value)
-                return name, could_be_there, None, None
-            return name, True, None, err
-
-    results = await asyncio.gather(*(clean(n, h) for n, h in sorted(view.hosts.items())))
-    blocked = [(n, e) for n, _, _, e in results if e is not None]
-    cleaned = {n: d for n, _, d, _ in results if d}
-    unsearched = sorted(n for n, could, d, e in results if could and d is None and e is None)
-    events: list[Event] = []
-    if cleaned:
-        VM_OPERATIONS.labels("delete").inc()
-        events.append(("Normal", "Deleted", "; ".join(f"removed from {n}: volumes {', '.join(d)}"
-                                                      for n, d in sorted(cleaned.items()))))
-    if not blocked:
-        if unsearched:
-            events.append(("Warning", "NotSearched",
-                           f"the VM was never recorded on a host; LibvirtHost(s) it could be on were not Ready and "
-                           f"not searched for a domain or volumes of UUID {uid}: {', '.join(unsearched[:10])}"))
-        return DeleteOutcome(True, None, events)
-    name, err = blocked[0]
-    if force:
-        return DeleteOutcome(True, None, events + [("Warning", "ForceReleased",
-                                                    f"released without searching host {name}: {err.message}")])
-    err = AppError(err.code, f"the VM was never recorded on a host, so every host it could be on is searched "
-                             f"for its domain and volumes; {err.message}. Set the annotation "
-                             f'{FORCE_RELEASE_ANNOTATION}: "true" to release it anyway', err.context)
-    return await _deletion_blocked(err, status, generation, rt, events)
-
-
-async def _deletion_blocked(err: AppError, status: dict[str, Any], generation: int, rt: Runtime,
-                            events: list[Event]) -> DeleteOutcome:
-    """The VM stays (Terminating, DeletionBlocked) until the requeue loop's next attempt succeeds."""
-    err_status = await error_status(err, status.get("error"), "VirtualMachine", rt.remediator)
-    message = human_message(err, err_status)
-    conditions = summarize(status.get("conditions") or [], ready=False, reason=err.reason, message=message,
-                           generation=generation, reconciling=True, stalled=err.code is ErrorCode.HOST_NOT_FOUND)
-    conditions = set_condition(conditions, "DeletionBlocked", True, err.reason, message, generation)
-    new = {**status, "conditions": conditions, "error": err_status, "printableStatus": "Terminating"}
-    if (status.get("error") or {}).get("code") != err.code.value:
-        events = events + [("Warning", "DeletionBlocked", message)]
-    return DeleteOutcome(False, new, events, err)
