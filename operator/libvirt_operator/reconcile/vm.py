@@ -1,6 +1,7 @@
 """VirtualMachine orchestration: place, provision volumes, define the domain, drive its power state
-per the plan, and tear everything down on deletion. Decisions live in reconcile.plan; this module
-only gathers inputs, calls libvirt through the pool and turns the result into status + events.
+per the plan (deletion: reconcile.vm_delete). Decisions live in reconcile.plan; this module only
+gathers inputs, calls libvirt through the pool and turns the result into status + events. Its
+steps live beside it: vm_placement, vm_media, vm_volumes, vm_seed, vm_actions, vm_power, vm_status.
 
 The operator never writes spec: every result is a status (and Events)."""
 
@@ -30,7 +31,7 @@ from .host import host_connection
 from .failures import error_status, human_message
 from .runtime import Runtime
 from .vm_types import ClusterView, Event, VmOutcome, _Stage
-from .vm_status import RESTART_REQUIRED, SCHEDULED, _failed, _refused, _transition_events
+from .vm_status import RESTART_REQUIRED, SCHEDULED, _failed, _name_conflict, _refused, _transition_events
 from .vm_placement import find_own_domain
 from .vm_media import _eject, _resolve_media
 from .vm_volumes import _check_commitment, _ensure_volumes, _existing_volumes
@@ -307,18 +308,3 @@ def _pending_writer(rt: Runtime, namespace: str, name: str) -> Callable[[dict[st
     async def write(patch: dict[str, Any]) -> None:
         await rt.kube.patch_status("virtualmachines", namespace, name, patch)
     return write
-
-
-def _name_conflict(dname: str, host: str, uuid: str, owner: Owner | None, view: ClusterView) -> AppError:
-    """A domain with our name but another UUID: never adopted, redefined or deleted; say whose it is."""
-    if owner is None:
-        whose = "not managed by this operator"
-    else:
-        live = any((vm.get("metadata") or {}).get("uid") == owner.uid for vm in view.vms())
-        whose = (f"it belongs to VirtualMachine {owner.namespace}/{owner.name} (uid {owner.uid})"
-                 + ("" if live else ", which this operator does not see (deleted, or in a namespace it does "
-                    "not watch)"))
-    return AppError(ErrorCode.LIBVIRT_ERROR,
-                    f"a domain named {dname} with UUID {uuid} already exists on {host}, {whose}; it is left "
-                    "untouched. Remove or rename it on the host (virsh undefine) and the VM will be created",
-                    {"host": host, "domain": dname, "uuid": uuid})

@@ -1,6 +1,7 @@
 """A VM's status where the reconcile cannot go on: a failed or waiting reconcile (error, conditions,
 printable status, the Event that says why), a host that refuses the VM (tenancy), a host that
-cannot be asked; and the Events a change of printable status deserves."""
+cannot be asked, a domain name another domain holds; and the Events a change of printable status
+deserves."""
 
 from __future__ import annotations
 
@@ -9,13 +10,13 @@ from typing import Any
 
 from ..core.api.vm import StartFailure
 from ..core.conditions import get_condition, now as utcnow, set_condition, summarize
-from ..core.domain import DomainObservation, PowerState
+from ..core.domain import DomainObservation, Owner, PowerState
 from ..core.errors import AppError, ErrorCode
 from ..core.timestamps import parse_time as _time
 from . import plan
 from .failures import error_status, human_message
 from .runtime import Runtime
-from .vm_types import Event, VmOutcome, _Stage
+from .vm_types import ClusterView, Event, VmOutcome, _Stage
 
 SCHEDULED, RESTART_REQUIRED = "Scheduled", "RestartRequired"
 SCHEDULING_CODES = {ErrorCode.NO_SCHEDULABLE_HOST, ErrorCode.INSUFFICIENT_RESOURCES}
@@ -113,3 +114,18 @@ def host_lost_status(body: Mapping[str, Any], err: AppError, error_state: dict[s
     status["printableStatus"] = "Unknown"
     status["error"] = error_state
     return status
+
+
+def _name_conflict(dname: str, host: str, uuid: str, owner: Owner | None, view: ClusterView) -> AppError:
+    """A domain with our name but another UUID: never adopted, redefined or deleted; say whose it is."""
+    if owner is None:
+        whose = "not managed by this operator"
+    else:
+        live = any((vm.get("metadata") or {}).get("uid") == owner.uid for vm in view.vms())
+        whose = (f"it belongs to VirtualMachine {owner.namespace}/{owner.name} (uid {owner.uid})"
+                 + ("" if live else ", which this operator does not see (deleted, or in a namespace it does "
+                    "not watch)"))
+    return AppError(ErrorCode.LIBVIRT_ERROR,
+                    f"a domain named {dname} with UUID {uuid} already exists on {host}, {whose}; it is left "
+                    "untouched. Remove or rename it on the host (virsh undefine) and the VM will be created",
+                    {"host": host, "domain": dname, "uuid": uuid})
