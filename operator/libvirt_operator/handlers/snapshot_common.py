@@ -49,7 +49,7 @@ async def _error(rt: Runtime, err: AppError, previous: Mapping[str, Any] | None,
 
 @contextlib.asynccontextmanager
 async def _holding_vm(rt: Runtime, vm_uid: str) -> AsyncIterator[None]:
-    """The VM's own lock (handlers.vm): its reconcile and host rounds keep off the domain meanwhile."""
+    """The VM's own lock (handlers.vm_state): its reconcile and host rounds keep off the domain meanwhile."""
     async with vm_state(rt).lock(vm_uid):
         yield
 

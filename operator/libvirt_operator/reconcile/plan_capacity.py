@@ -74,7 +74,7 @@ def placement_reservation(spec: VirtualMachineSpec, host: str, uid: str) -> Rese
 
 def reservations(vms: Iterable[Mapping[str, Any]], exclude_uid: str | None = None) -> list[Reservation]:
     """Reservations from VirtualMachine objects (see `reservation_of`). O(all VMs): the operator
-    keeps them indexed by host instead (handlers.vm); this is the stateless fallback."""
+    keeps them indexed by host instead (handlers.vm_state); this is the stateless fallback."""
     result = []
     for vm in vms:
         if (vm.get("metadata") or {}).get("uid") == exclude_uid:
