@@ -2,17 +2,17 @@
 
 * create/update/resume → the full reconcile (placement, media, volumes, definition, power);
   delete → teardown behind the finalizer (kopf adds it: settings.persistence.finalizer).
-* In-memory views of LibvirtHosts, VirtualMachines and ISOImages (watch-fed, `@kopf.on.event`),
-  used for placement and by the background loops below.
+* In-memory views of LibvirtHosts, VirtualMachines and ISOImages (watch-fed, `@kopf.on.event`,
+  below; kept in handlers.vm_state), used for placement and by the background loops.
 * One daemon per LibvirtHost (handlers.vm_hosts): lifecycle events mark VMs dirty; a round
   refreshes them from ONE bulk libvirt call, a periodic full sweep refreshes all of the host's VMs.
-* Placement reads reservations from a per-host index kept here; a placement decision is recorded
-  at once (before define/start), so concurrent placements never share the same free capacity.
+* Placement reads reservations from a per-host index (handlers.vm_state); a placement decision is
+  recorded at once (before define/start), so concurrent placements never share the same free capacity.
 * Waiting costs no kopf worker: a VM waiting on something (no host, host not ready, ISO not imported,
   not schedulable, namespace refused, any retryable error) gets its status and the handler returns.
-  ONE requeue loop (handlers.requeue: a heap, per-VM exponential backoff, bounded concurrency)
-  re-runs the same sync path for the VMs that are due, and watch events (hosts, ISOImages,
-  namespaces) make the parked ones due at once.
+  ONE requeue loop (handlers.requeue: a heap, per-VM exponential backoff, bounded concurrency;
+  started here, run by handlers.vm_retry) re-runs the same sync path for the VMs that are due,
+  and watch events (hosts, ISOImages, namespaces) make the parked ones due at once.
 """
 
 from __future__ import annotations
