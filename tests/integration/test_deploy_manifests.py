@@ -36,15 +36,15 @@ FIELD_MANAGER = "test-deploy-manifests"
 
 # Everything the operator does on the API, derived from the code. (verb, group, resource, subresource)
 REQUIRED: list[tuple[str, str, str, str]] = [
-    # kopf watches each kind it has handlers for (handlers/host.py, vm.py, iso.py, snapshot.py): list, then watch.
-    # KubeClient.list_objects (adapters/kube/client.py) lists libvirthosts (reconcile/iso.py,
-    # handlers/vm.py _load_hosts) and virtualmachines (reconcile/iso.py: is the ISO in use?).
+    # kopf watches each kind it has handlers for (handlers/host.py, vm.py, iso.py, snapshot.py, restore.py): list,
+    # then watch. KubeClient.list_objects (adapters/kube/client.py) lists libvirthosts (reconcile/iso_targets.py,
+    # handlers/vm_state.py _load_hosts) and virtualmachines (reconcile/iso_delete.py: is the ISO in use?).
     *[(verb, GROUP, kind, "") for kind in KINDS for verb in ("list", "watch")],
     # kopf PATCHes the main resource for its finalizer (settings.persistence.finalizer,
     # handlers/startup.py) and its progress + diff-base annotations (kopf/_cogs/clients/patching.py).
     *[("patch", GROUP, kind, "") for kind in KINDS],
     # Status: kopf's patch.status (handlers/host.py probe_host) and KubeClient.patch_status
-    # (handlers/vm.py _apply, handlers/iso.py, reconcile/iso.py): merge patches on /status.
+    # (handlers/vm_apply.py _apply, handlers/iso.py, reconcile/iso_status.py): merge patches on /status.
     *[("patch", GROUP, kind, "status") for kind in KINDS],
     # KubeClient.read_secret: host credentials (reconcile/host.py) and download credentials
     # (reconcile/iso.py), by name, in any namespace (LibvirtHost is cluster-scoped).

@@ -94,7 +94,8 @@ def test_orphan_write_is_a_read_merge_write_that_retries_on_a_real_conflict(kube
     import asyncio
 
     from libvirt_operator.adapters.kube import ConflictError, KubeClient
-    from libvirt_operator.handlers.vm import VmState, _write_orphans
+    from libvirt_operator.handlers.vm_orphans import _write_orphans
+    from libvirt_operator.handlers.vm_state import VmState
     from libvirt_operator.reconcile.tenancy import watched
 
     host = f"rmw-{uuid.uuid4().hex[:6]}"

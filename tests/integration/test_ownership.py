@@ -190,7 +190,7 @@ def test_status_written_by_someone_else_never_chooses_what_is_attached_or_delete
     forged = [{"disk": "root", "pool": "default", "name": victim_disk},
               {"disk": "cd", "pool": "default", "name": victim_iso}]
     patch_status(kube, VM, evil_ns, "wiper", {"volumes": forged, "domainName": victim_dname})
-    from libvirt_operator.handlers.vm import state_of
+    from libvirt_operator.handlers.vm_state import state_of
     vm_state = state_of(operator.runtime)
     kube.wait_for(lambda: (vm_state.vms.get(wiper_uid) or {}).get("status", {}).get("volumes") == forged,
                   timeout=10, what="the operator sees the forged status")
@@ -218,7 +218,7 @@ async def direct(test_host_factory):
     from libvirt_operator.adapters.libvirt import ConnectOptions, HostPool
     from libvirt_operator.core.settings import Settings
     from libvirt_operator.reconcile.runtime import Runtime
-    from libvirt_operator.reconcile.vm import ClusterView
+    from libvirt_operator.reconcile.vm_types import ClusterView
 
     uri = test_host_factory("direct", cpus=8, memory_mib=8192)
     pool = HostPool()
@@ -242,7 +242,8 @@ async def test_an_earlier_scheme_volume_two_domains_share_is_kept_until_the_last
     # upgrade each VM keeps using what its own domain uses; deleting one must not take the other's disk.
     import uuid as uuidlib
 
-    from libvirt_operator.reconcile.vm import delete_vm, sync_vm
+    from libvirt_operator.reconcile.vm import sync_vm
+    from libvirt_operator.reconcile.vm_delete import delete_vm
 
     rt, conn, view = direct
     a_uid, ab_uid = str(uuidlib.uuid4()), str(uuidlib.uuid4())
@@ -280,7 +281,8 @@ async def test_an_earlier_scheme_volume_two_domains_share_is_kept_until_the_last
 async def test_teardown_deletes_only_volumes_named_with_the_vm_uid(direct) -> None:
     import uuid as uuidlib
 
-    from libvirt_operator.reconcile.vm import delete_vm, sync_vm
+    from libvirt_operator.reconcile.vm import sync_vm
+    from libvirt_operator.reconcile.vm_delete import delete_vm
 
     rt, conn, view = direct
     uid, other = str(uuidlib.uuid4()), str(uuidlib.uuid4())

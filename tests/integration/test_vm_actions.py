@@ -292,8 +292,9 @@ def test_a_request_arriving_while_another_reconcile_holds_the_vm_is_not_lost(kub
     it to that reconcile, which then ended with "healthy, nothing to requeue" and dropped it. Here
     the test is that other reconcile: it takes the lock, lets the request arrive, and applies a
     healthy outcome computed from the older object (white box: the operator's own `_apply`)."""
-    from libvirt_operator.handlers.vm import _apply, state_of
-    from libvirt_operator.reconcile.vm import VmOutcome
+    from libvirt_operator.handlers.vm_apply import _apply
+    from libvirt_operator.handlers.vm_state import state_of
+    from libvirt_operator.reconcile.vm_types import VmOutcome
 
     uid = make_vm(kube, namespace, "raced", host, "Manual")
     wait_printable(kube, namespace, "raced", "Running")

@@ -402,7 +402,7 @@ def test_an_event_refreshes_only_its_vm_and_subscribing_happens_once(kube, opera
                                                                        monkeypatch) -> None:
     from prometheus_client import REGISTRY
 
-    from libvirt_operator.handlers import vm as handlers_vm
+    from libvirt_operator.handlers import vm_hosts
 
     def subscribes() -> float:
         return REGISTRY.get_sample_value("libvirt_operator_libvirt_calls_total",
@@ -413,14 +413,14 @@ def test_an_event_refreshes_only_its_vm_and_subscribing_happens_once(kube, opera
         wait_printable(kube, namespace, f"ev{i}", "Running")
     time.sleep(0.5)
     refreshes: Counter[str] = Counter()
-    real = handlers_vm.sync_vm
+    real = vm_hosts.sync_vm
 
     async def counting(body, rt, view, **kw):
         if kw.get("observed") is not None:  # a host round's refresh, not a spec-driven reconcile
             refreshes[body["metadata"]["uid"]] += 1
         return await real(body, rt, view, **kw)
 
-    monkeypatch.setattr(handlers_vm, "sync_vm", counting)
+    monkeypatch.setattr(vm_hosts, "sync_vm", counting)
     before = subscribes()
     t0 = time.monotonic()
     for _ in range(3):
@@ -428,7 +428,7 @@ def test_an_event_refreshes_only_its_vm_and_subscribing_happens_once(kube, opera
         wait_printable(kube, namespace, "ev1", "Paused", timeout=5)
         domain_action(operator, host, uids[1], "resume")
         wait_printable(kube, namespace, "ev1", "Running", timeout=5)
-    sweeps = 1 + int((time.monotonic() - t0) // handlers_vm.RESYNC_SECONDS)  # the periodic full sweep
+    sweeps = 1 + int((time.monotonic() - t0) // vm_hosts.RESYNC_SECONDS)  # the periodic full sweep
     assert refreshes[uids[1]] >= 6
     others = {u: refreshes[u] for u in uids if u != uids[1]}
     assert all(n <= sweeps for n in others.values()), (others, sweeps)  # was one per event round

@@ -15,7 +15,9 @@ from libvirt_operator.adapters.libvirt.volumes import volume_name as iso_volume_
 from libvirt_operator.core.errors import ErrorCode
 from libvirt_operator.core.settings import Settings
 from libvirt_operator.reconcile.runtime import Runtime
-from libvirt_operator.reconcile.vm import ClusterView, delete_vm, sync_vm
+from libvirt_operator.reconcile.vm import sync_vm
+from libvirt_operator.reconcile.vm_delete import delete_vm
+from libvirt_operator.reconcile.vm_types import ClusterView
 
 try:
     import libvirt
@@ -191,7 +193,7 @@ async def test_concurrent_placements_see_each_other_before_any_status_lands(test
     placement counts the ones decided before it, although no status has been written yet."""
     from collections import Counter
 
-    from libvirt_operator.handlers.vm import VmState
+    from libvirt_operator.handlers.vm_state import VmState
 
     pool = HostPool()
     st = VmState()

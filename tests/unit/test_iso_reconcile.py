@@ -7,7 +7,8 @@ import datetime as dt
 from typing import Any
 
 from libvirt_operator.core.conditions import timestamp
-from libvirt_operator.reconcile.iso import IsoOutcome, StatusWriter, due, progress_value
+from libvirt_operator.reconcile.iso import IsoOutcome
+from libvirt_operator.reconcile.iso_status import StatusWriter, due, progress_value
 
 
 class FakeKube:
@@ -27,7 +28,7 @@ async def test_progress_is_patched_at_most_once_per_second(monkeypatch) -> None:
     rt = FakeRuntime()
     writer = StatusWriter(rt, "ns", "img", {})  # type: ignore[arg-type]
     clock = [1000.0]
-    monkeypatch.setattr("libvirt_operator.reconcile.iso.time.monotonic", lambda: clock[0])
+    monkeypatch.setattr("libvirt_operator.reconcile.iso_status.time.monotonic", lambda: clock[0])
     for i in range(1, 101):  # 100 chunks in 0.99 s
         await writer.progress(i * 10, 1000)
         clock[0] += 0.01
@@ -72,7 +73,7 @@ async def test_retries_back_off_and_stall_after_the_limit() -> None:
     from libvirt_operator.core.conditions import get_condition
     from libvirt_operator.core.errors import AppError, ErrorCode
     from libvirt_operator.core.settings import Settings
-    from libvirt_operator.reconcile.iso import _failed_status
+    from libvirt_operator.reconcile.iso_status import _failed_status
 
     rt = FakeRuntime()
     rt.settings = Settings(knowledge_base_enabled=False, iso_retry_limit=3)  # type: ignore[attr-defined]
@@ -119,7 +120,7 @@ class ListingKube(FakeKube):
 
 async def _targets(spec: dict, hosts: list[dict]):
     from libvirt_operator.core.api.iso import ISOImageSpec
-    from libvirt_operator.reconcile.iso import resolve_targets
+    from libvirt_operator.reconcile.iso_targets import resolve_targets
 
     rt = FakeRuntime()
     rt.kube = ListingKube(hosts)  # type: ignore[assignment]

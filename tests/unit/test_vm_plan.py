@@ -9,7 +9,7 @@ import pytest
 
 from libvirt_operator.core.api.vm import StartFailure, VirtualMachineSpec
 from libvirt_operator.core.domain import ABSENT, DomainObservation, PowerState, StopCause
-from libvirt_operator.core.errors import ErrorCode
+from libvirt_operator.core.errors import AppError, ErrorCode
 from libvirt_operator.reconcile import plan
 from libvirt_operator.reconcile.plan import Action, HostView, PowerStatus, Reservation
 
@@ -254,7 +254,7 @@ def test_domain_type(requested, types, previous, expected):
 
 
 def test_kvm_on_a_host_without_kvm_is_permanent():
-    with pytest.raises(plan.AppError) as err:
+    with pytest.raises(AppError) as err:
         plan.domain_type_for("kvm", ("qemu",))
     assert err.value.code is ErrorCode.HYPERVISOR_UNSUPPORTED and not err.value.retryable
 

@@ -1,4 +1,4 @@
-"""The VM controller's host rounds (handlers.vm.resync_host) and its placement index (VmState),
+"""The VM controller's host rounds (handlers.vm_hosts.resync_host) and its placement index (VmState),
 with a fake libvirt connection: an event refreshes only the VM it names, from one bulk call; the
 periodic full sweep still refreshes everything; placement decisions count before status lands."""
 
@@ -13,10 +13,11 @@ import pytest
 from libvirt_operator.core.api.vm import VirtualMachineSpec
 from libvirt_operator.core.domain import DomainObservation, PowerState
 from libvirt_operator.core.settings import Settings
-from libvirt_operator.handlers import vm as hvm
-from libvirt_operator.reconcile import plan
+from libvirt_operator.handlers import vm_hosts
+from libvirt_operator.handlers.vm_state import BUSY_RETRY_SECONDS, VmState
+from libvirt_operator.reconcile import actions, plan
 from libvirt_operator.reconcile.runtime import Runtime
-from libvirt_operator.reconcile.vm import VmOutcome
+from libvirt_operator.reconcile.vm_types import VmOutcome
 
 MiB = 2**20
 
@@ -44,7 +45,7 @@ def vm_obj(uid: str, host: str | None = "h", printable: str = "Running", **statu
 
 @pytest.fixture
 def world(monkeypatch):
-    st = hvm.VmState()
+    st = VmState()
     for uid, host in (("a", "h"), ("b", "h"), ("c", "h"), ("x", "other")):
         st.vms[uid] = vm_obj(uid, host)
         st.index(uid)
@@ -55,65 +56,65 @@ def world(monkeypatch):
         refreshed.append(body["metadata"]["uid"])
         return VmOutcome(dict(body["status"]), [], None, None)
 
-    monkeypatch.setattr(hvm, "sync_vm", fake_sync)
+    monkeypatch.setattr(vm_hosts, "sync_vm", fake_sync)
     rt = Runtime(settings=Settings(knowledge_base_enabled=False), pool=None, kube=None)  # type: ignore[arg-type]
     return rt, st, FakeConn(["a", "b", "c"]), refreshed
 
 
 async def test_event_round_refreshes_only_the_vms_it_names_from_one_bulk_call(world) -> None:
     rt, st, conn, refreshed = world
-    await hvm.resync_host(rt, st, "h", conn)  # the first round is a full sweep
+    await vm_hosts.resync_host(rt, st, "h", conn)  # the first round is a full sweep
     assert sorted(refreshed) == ["a", "b", "c"] and conn.calls == {"list_domains": 1}
 
     refreshed.clear()
-    wait = await hvm.resync_host(rt, st, "h", conn)  # woken with nothing dirty: asks libvirt nothing
+    wait = await vm_hosts.resync_host(rt, st, "h", conn)  # woken with nothing dirty: asks libvirt nothing
     assert refreshed == [] and conn.calls == {"list_domains": 1}
-    assert hvm.RESYNC_SECONDS - 1 < wait <= hvm.RESYNC_SECONDS
+    assert vm_hosts.RESYNC_SECONDS - 1 < wait <= vm_hosts.RESYNC_SECONDS
 
     st.dirty["h"] = {"b", "a-domain-no-vm-accounts-for"}
-    await hvm.resync_host(rt, st, "h", conn)
+    await vm_hosts.resync_host(rt, st, "h", conn)
     assert refreshed == ["b"] and conn.calls == {"list_domains": 2}
     assert not st.dirty.get("h")
 
 
 async def test_due_requeues_and_the_periodic_full_sweep(world) -> None:
     rt, st, conn, refreshed = world
-    await hvm.resync_host(rt, st, "h", conn)
+    await vm_hosts.resync_host(rt, st, "h", conn)
     refreshed.clear()
     st.requeue["c"] = time.monotonic() - 0.1
     st.requeue["a"] = time.monotonic() + 3
-    wait = await hvm.resync_host(rt, st, "h", conn)
+    wait = await vm_hosts.resync_host(rt, st, "h", conn)
     assert refreshed == ["c"]  # due; `a` is not yet
     assert 2 < wait <= 3  # the daemon sleeps until `a` is due
 
     refreshed.clear()
-    st.full_synced["h"] -= hvm.RESYNC_SECONDS  # the safety net: every VM of the host, one bulk call
+    st.full_synced["h"] -= vm_hosts.RESYNC_SECONDS  # the safety net: every VM of the host, one bulk call
     calls = conn.calls["list_domains"]
-    await hvm.resync_host(rt, st, "h", conn)
+    await vm_hosts.resync_host(rt, st, "h", conn)
     assert sorted(refreshed) == ["a", "b", "c"] and conn.calls["list_domains"] == calls + 1
 
 
 async def test_an_event_for_a_vm_a_handler_holds_stays_dirty(world) -> None:
     rt, st, conn, refreshed = world
-    await hvm.resync_host(rt, st, "h", conn)
+    await vm_hosts.resync_host(rt, st, "h", conn)
     refreshed.clear()
     async with st.lock("a"):
         st.dirty["h"] = {"a"}
-        wait = await hvm.resync_host(rt, st, "h", conn)
-        assert refreshed == [] and st.dirty["h"] == {"a"} and wait == hvm.BUSY_RETRY_SECONDS
-    await hvm.resync_host(rt, st, "h", conn)
+        wait = await vm_hosts.resync_host(rt, st, "h", conn)
+        assert refreshed == [] and st.dirty["h"] == {"a"} and wait == BUSY_RETRY_SECONDS
+    await vm_hosts.resync_host(rt, st, "h", conn)
     assert refreshed == ["a"] and not st.dirty.get("h")
 
 
 async def test_orphan_check_runs_with_the_full_sweep(world) -> None:
     rt, st, conn, _ = world
-    await hvm.resync_host(rt, st, "h", conn)  # every domain is accounted for: no host patch
+    await vm_hosts.resync_host(rt, st, "h", conn)  # every domain is accounted for: no host patch
     checked = st.orphan_checked["h"]
     assert st.orphan_candidates["h"] == set()
-    await hvm.resync_host(rt, st, "h", conn)
+    await vm_hosts.resync_host(rt, st, "h", conn)
     assert st.orphan_checked["h"] == checked and conn.calls == {"list_domains": 1}
-    st.full_synced["h"] -= hvm.RESYNC_SECONDS
-    await hvm.resync_host(rt, st, "h", conn)
+    st.full_synced["h"] -= vm_hosts.RESYNC_SECONDS
+    await vm_hosts.resync_host(rt, st, "h", conn)
     assert st.orphan_checked["h"] > checked and conn.calls == {"list_domains": 2}  # one bulk call for both
 
 
@@ -126,7 +127,7 @@ def host_obj(name: str, cpus: int) -> dict[str, Any]:
 
 
 def test_placement_index_counts_decisions_before_status_and_drops_them_after() -> None:
-    st = hvm.VmState()
+    st = VmState()
     st.vms["p"] = vm_obj("p", host=None)
     st.index("p")
     st.placed("p", plan.Reservation("h", 2, 64 * MiB, "p"))
@@ -153,7 +154,7 @@ def test_placement_index_counts_decisions_before_status_and_drops_them_after() -
 
 
 def test_a_burst_of_placements_spreads_within_capacity() -> None:
-    st = hvm.VmState()
+    st = VmState()
     st.hosts.update({"a": host_obj("a", 10), "b": host_obj("b", 10)})
     view = st.view()
     chosen: Counter[str | None] = Counter()
@@ -177,15 +178,15 @@ async def test_a_host_round_hands_back_an_action_request_it_cannot_execute(world
     the stop request waited forever. A host round never executes requests, so it must hand them back."""
     rt, st, conn, refreshed = world
     request = '{"action": "stop", "id": "r1"}'
-    st.vms["a"]["metadata"]["annotations"] = {hvm.actions.ACTION_REQUEST_ANNOTATION: request}
-    st.retry.schedule("a", hvm.BUSY_RETRY_SECONDS)  # what the requeue loop does when the lock is taken
-    await hvm.resync_host(rt, st, "h", conn)
+    st.vms["a"]["metadata"]["annotations"] = {actions.ACTION_REQUEST_ANNOTATION: request}
+    st.retry.schedule("a", BUSY_RETRY_SECONDS)  # what the requeue loop does when the lock is taken
+    await vm_hosts.resync_host(rt, st, "h", conn)
     assert "a" in refreshed and "a" in st.retry
     assert st.retry.pop_due() == ["a"]  # due now: the full reconcile runs at once
 
     # Executed (status.lastAction final for that id): the next round clears the key as before.
     st.vms["a"]["status"]["lastAction"] = {"id": "r1", "phase": "Succeeded"}
-    st.retry.schedule("a", hvm.BUSY_RETRY_SECONDS)
-    st.full_synced["h"] -= hvm.RESYNC_SECONDS
-    await hvm.resync_host(rt, st, "h", conn)
+    st.retry.schedule("a", BUSY_RETRY_SECONDS)
+    st.full_synced["h"] -= vm_hosts.RESYNC_SECONDS
+    await vm_hosts.resync_host(rt, st, "h", conn)
     assert "a" not in st.retry

@@ -118,7 +118,7 @@ RULES: tuple[Rule, ...] = (
           r"\bVirtualMachine \S+ was recreated while the snapshot\b",
           r"\bVirtualMachine \S+'s domain is gone from\b",
           r"\bVirtualMachine \S+ has no domain on \S+ yet\b"),
-    # Disks from images (reconcile/vm.py via adapters/libvirt/clone.py): the operator's own sentences.
+    # Disks from images (reconcile/vm_volumes.py via adapters/libvirt/clone.py): the operator's own sentences.
     _rule("image-not-found", E.IMAGE_NOT_FOUND,
           r"\bbase (volume|image) \S+ (of|for) disk\b[^\n]*\b(does not exist|not found|missing)",
           r"\bImageNotFound\b"),

@@ -107,7 +107,7 @@ CATALOG: Mapping[ErrorCode, CodeInfo] = {
         "PoolNotAllowed", False, "The LibvirtHost does not expose the requested storage pool to VMs and images."),
     ErrorCode.NETWORK_NOT_ALLOWED: CodeInfo(
         "NetworkNotAllowed", False, "The LibvirtHost does not expose the requested network or bridge to VMs."),
-    # VirtualMachineSnapshot / VirtualMachineRestore (handlers/snapshot.py).
+    # VirtualMachineSnapshot / VirtualMachineRestore (handlers/snapshot.py, handlers/restore.py).
     ErrorCode.SNAPSHOT_UNSUPPORTED: CodeInfo(
         "SnapshotUnsupported", False, "A disk of the VM (or the VM's state) cannot be snapshotted."),
     ErrorCode.SNAPSHOT_SOURCE_NOT_FOUND: CodeInfo(

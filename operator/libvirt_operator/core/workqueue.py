@@ -1,5 +1,5 @@
 """client-go's work-queue metrics for the operator's own queues (the requeue heap of handlers.requeue,
-the VM resync set of handlers.vm).
+the VM resync set of handlers.vm_state).
 
 A queue registers a `QueueMetrics` with its name and a depth function; counters and histograms are
 updated as items move (`added`, `started`, `finished`, `retried`), and the gauges

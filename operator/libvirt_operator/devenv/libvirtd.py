@@ -59,7 +59,6 @@ def _quiet_libvirt() -> Any:
 # Real daemons
 # --------------------------------------------------------------------------------------------
 
-
 def _dir_pool_xml(name: str, path: Path) -> str:
     pool = ET.Element("pool", type="dir")
     ET.SubElement(pool, "name").text = name

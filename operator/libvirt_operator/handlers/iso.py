@@ -36,7 +36,9 @@ from ..core.errors import AppError, ErrorCode
 from ..core.logs import get_logger
 from ..core.timestamps import parse_time
 from ..reconcile.failures import retry_delay
-from ..reconcile.iso import PLURAL, deletion_blocked_status, delete_iso, due, reconcile_iso
+from ..reconcile.iso import reconcile_iso
+from ..reconcile.iso_delete import deletion_blocked_status, delete_iso
+from ..reconcile.iso_status import PLURAL, due
 from ..reconcile.runtime import Runtime
 from ..reconcile.status import merge_patch
 from .instrument import ended_with, reconciler, working

@@ -1,4 +1,4 @@
-"""Scrape-time gauges over the operator's watch caches (handlers.vm keeps the three kinds): how many
+"""Scrape-time gauges over the operator's watch caches (handlers.vm_state keeps the three kinds): how many
 VirtualMachines are in each printable status, and how many objects of each kind have each condition
 status. Counted at scrape time from memory (no per-object series, so nothing to remove when an
 object goes), for the dashboard and the crash-loop / stalled-import alerts."""

@@ -1,12 +1,8 @@
-"""VirtualMachineSnapshot and VirtualMachineRestore handlers.
+"""VirtualMachineSnapshot handlers (restores: handlers.restore; shared helpers: handlers.snapshot_common).
 
 * A snapshot is taken once (create/resume until readyToUse), under the VM's lock (the VM reconcile
   neither redefines nor starts/stops the domain meanwhile); deleting the object deletes the libvirt
   snapshot on the host (kopf's finalizer holds the object until then).
-* A restore runs once, when its VM is stopped and will stay stopped (runStrategy Halted, or Manual/Once
-  and shut off); otherwise it waits with Ready=False reason TargetRunning and is retried, for at most
-  5 minutes by default (spec.targetReadinessPolicy, KubeVirt's). The spec is never changed; the VM
-  reconcile is woken afterwards (libvirt reverts the definition too).
 * Deleting a VM deletes its volumes, and the internal snapshots inside them, with it: its snapshots
   turn Failed (SNAPSHOT_SOURCE_NOT_FOUND) and their deletion has nothing left to do on the host.
 """
@@ -14,85 +10,29 @@
 from __future__ import annotations
 
 import contextlib
-import datetime as dt
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import kopf
 
-from ..adapters.libvirt import domains, snapshots
+from ..adapters.libvirt import snapshots
 from ..core.api.common import FORCE_RELEASE_ANNOTATION, GROUP, VERSION
-from ..core.conditions import STALLED, is_true, now as utcnow, summarize, timestamp
+from ..core.conditions import summarize, timestamp
 from ..core.errors import AppError, ErrorCode
 from ..core.logs import get_logger
-from ..core.metrics import SNAPSHOT_OPERATION_SECONDS, SNAPSHOT_OPERATIONS
 from ..core.snapshot import libvirt_snapshot_name
 from ..reconcile import snapshot as plan
-from ..reconcile.failures import error_status, human_message
-from ..reconcile.host import host_connection
+from ..reconcile.failures import human_message
 from ..reconcile.runtime import Runtime
 from .instrument import reconciler
 from .startup import runtime_of
-from .vm import state_of as vm_state
+from .snapshot_common import (
+    HOST_CALL_TIMEOUT, SNAPSHOTS, VMS, _Final, _REFUSED, _connection, _delay, _error, _holding_vm, _measure,
+)
 
 log = get_logger(__name__)
-SNAPSHOTS, RESTORES, VMS, HOSTS = "virtualmachinesnapshots", "virtualmachinerestores", "virtualmachines", "libvirthosts"
-HOST_CALL_TIMEOUT = 300.0  # an online snapshot writes the guest's memory; a revert reads it back
-RETRY_CAP_SECONDS = 30.0
-_REFUSED = {ErrorCode.SNAPSHOT_UNSUPPORTED, ErrorCode.RESTORE_TARGET_RUNNING}
 
-
-class _Final(Exception):
-    """A refusal nothing but a new object can change: reported, never retried."""
-
-    def __init__(self, error: AppError) -> None:
-        super().__init__(error.message)
-        self.error = error
-
-
-def _created(meta: Mapping[str, Any]) -> dt.datetime | None:
-    value = meta.get("creationTimestamp")
-    return dt.datetime.fromisoformat(str(value).replace("Z", "+00:00")) if value else None
-
-
-def _delay(retry: int) -> float:
-    return min(RETRY_CAP_SECONDS, 2.0 * 2 ** min(retry, 4))
-
-
-async def _error(rt: Runtime, err: AppError, previous: Mapping[str, Any] | None, kind: str) -> dict[str, Any]:
-    """KubeVirt's error {message, time} plus our code, context and runbook links."""
-    before = {"code": previous.get("code"), "since": previous.get("time")} if previous else None
-    state = await error_status(err, before, kind, rt.remediator)
-    return {"code": state["code"], "message": state["message"], "time": state["since"],
-            "context": state["context"], "remediation": state["remediation"]}
-
-
-@contextlib.asynccontextmanager
-async def _holding_vm(rt: Runtime, vm_uid: str) -> AsyncIterator[None]:
-    """The VM's own lock (handlers.vm): its reconcile and host rounds keep off the domain meanwhile."""
-    async with vm_state(rt).lock(vm_uid):
-        yield
-
-
-async def _connection(rt: Runtime, host: str) -> Any:
-    host_obj = await rt.kube.get_object(HOSTS, host)
-    if host_obj is None:
-        raise AppError(ErrorCode.HOST_NOT_FOUND, f"LibvirtHost {host} does not exist", {"host": host})
-    conn = await host_connection(rt, host, host_obj)
-    if conn is None:
-        raise AppError(ErrorCode.HOST_UNREACHABLE, f"no connection to LibvirtHost {host} yet", {"host": host})
-    return conn
-
-
-def _measure(operation: str, started: float, outcome: str) -> None:
-    SNAPSHOT_OPERATION_SECONDS.labels(operation).observe(time.perf_counter() - started)
-    SNAPSHOT_OPERATIONS.labels(operation, outcome).inc()
-
-
-# --------------------------------------------------------------------------------------------
-# VirtualMachineSnapshot
-# --------------------------------------------------------------------------------------------
 
 @kopf.on.resume(GROUP, VERSION, SNAPSHOTS)
 @kopf.on.create(GROUP, VERSION, SNAPSHOTS)
@@ -243,96 +183,3 @@ async def watch_snapshot_sources(type: str | None, body: kopf.Body, memo: kopf.M
         generation = int(obj["metadata"].get("generation") or 0)
         with contextlib.suppress(AppError):
             await _snapshot_failed(rt, obj, dict(status), err, generation, final=True)
-
-
-# --------------------------------------------------------------------------------------------
-# VirtualMachineRestore
-# --------------------------------------------------------------------------------------------
-
-@kopf.on.resume(GROUP, VERSION, RESTORES)
-@kopf.on.create(GROUP, VERSION, RESTORES)
-@reconciler("virtualmachinerestore", "VirtualMachineRestore")
-async def restore(body: kopf.Body, meta: kopf.Meta, spec: kopf.Spec, status: kopf.Status, memo: kopf.Memo,
-                  retry: int, **_: Any) -> None:
-    rt = runtime_of(memo)
-    current = dict(status or {})
-    if current.get("complete") or is_true(current.get("conditions"), STALLED) or meta.get("deletionTimestamp"):
-        return  # done (or refused for good): a restore runs once
-    namespace, name = meta["namespace"], meta["name"]
-    generation = int(meta.get("generation") or 0)
-    target = (spec.get("target") or {}).get("name", "")
-    snap_name = spec.get("virtualMachineSnapshotName", "")
-    started = time.perf_counter()
-    new = dict(current)
-    try:
-        snap = await rt.kube.get_object(SNAPSHOTS, snap_name, namespace)
-        vm = await rt.kube.get_object(VMS, target, namespace)
-        refusal = plan.check_restore(target, vm, snap, snap_name)
-        if refusal is not None:
-            raise _Final(refusal.error) if refusal.final else refusal.error
-        assert snap is not None and vm is not None
-        vm_uid, sstatus = vm["metadata"]["uid"], snap.get("status") or {}
-        host = sstatus["host"]
-        new["targetUid"] = vm_uid
-        conn = await _connection(rt, host)
-        async with _holding_vm(rt, vm_uid):
-            # Fresh under the lock: the VM's runStrategy and power state as they are now.
-            vm = await rt.kube.get_object(VMS, target, namespace) or vm
-            observed = await conn.call("snapshot.state", lambda c: domains.state(c, vm_uid))
-            if not observed.exists:
-                raise _Final(AppError(ErrorCode.SNAPSHOT_NOT_FOUND,
-                                      f"VirtualMachine {target} has no domain on {host}: nothing to restore onto"))
-            refused = plan.restore_refusal((vm.get("spec") or {}).get("runStrategy") or "Always", observed.active,
-                                           target)
-            if refused is not None:
-                policy = spec.get("targetReadinessPolicy") or "WaitGracePeriod"
-                if plan.restore_gives_up(policy, _created(meta), utcnow()):
-                    raise _Final(AppError(refused.code, f"{refused.message.split(':')[0]}; gave up "
-                                          f"(targetReadinessPolicy {policy}): create a new restore once it is stopped",
-                                          refused.context))
-                raise refused
-            lv_name = sstatus.get("snapshotName") or libvirt_snapshot_name(snap["metadata"]["uid"])
-            reverted = await conn.call("snapshot.revert", lambda c: snapshots.revert(c, vm_uid, lv_name),
-                                       timeout=HOST_CALL_TIMEOUT)
-            if not reverted.found:
-                raise _Final(AppError(ErrorCode.SNAPSHOT_NOT_FOUND,
-                                      f"snapshot {lv_name} no longer exists on {host}", {"host": host}))
-        vm_state(rt).retry.schedule(vm_uid, 0)  # the VM reconcile checks the (reverted) definition against the spec
-    except _Final as final:
-        _measure("restore", started, "failed")
-        await _restore_failed(rt, body, new, final.error, generation, final=True)
-        return
-    except AppError as err:
-        _measure("restore", started, "refused" if err.code in _REFUSED else "failed")
-        await _restore_failed(rt, body, new, err, generation, final=not err.retryable)
-        if err.retryable:
-            raise kopf.TemporaryError(err.message, delay=_delay(retry)) from err
-        return
-    _measure("restore", started, "succeeded")
-    names = {d.get("target"): d.get("name") for d in sstatus.get("disks") or []}
-    restored = [{"name": names.get(t) or t, "target": t} for t in reverted.targets]
-    message = (f"VirtualMachine {target}'s disks ({', '.join(r['name'] for r in restored)}) are back to snapshot "
-               f"{snap_name}" + ("; the memory saved with the online snapshot was discarded" if reverted.online else ""))
-    new.update({"complete": True, "restoreTime": timestamp(), "restores": restored, "error": None,
-                "observedGeneration": generation})
-    new["conditions"] = summarize(new.get("conditions") or [], ready=True, reason="Succeeded", message=message,
-                                  generation=generation)
-    await rt.kube.patch_status(RESTORES, namespace, name, new)
-    kopf.event(body, type="Normal", reason="RestoreComplete", message=message)
-
-
-async def _restore_failed(rt: Runtime, body: Mapping[str, Any], new: dict[str, Any], err: AppError,
-                          generation: int, *, final: bool) -> None:
-    meta = body["metadata"]
-    previous = (body.get("status") or {}).get("error")
-    error = await _error(rt, err, previous, "VirtualMachineRestore")
-    text = human_message(err, {"remediation": error["remediation"]})
-    new.update({"complete": False, "error": error, "observedGeneration": generation})
-    new["conditions"] = summarize(new.get("conditions") or [], ready=False, reason=err.reason, message=text,
-                                  generation=generation, reconciling=not final, stalled=final)
-    try:
-        await rt.kube.patch_status(RESTORES, meta["namespace"], meta["name"], new)
-    except AppError as patch_err:
-        log.info("restore status not written", code=patch_err.code.value, error=patch_err.message)
-    if (previous or {}).get("code") != err.code.value:
-        kopf.event(body, type="Warning", reason=err.reason, message=text)

@@ -2,199 +2,50 @@
 
 * create/update/resume → the full reconcile (placement, media, volumes, definition, power);
   delete → teardown behind the finalizer (kopf adds it: settings.persistence.finalizer).
-* In-memory views of LibvirtHosts, VirtualMachines and ISOImages (watch-fed, `@kopf.on.event`),
-  used for placement and by the background loops below.
-* One daemon per LibvirtHost: subscribes (once per connection) to the host's domain lifecycle
-  events. An event marks its domain's VM dirty; within ~0.1 s a round refreshes the dirty VMs (and
-  those whose requeue is due) from ONE bulk libvirt call. Every RESYNC_SECONDS a full sweep
-  refreshes all of the host's VMs (and checks for orphaned domains). Status is patched only when
-  it changed.
-* Placement reads reservations from a per-host index kept here; a placement decision is recorded
-  at once (before define/start), so concurrent placements never share the same free capacity.
+* In-memory views of LibvirtHosts, VirtualMachines and ISOImages (watch-fed, `@kopf.on.event`,
+  below; kept in handlers.vm_state), used for placement and by the background loops.
+* One daemon per LibvirtHost (handlers.vm_hosts): lifecycle events mark VMs dirty; a round
+  refreshes them from ONE bulk libvirt call, a periodic full sweep refreshes all of the host's VMs.
+* Placement reads reservations from a per-host index (handlers.vm_state); a placement decision is
+  recorded at once (before define/start), so concurrent placements never share the same free capacity.
 * Waiting costs no kopf worker: a VM waiting on something (no host, host not ready, ISO not imported,
   not schedulable, namespace refused, any retryable error) gets its status and the handler returns.
-  ONE requeue loop (handlers.requeue: a heap, per-VM exponential backoff, bounded concurrency)
-  re-runs the same sync path for the VMs that are due, and watch events (hosts, ISOImages,
-  namespaces) make the parked ones due at once.
+  ONE requeue loop (handlers.requeue: a heap, per-VM exponential backoff, bounded concurrency;
+  started here, run by handlers.vm_retry) re-runs the same sync path for the VMs that are due,
+  and watch events (hosts, ISOImages, namespaces) make the parked ones due at once.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import math
-import time
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
 import kopf
 
-from ..adapters.libvirt import domains
-from ..adapters.libvirt.events import deliver, ensure_event_thread
 from ..core.api.common import GROUP, VERSION
-from ..core.domain import ABSENT
-from ..core.errors import AppError, ErrorCode
+from ..core.errors import AppError
 from ..core.logs import get_logger
-from ..core.metrics import DOMAIN_EVENTS, ORPHANED_DOMAINS, VM_RESYNC_SECONDS
-from ..adapters.kube import ConflictError
-from ..reconcile import actions, orphans, plan
-from ..reconcile.failures import error_status, human_message
 from ..reconcile.runtime import Runtime
-from ..reconcile.status import merge_patch
-from ..reconcile.tenancy import namespace_labels_of, watched
-from ..reconcile.vm import (
-    TENANCY_CODES, ClusterView, VmOutcome, delete_vm, host_lost_status, record_placement, sync_vm,
-)
-from ..core.workqueue import QueueMetrics
-from .instrument import ended_with, reconciler
+from ..reconcile.vm import sync_vm
+from .instrument import reconciler
 from .iso import wake_deletions as wake_iso_deletions
-from .requeue import Requeue
-from .teardown import TEARDOWN_FINALIZER, held_for_teardown, hold_for_teardown, release_teardown
+from .teardown import TEARDOWN_FINALIZER, hold_for_teardown, release_teardown
 from .startup import runtime_of
+from . import vm_hosts  # noqa: F401  (registers the per-host daemon host_vm_sync)
+from .vm_apply import _action_request, _apply
+from .vm_retry import _retry_one, _wake_loop
+from .vm_teardown import DELETE_RETRY_CAP_SECONDS, _held_for_teardown, _teardown
+from .vm_state import PLURAL, VmState, _load_hosts, _plain, state_of
 
 log = get_logger(__name__)
-PLURAL = "virtualmachines"
-RESYNC_SECONDS = 10.0                  # full sweep of a host's VMs: the safety net for lost events
-ORPHAN_CHECK_SECONDS = RESYNC_SECONDS  # free when every domain is accounted for
-EVENT_DEBOUNCE_SECONDS = 0.1
-BUSY_RETRY_SECONDS = 0.5               # a dirty VM a handler was working on is looked at again
-RETRY_BASE_SECONDS = 2.0
-RETRY_CAP_SECONDS = 60.0
 RETRY_CONCURRENCY = 8                  # requeued reconciles running at once
-WAKE_DEBOUNCE_SECONDS = 0.2            # a burst of host/ISO events wakes the parked VMs once
-HOST_RETRY_CAP_SECONDS = 60.0         # a host that does not answer: 5 s, 10 s, … (its probe's Ready change wakes)
-DELETE_RETRY_CAP_SECONDS = 10.0  # so a force-release annotation is honoured quickly
-
-
-class VmState:
-    """Per-process state of the VM controller (kept in Runtime.extras)."""
-
-    def __init__(self) -> None:
-        self.hosts: dict[str, dict[str, Any]] = {}
-        self.vms: dict[str, dict[str, Any]] = {}           # uid → object
-        self.isos: dict[tuple[str, str], dict[str, Any]] = {}
-        self.locks: dict[str, asyncio.Lock] = {}
-        self.requeue: dict[str, float] = {}                # uid → monotonic deadline
-        self.host_wake: dict[str, asyncio.Event] = {}      # host → wake its daemon
-        self.parked: dict[str, ErrorCode] = {}             # uid → what it waits for (placement/media/host)
-        self.parked_wake = asyncio.Event()                 # a host or namespace changed: wake every parked VM
-        self.media_wake = asyncio.Event()                  # an ISOImage changed: wake the VMs waiting for media
-        self.retry = Requeue(RETRY_BASE_SECONDS, RETRY_CAP_SECONDS, name="virtualmachine")  # uid → next full reconcile
-        self.parked_task: asyncio.Task[None] | None = None
-        self.wake_task: asyncio.Task[None] | None = None
-        self.hosts_loaded = False
-        self.hosts_loading = asyncio.Lock()
-        self.orphan_candidates: dict[str, set[str]] = {}   # host → owned, unaccounted domain uuids
-        self.orphan_checked: dict[str, float] = {}         # host → monotonic time of the last check
-        self.dirty: dict[str, set[str]] = {}               # host → uids named by lifecycle events
-        self.dirty_queue = QueueMetrics("virtualmachine_events", lambda: sum(map(len, list(self.dirty.values()))))
-        self.full_synced: dict[str, float] = {}            # host → monotonic time of the last full sweep
-        # Indexes over `vms` (kept by `index`): uids by status.host, and reservations by host.
-        self.on_host: dict[str, set[str]] = {}
-        self.reserved_on: dict[str, dict[str, plan.Reservation]] = {}
-        self.pending: dict[str, plan.Reservation] = {}     # placement decisions (until the VM is gone)
-        self._host_of: dict[str, str] = {}                 # uid → key in on_host
-        self._reserved_at: dict[str, str] = {}             # uid → key in reserved_on
-
-    def lock(self, uid: str) -> asyncio.Lock:
-        return self.locks.setdefault(uid, asyncio.Lock())
-
-    def index(self, uid: str) -> None:
-        """Re-file one VM after its cached object (or status) changed: O(1)."""
-        vm = self.vms.get(uid)
-        deleting = vm is not None and bool(vm["metadata"].get("deletionTimestamp"))
-        host = None if vm is None else (vm.get("status") or {}).get("host")
-        old = self._host_of.pop(uid, None)
-        if old is not None:
-            self.on_host.get(old, set()).discard(uid)
-        if host:
-            self._host_of[uid] = host
-            self.on_host.setdefault(host, set()).add(uid)
-        if deleting:
-            reservation = None
-        elif host:
-            reservation = plan.reservation_of(vm)  # the status speaks for itself
-        else:
-            # Placed but the cache does not show it (yet, or again: an older watch event may land
-            # after our status write): the placement decision still holds.
-            reservation = self.pending.get(uid)
-        old = self._reserved_at.pop(uid, None)
-        if old is not None:
-            self.reserved_on.get(old, {}).pop(uid, None)
-        if reservation is not None:
-            self._reserved_at[uid] = reservation.host
-            self.reserved_on.setdefault(reservation.host, {})[uid] = reservation
-
-    def forget(self, uid: str) -> None:
-        """The VirtualMachine is gone."""
-        self.vms.pop(uid, None)
-        self.pending.pop(uid, None)
-        self.locks.pop(uid, None)
-        self.requeue.pop(uid, None)
-        self.parked.pop(uid, None)
-        self.retry.done(uid)
-        self.index(uid)
-
-    def placed(self, uid: str, reservation: plan.Reservation | None) -> None:
-        """A placement decision (sync_vm, right after choose_host): counted by the next placement."""
-        if reservation is None:
-            self.pending.pop(uid, None)
-        else:
-            self.pending[uid] = reservation
-        self.index(uid)
-
-    def reserved(self, hosts: list[str], exclude_uid: str) -> list[plan.Reservation]:
-        """Reservations on these hosts: O(VMs on them), no parsing (precomputed by `index`)."""
-        return [r for h in hosts for uid, r in (self.reserved_on.get(h) or {}).items() if uid != exclude_uid]
-
-    def wake_host(self, host: str | None) -> None:
-        if host and host in self.host_wake:
-            self.host_wake[host].set()
-
-    def view(self, rt: Runtime | None = None) -> ClusterView:
-        return ClusterView(hosts=self.hosts, vms=lambda: list(self.vms.values()),
-                           iso=lambda ns, name: self.isos.get((ns, name)),
-                           reserved=self.reserved, placed=self.placed,
-                           namespace_labels=namespace_labels_of(rt).get if rt is not None else None,
-                           record_placement=(lambda body, placed: self.record_placement(rt, body, placed))
-                           if rt is not None else None)
-
-    async def record_placement(self, rt: Runtime, body: Mapping[str, Any], placed: dict[str, Any]) -> str:
-        """reconcile.vm.record_placement, then the cache shows the object as written (status and
-        resourceVersion), so the next write's precondition is not stale because of our own write."""
-        host, obj = await record_placement(rt, body, placed)
-        self.remember(obj)
-        return host
-
-    def remember(self, obj: Mapping[str, Any] | None) -> None:
-        """An object we just wrote (or read) is newer than the cache until the watch delivers it."""
-        if obj is None:
-            return
-        meta = obj.get("metadata") or {}
-        cached = self.vms.get(meta.get("uid", ""))
-        if cached is None:
-            return
-        cached["status"] = dict(obj.get("status") or {})
-        cached["metadata"]["resourceVersion"] = meta.get("resourceVersion")
-        self.index(meta["uid"])
-
-
-def state_of(rt: Runtime) -> VmState:
-    state = rt.extras.get("vm")
-    if state is None:
-        state = rt.extras["vm"] = VmState()
-    return state
 
 
 # --------------------------------------------------------------------------------------------
 # Watch-fed views
 # --------------------------------------------------------------------------------------------
-
-def _plain(body: Mapping[str, Any]) -> dict[str, Any]:
-    return {"apiVersion": body.get("apiVersion"), "kind": body.get("kind"),
-            "metadata": dict(body.get("metadata") or {}), "spec": dict(body.get("spec") or {}),
-            "status": dict(body.get("status") or {})}
-
 
 @kopf.on.event(GROUP, VERSION, "libvirthosts")
 async def watch_hosts(type: str | None, name: str, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
@@ -264,88 +115,11 @@ async def watch_vms(type: str | None, uid: str, body: kopf.Body, memo: kopf.Memo
         st.wake_task = asyncio.create_task(_wake_loop(st), name="vm-wake-loop")
 
 
-def _action_request(vm: Mapping[str, Any] | None) -> str | None:
-    return (((vm or {}).get("metadata") or {}).get("annotations") or {}).get(actions.ACTION_REQUEST_ANNOTATION)
-
-
-def _action_pending(vm: Mapping[str, Any] | None, status: Mapping[str, Any]) -> bool:
-    """The VM carries an action request that `status` does not show as executed or refused."""
-    if vm is None:
-        return False
-    return actions.pending_request((vm.get("metadata") or {}).get("annotations"), status.get("lastAction")) is not None
-
-
 def _iso_refs(vm: Mapping[str, Any] | None) -> set[str]:
     """The ISOImages a VM's cdroms name."""
     disks = ((vm or {}).get("spec") or {}).get("disks") or []
     return {ref["name"] for disk in disks
             if (ref := ((disk or {}).get("cdrom") or {}).get("isoImageRef") or {}).get("name")}
-
-
-async def _load_hosts(rt: Runtime, st: VmState) -> None:
-    """At start-up the VM watch may deliver before the host watch: list hosts once."""
-    if st.hosts_loaded:
-        return
-    async with st.hosts_loading:  # every caller waits for the one list: none sees a half-filled map
-        if st.hosts_loaded:
-            return
-        try:
-            objs = await rt.kube.list_objects("libvirthosts")
-        except AppError as err:  # not loaded: the next caller lists again
-            log.info("listing LibvirtHosts failed", kind="LibvirtHost", code=err.code.value, error=err.message)
-            return
-        for obj in objs:
-            st.hosts.setdefault(obj["metadata"]["name"], _plain(obj))
-        st.hosts_loaded = True
-
-
-# --------------------------------------------------------------------------------------------
-# Applying an outcome: status (only when changed), Events, requeue
-# --------------------------------------------------------------------------------------------
-
-async def _apply(rt: Runtime, st: VmState, vm: dict[str, Any], outcome: VmOutcome, *, full: bool = True) -> None:
-    """`full`: the outcome of a full reconcile (handler, requeue loop), which executes action requests;
-    a host round's (`full=False`) only refreshes power state."""
-    meta = vm["metadata"]
-    uid = meta["uid"]
-    ended_with(outcome.error, outcome.requeue_after)  # the reconcile's result, when one runs this
-    patch = merge_patch(vm.get("status") or {}, outcome.status)
-    if patch:
-        written = await rt.kube.patch_status(PLURAL, meta["namespace"], meta["name"], patch)
-        cached = st.vms.get(uid)
-        if cached is not None:  # our write is newer than the cache until the watch delivers it
-            cached["status"] = dict(outcome.status)
-            if written is not None:
-                cached["metadata"]["resourceVersion"] = (written.get("metadata") or {}).get("resourceVersion")
-        st.index(uid)
-    for type_, reason, message in outcome.events:
-        kopf.event(vm, type=type_, reason=reason, message=message)
-    error = outcome.error
-    if error is not None and (error.code in WAITING_CODES and error.retryable or error.code in TENANCY_CODES):
-        st.parked[uid] = error.code  # re-checked at once when a host, an ISOImage or a namespace changes
-    else:
-        st.parked.pop(uid, None)
-    if error is not None and (error.retryable or error.code in TENANCY_CODES):
-        st.retry.failed(uid)  # the requeue loop runs the full reconcile again after the backoff
-    elif _action_request(st.vms.get(uid)) != _action_request(vm):
-        # An action request came in while this reconcile ran on the older object (the requeue loop
-        # found the lock taken and left it to us): run again, or the request would wait forever.
-        st.retry.schedule(uid, 0)
-    elif _action_pending(st.vms.get(uid), outcome.status):
-        # Only a full reconcile executes a request; a host round that saw it (after the requeue loop
-        # found the lock taken) must hand it back, never drop the key the watch queued for it.
-        st.retry.schedule(uid, 0 if not full else BUSY_RETRY_SECONDS)
-    else:
-        st.retry.done(uid)
-    if outcome.requeue_after is not None:
-        st.requeue[uid] = time.monotonic() + outcome.requeue_after
-        st.wake_host(outcome.status.get("host"))
-    else:
-        st.requeue.pop(uid, None)
-
-
-WAITING_CODES = {ErrorCode.NO_SCHEDULABLE_HOST, ErrorCode.INSUFFICIENT_RESOURCES, ErrorCode.ISO_NOT_FOUND,
-                 ErrorCode.HOST_NOT_FOUND, ErrorCode.HOST_UNREACHABLE}
 
 
 def _current(st: VmState, body: Mapping[str, Any]) -> dict[str, Any]:
@@ -389,31 +163,6 @@ async def reconcile_vm(body: kopf.Body, meta: kopf.Meta, memo: kopf.Memo, patch:
         await _apply(rt, st, vm, outcome)
 
 
-async def _teardown(rt: Runtime, st: VmState, vm: dict[str, Any]) -> bool:
-    """One teardown attempt (the caller holds the VM's lock); True when the VM may go. When blocked
-    (its host is gone or unreachable) the status says so and the requeue loop tries again, woken
-    by host changes and by the force-release annotation."""
-    meta = vm["metadata"]
-    uid = meta["uid"]
-    outcome = await delete_vm(vm, rt, st.view())
-    for type_, reason, message in outcome.events:
-        kopf.event(vm, type=type_, reason=reason, message=message)
-    if outcome.released:
-        st.requeue.pop(uid, None)
-        st.parked.pop(uid, None)
-        st.retry.done(uid)
-        return True
-    if outcome.status is not None:
-        patch = merge_patch(vm.get("status") or {}, outcome.status)
-        if patch:
-            await rt.kube.patch_status(PLURAL, meta["namespace"], meta["name"], patch)
-            vm["status"] = outcome.status
-    st.index(uid)
-    st.parked[uid] = outcome.error.code if outcome.error else ErrorCode.HOST_UNREACHABLE
-    st.retry.failed(uid, at_most=DELETE_RETRY_CAP_SECONDS)
-    return False
-
-
 @kopf.on.delete(GROUP, VERSION, PLURAL)
 @reconciler("virtualmachine", "VirtualMachine")
 async def delete_vm_handler(body: kopf.Body, meta: kopf.Meta, memo: kopf.Memo, patch: kopf.Patch, retry: int,
@@ -445,312 +194,6 @@ async def delete_vm_handler(body: kopf.Body, meta: kopf.Meta, memo: kopf.Memo, p
                               delay=min(DELETE_RETRY_CAP_SECONDS, 2.0 * 2 ** min(retry, 4)))
 
 
-# --------------------------------------------------------------------------------------------
-# Per-host: lifecycle events + bulk resync
-# --------------------------------------------------------------------------------------------
-
-@kopf.daemon(GROUP, VERSION, "libvirthosts", cancellation_timeout=5.0)
-async def host_vm_sync(name: str, stopped: kopf.DaemonStopped, memo: kopf.Memo, **_: Any) -> None:
-    rt = runtime_of(memo)
-    st = state_of(rt)
-    wake = st.host_wake.setdefault(name, asyncio.Event())
-    loop = asyncio.get_running_loop()
-    hooked: Any = None
-    subscribed = False
-    failures = 0  # rounds in a row the host did not answer: backoff (a host change wakes us anyway)
-
-    def mark_dirty(uuid: str) -> None:  # on the operator's loop
-        if uuid:
-            st.dirty.setdefault(name, set()).add(uuid)  # the domain UUID is the VM's metadata.uid
-            st.dirty_queue.added()
-        wake.set()
-
-    def on_event(uuid: str, _event: int, _detail: int) -> None:  # on libvirt's event thread
-        DOMAIN_EVENTS.labels(name).inc()
-        deliver(loop, mark_dirty, uuid)
-
-    ensure_event_thread()
-
-    def hook(conn: Any) -> None:  # every (re)open of the connection subscribes the new virConnect
-        domains.subscribe_lifecycle(conn, on_event)
-
-    try:
-        while not stopped:
-            conn = rt.pool.get(name)
-            timeout = RESYNC_SECONDS
-            if conn is not None:
-                if conn is not hooked:
-                    if hooked is not None:
-                        with contextlib.suppress(ValueError):
-                            hooked.on_connect.remove(hook)
-                    conn.on_connect.append(hook)
-                    hooked, subscribed = conn, False
-                    st.full_synced.pop(name, None)  # a new connection: events may have been missed
-                try:
-                    if not subscribed:  # once per connection; reconnects re-subscribe through `hook`
-                        await conn.call("subscribe", lambda c: domains.subscribe_lifecycle(c, on_event))
-                        subscribed = True
-                    timeout = await resync_host(rt, st, name, conn)
-                    failures = 0
-                except AppError as err:
-                    failures += 1
-                    log.info("host resync failed", kind="LibvirtHost", name=name, code=err.code.value,
-                             error=err.message, attempt=failures)
-                    st.full_synced.pop(name, None)  # once it answers again, refresh everything
-                    await _report_host_lost(rt, st, name, err)
-                    timeout = min(HOST_RETRY_CAP_SECONDS, RESYNC_SECONDS / 2 * 2 ** min(failures - 1, 8))
-                except Exception:  # noqa: BLE001  (the loop must survive anything)
-                    log.exception("host resync crashed", kind="LibvirtHost", name=name)
-            else:
-                timeout = 1.0
-            await _wait_any(wake, stopped, max(0.05, timeout))
-            if stopped:
-                break
-            if wake.is_set():
-                await asyncio.sleep(EVENT_DEBOUNCE_SECONDS)  # coalesce a burst of events
-            wake.clear()
-    finally:
-        st.host_wake.pop(name, None)
-        st.dirty.pop(name, None)
-        st.full_synced.pop(name, None)
-        if hooked is not None:
-            with contextlib.suppress(ValueError):
-                hooked.on_connect.remove(hook)
-
-
-async def _report_host_lost(rt: Runtime, st: VmState, host: str, err: AppError) -> None:
-    """The host could not be listed: its VMs' power state is Unknown until it answers again."""
-    for vm in [v for v in st.vms.values() if (v.get("status") or {}).get("host") == host
-               and not v["metadata"].get("deletionTimestamp")]:
-        uid = vm["metadata"]["uid"]
-        lock = st.lock(uid)
-        if lock.locked():
-            continue
-        async with lock:
-            current = st.vms.get(uid)
-            if current is None or (current.get("status") or {}).get("printableStatus") == "Unknown":
-                continue
-            previous = (current.get("status") or {}).get("error")
-            err_state = await error_status(err, previous, "VirtualMachine", rt.remediator)
-            new = host_lost_status(current, err, err_state)
-            events = [] if (previous or {}).get("code") == err.code.value else [
-                ("Warning", err.reason, human_message(err, err_state))]
-            with contextlib.suppress(AppError):
-                await _apply(rt, st, current, VmOutcome(new, events, None, None), full=False)
-
-
-async def _wait_any(wake: asyncio.Event, stopped: kopf.DaemonStopped, timeout: float) -> None:
-    async def until_stopped() -> None:
-        await stopped.wait()
-
-    tasks = {asyncio.ensure_future(wake.wait()), asyncio.ensure_future(until_stopped())}
-    try:
-        await asyncio.wait(tasks, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for task in tasks:
-            task.cancel()
-
-
-async def resync_host(rt: Runtime, st: VmState, host: str, conn: Any) -> float:
-    """One round for a host; returns seconds until the next round is due.
-
-    A full sweep (every RESYNC_SECONDS, and after a (re)connect or a failed round) refreshes every
-    VM on the host. Other rounds refresh only the VMs named by lifecycle events since the last
-    round (`st.dirty`) and those whose requeue deadline has passed. Either way the host is asked
-    ONE bulk list_domains, never one lookup per VM; a round with nothing to do asks nothing."""
-    now = time.monotonic()
-    full = now - st.full_synced.get(host, -math.inf) >= RESYNC_SECONDS
-    # With the full sweep (same cadence), so a wake-up in between never costs a bulk call of its own.
-    orphan_check_due = full or now - st.orphan_checked.get(host, 0.0) >= ORPHAN_CHECK_SECONDS
-    dirty = st.dirty.pop(host, set())
-    on_host = st.on_host.get(host) or set()
-    if full:
-        st.full_synced[host] = now
-        targets = set(on_host)
-    else:
-        targets = {uid for uid in dirty if uid in on_host}
-        targets.update(uid for uid, deadline in st.requeue.items() if deadline <= now and uid in on_host)
-    # VMs being deleted are the delete handler's (their teardown events cost no round either).
-    targets = {uid for uid in targets
-               if (vm := st.vms.get(uid)) is not None and not vm["metadata"].get("deletionTimestamp")}
-    busy = {uid for uid in targets if (lock := st.locks.get(uid)) is not None and lock.locked()}
-    targets -= busy  # a handler holds these right now: look again shortly, without asking libvirt now
-    if targets or orphan_check_due:
-        started = time.perf_counter()
-        observed = await conn.call("list_domains", domains.list_domains)
-        if orphan_check_due:
-            await _check_orphans(rt, st, host, conn, observed)
-        for uid in targets:
-            vm = st.vms.get(uid)
-            if vm is None or vm["metadata"].get("deletionTimestamp"):
-                continue
-            status = vm.get("status") or {}
-            if status.get("host") != host:
-                continue
-            obs = observed.get(uid, ABSENT)
-            if not obs.exists and (not status.get("domainUUID") or uid in st.parked):
-                continue  # not defined yet: the spec-driven reconcile (and the parked loop) is on it
-            lock = st.lock(uid)
-            if lock.locked():
-                busy.add(uid)  # a handler is working on it right now
-                continue
-            async with lock:
-                current = st.vms.get(uid)
-                if current is None or current["metadata"].get("deletionTimestamp"):
-                    continue
-                try:
-                    outcome = await sync_vm(current, rt, st.view(rt), observed=obs)
-                    await _apply(rt, st, current, outcome, full=False)
-                except AppError as err:
-                    log.info("VM resync failed", **_vm_log(current), host=host, code=err.code.value,
-                             error=err.message)
-        VM_RESYNC_SECONDS.labels(host).observe(time.perf_counter() - started)
-        st.dirty_queue.worked(time.perf_counter() - started)
-    # Events for VMs a handler holds stay dirty (it may have observed the domain before the event,
-    # and its status may not show the host yet); other events for domains no VM on this host
-    # accounts for are dropped: the full sweep and the orphan check cover those.
-    for uid in dirty - targets:
-        lock = st.locks.get(uid)
-        vm = st.vms.get(uid)
-        if lock is not None and lock.locked() and vm is not None and not vm["metadata"].get("deletionTimestamp"):
-            busy.add(uid)
-    if busy:
-        st.dirty.setdefault(host, set()).update(busy)
-    now = time.monotonic()
-    waits = [RESYNC_SECONDS - (now - st.full_synced.get(host, now))]
-    if busy:
-        waits.append(BUSY_RETRY_SECONDS)
-    for uid, deadline in st.requeue.items():
-        if uid in on_host:
-            # Due but not refreshed (held by a handler, or not defined yet): not a busy loop.
-            waits.append(deadline - now if deadline > now else BUSY_RETRY_SECONDS)
-    return min(waits)
-
-
-async def _check_orphans(rt: Runtime, st: VmState, host: str, conn: Any, observed: Mapping[str, Any]) -> None:
-    st.orphan_checked[host] = time.monotonic()
-    owns = watched(rt.namespaces)
-    unknown = orphans.unaccounted(observed, st.vms)
-    candidates = await conn.call("owners", lambda c: domains.owners(c, unknown)) if unknown else {}
-    # Domains of namespaces this instance does not watch are another instance's to judge.
-    candidates = orphans.own_candidates(candidates, owns)
-    confirmed = orphans.confirmed_orphans(candidates, st.orphan_candidates.get(host, set()))
-    st.orphan_candidates[host] = {u for u, meta in candidates.items() if meta.owner is not None}
-    ORPHANED_DOMAINS.labels(host).set(len(confirmed))
-    entries = orphans.orphan_status(candidates, confirmed)
-    current = ((st.hosts.get(host) or {}).get("status") or {}).get("orphanedDomains") or []
-    if entries != orphans.own_entries(current, owns):
-        if entries:
-            log.warning("orphaned domains on host", kind="LibvirtHost", name=host,
-                        domains=[e["uuid"] for e in entries])
-        await _write_orphans(rt, st, host, entries, owns)
-
-
-ORPHAN_WRITE_ATTEMPTS = 5
-
-
-async def _write_orphans(rt: Runtime, st: VmState, host: str, entries: list[dict[str, Any]],
-                         owns: Callable[[str], bool]) -> None:
-    """Replace this instance's entries of the host's orphanedDomains, keeping every other instance's:
-    read the host fresh, merge, write with its resourceVersion as precondition; on a conflict (another
-    instance or the probe wrote meanwhile) read and merge again."""
-    for _ in range(ORPHAN_WRITE_ATTEMPTS):
-        obj = await rt.kube.get_object("libvirthosts", host)
-        if obj is None:
-            return
-        current = (obj.get("status") or {}).get("orphanedDomains") or []
-        merged = orphans.merge_entries(current, entries, owns)
-        if merged != current:
-            try:
-                await rt.kube.patch_status("libvirthosts", None, host, {"orphanedDomains": merged or None},
-                                           resource_version=obj["metadata"]["resourceVersion"])
-            except ConflictError:
-                continue
-        cached = st.hosts.get(host)
-        if cached is not None:  # newer than the cache until the watch delivers it
-            cached["status"] = {**(cached.get("status") or {}), "orphanedDomains": merged}
-        return
-    log.info("orphanedDomains not written: the host's status kept changing", kind="LibvirtHost", name=host)
-
-
-# --------------------------------------------------------------------------------------------
-# Waiting VMs: one requeue loop (backoff) + wake-ups from watch events
-# --------------------------------------------------------------------------------------------
-
-@reconciler("virtualmachine", "VirtualMachine")  # a requeued reconcile is a reconcile
-async def _retry_one(rt: Runtime, st: VmState, uid: str) -> None:
-    """A due VM: the same sync path as the handler (sync_vm + _apply, under the VM's lock)."""
-    vm = st.vms.get(uid)
-    if vm is not None and _held_for_teardown(vm):
-        await _retry_teardown(rt, st, uid)
-        return
-    if vm is None or vm["metadata"].get("deletionTimestamp"):
-        st.parked.pop(uid, None)
-        st.retry.done(uid)
-        return
-    lock = st.lock(uid)
-    if lock.locked():  # a handler or the host's round is on it; look again shortly unless it decides
-        st.retry.schedule(uid, BUSY_RETRY_SECONDS)
-        return
-    await _load_hosts(rt, st)
-    async with lock:
-        vm = st.vms.get(uid)
-        if vm is None or vm["metadata"].get("deletionTimestamp"):
-            return
-        try:
-            outcome = await sync_vm(vm, rt, st.view(rt))
-            await _apply(rt, st, vm, outcome)
-        except AppError as err:  # e.g. the status patch failed: back off and try again
-            log.info("requeued VM reconcile failed", **_vm_log(vm), code=err.code.value, error=err.message)
-            ended_with(err)
-            st.retry.failed(uid)
-
-
-def _vm_log(vm: Mapping[str, Any]) -> dict[str, Any]:
-    """Log fields naming a VM, for lines logged outside a kopf handler (loops)."""
-    meta = vm.get("metadata") or {}
-    return {"kind": "VirtualMachine", "namespace": meta.get("namespace"), "name": meta.get("name"),
-            "uid": meta.get("uid")}
-
-
-def _held_for_teardown(vm: Mapping[str, Any]) -> bool:
-    return held_for_teardown(vm.get("metadata") or {})
-
-
-async def _retry_teardown(rt: Runtime, st: VmState, uid: str) -> None:
-    lock = st.lock(uid)
-    if lock.locked():
-        st.retry.schedule(uid, BUSY_RETRY_SECONDS)
-        return
-    await _load_hosts(rt, st)  # an unplaced VM's teardown searches every known host
-    async with lock:
-        vm = st.vms.get(uid)
-        if vm is None or not _held_for_teardown(vm):
-            return
-        meta = vm["metadata"]
-        try:
-            if await _teardown(rt, st, vm):
-                await rt.kube.remove_finalizer(PLURAL, meta["namespace"], meta["name"], TEARDOWN_FINALIZER)
-        except AppError as err:
-            log.info("VM teardown retry failed", **_vm_log(vm), code=err.code.value, error=err.message)
-            st.retry.failed(uid, at_most=DELETE_RETRY_CAP_SECONDS)
-
-
-async def _wake_loop(st: VmState) -> None:
-    """Host/namespace changes wake every parked VM, ISOImage changes those waiting for media (debounced)."""
-    while True:
-        waits = {asyncio.ensure_future(st.parked_wake.wait()), asyncio.ensure_future(st.media_wake.wait())}
-        try:
-            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for task in waits:
-                task.cancel()
-        await asyncio.sleep(WAKE_DEBOUNCE_SECONDS)
-        everything = st.parked_wake.is_set()
-        st.parked_wake.clear()
-        st.media_wake.clear()
-        st.retry.wake([uid for uid, code in st.parked.items()
-                       if everything or code is ErrorCode.ISO_NOT_FOUND])
 
 
 @kopf.on.cleanup()

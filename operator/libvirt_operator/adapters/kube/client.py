@@ -3,7 +3,7 @@
 Used for reading Secrets, listing resources and patching the status of objects other than the one a
 handler is running for (e.g. a host resync that refreshes many VMs with one libvirt call).
 It only ever writes the `status` subresource of our own kinds, and removes the operator's own
-teardown finalizer (handlers.vm) once a blocked VM deletion could finish.
+teardown finalizer (handlers.vm, handlers.vm_teardown) once a blocked VM deletion could finish.
 """
 
 from __future__ import annotations

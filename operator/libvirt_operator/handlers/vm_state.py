@@ -1,0 +1,178 @@
+"""The VM controller's per-process state: watch-fed views of LibvirtHosts, VirtualMachines and
+ISOImages, the per-host indexes placement reads (reservations, VMs by host), and the bookkeeping
+of the loops (dirty sets, requeue deadlines, parked VMs).
+
+A placement decision is recorded here at once (before define/start), so concurrent placements never
+share the same free capacity."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping
+from typing import Any
+
+from ..core.errors import AppError, ErrorCode
+from ..core.logs import get_logger
+from ..core.workqueue import QueueMetrics
+from ..reconcile import plan
+from ..reconcile.runtime import Runtime
+from ..reconcile.tenancy import namespace_labels_of
+from ..reconcile.vm_placement import record_placement
+from ..reconcile.vm_types import ClusterView
+from .requeue import Requeue
+
+log = get_logger(__name__)
+PLURAL = "virtualmachines"
+BUSY_RETRY_SECONDS = 0.5               # a dirty VM a handler was working on is looked at again
+RETRY_BASE_SECONDS = 2.0
+RETRY_CAP_SECONDS = 60.0
+
+
+class VmState:
+    """Per-process state of the VM controller (kept in Runtime.extras)."""
+
+    def __init__(self) -> None:
+        self.hosts: dict[str, dict[str, Any]] = {}
+        self.vms: dict[str, dict[str, Any]] = {}           # uid → object
+        self.isos: dict[tuple[str, str], dict[str, Any]] = {}
+        self.locks: dict[str, asyncio.Lock] = {}
+        self.requeue: dict[str, float] = {}                # uid → monotonic deadline
+        self.host_wake: dict[str, asyncio.Event] = {}      # host → wake its daemon
+        self.parked: dict[str, ErrorCode] = {}             # uid → what it waits for (placement/media/host)
+        self.parked_wake = asyncio.Event()                 # a host or namespace changed: wake every parked VM
+        self.media_wake = asyncio.Event()                  # an ISOImage changed: wake the VMs waiting for media
+        self.retry = Requeue(RETRY_BASE_SECONDS, RETRY_CAP_SECONDS, name="virtualmachine")  # uid → next full reconcile
+        self.parked_task: asyncio.Task[None] | None = None
+        self.wake_task: asyncio.Task[None] | None = None
+        self.hosts_loaded = False
+        self.hosts_loading = asyncio.Lock()
+        self.orphan_candidates: dict[str, set[str]] = {}   # host → owned, unaccounted domain uuids
+        self.orphan_checked: dict[str, float] = {}         # host → monotonic time of the last check
+        self.dirty: dict[str, set[str]] = {}               # host → uids named by lifecycle events
+        self.dirty_queue = QueueMetrics("virtualmachine_events", lambda: sum(map(len, list(self.dirty.values()))))
+        self.full_synced: dict[str, float] = {}            # host → monotonic time of the last full sweep
+        # Indexes over `vms` (kept by `index`): uids by status.host, and reservations by host.
+        self.on_host: dict[str, set[str]] = {}
+        self.reserved_on: dict[str, dict[str, plan.Reservation]] = {}
+        self.pending: dict[str, plan.Reservation] = {}     # placement decisions (until the VM is gone)
+        self._host_of: dict[str, str] = {}                 # uid → key in on_host
+        self._reserved_at: dict[str, str] = {}             # uid → key in reserved_on
+
+    def lock(self, uid: str) -> asyncio.Lock:
+        return self.locks.setdefault(uid, asyncio.Lock())
+
+    def index(self, uid: str) -> None:
+        """Re-file one VM after its cached object (or status) changed: O(1)."""
+        vm = self.vms.get(uid)
+        deleting = vm is not None and bool(vm["metadata"].get("deletionTimestamp"))
+        host = None if vm is None else (vm.get("status") or {}).get("host")
+        old = self._host_of.pop(uid, None)
+        if old is not None:
+            self.on_host.get(old, set()).discard(uid)
+        if host:
+            self._host_of[uid] = host
+            self.on_host.setdefault(host, set()).add(uid)
+        if deleting:
+            reservation = None
+        elif host:
+            reservation = plan.reservation_of(vm)  # the status speaks for itself
+        else:
+            # Placed but the cache does not show it (yet, or again: an older watch event may land
+            # after our status write): the placement decision still holds.
+            reservation = self.pending.get(uid)
+        old = self._reserved_at.pop(uid, None)
+        if old is not None:
+            self.reserved_on.get(old, {}).pop(uid, None)
+        if reservation is not None:
+            self._reserved_at[uid] = reservation.host
+            self.reserved_on.setdefault(reservation.host, {})[uid] = reservation
+
+    def forget(self, uid: str) -> None:
+        """The VirtualMachine is gone."""
+        self.vms.pop(uid, None)
+        self.pending.pop(uid, None)
+        self.locks.pop(uid, None)
+        self.requeue.pop(uid, None)
+        self.parked.pop(uid, None)
+        self.retry.done(uid)
+        self.index(uid)
+
+    def placed(self, uid: str, reservation: plan.Reservation | None) -> None:
+        """A placement decision (sync_vm, right after choose_host): counted by the next placement."""
+        if reservation is None:
+            self.pending.pop(uid, None)
+        else:
+            self.pending[uid] = reservation
+        self.index(uid)
+
+    def reserved(self, hosts: list[str], exclude_uid: str) -> list[plan.Reservation]:
+        """Reservations on these hosts: O(VMs on them), no parsing (precomputed by `index`)."""
+        return [r for h in hosts for uid, r in (self.reserved_on.get(h) or {}).items() if uid != exclude_uid]
+
+    def wake_host(self, host: str | None) -> None:
+        if host and host in self.host_wake:
+            self.host_wake[host].set()
+
+    def view(self, rt: Runtime | None = None) -> ClusterView:
+        return ClusterView(hosts=self.hosts, vms=lambda: list(self.vms.values()),
+                           iso=lambda ns, name: self.isos.get((ns, name)),
+                           reserved=self.reserved, placed=self.placed,
+                           namespace_labels=namespace_labels_of(rt).get if rt is not None else None,
+                           record_placement=(lambda body, placed: self.record_placement(rt, body, placed))
+                           if rt is not None else None)
+
+    async def record_placement(self, rt: Runtime, body: Mapping[str, Any], placed: dict[str, Any]) -> str:
+        """reconcile.vm_placement.record_placement, then the cache shows the object as written (status and
+        resourceVersion), so the next write's precondition is not stale because of our own write."""
+        host, obj = await record_placement(rt, body, placed)
+        self.remember(obj)
+        return host
+
+    def remember(self, obj: Mapping[str, Any] | None) -> None:
+        """An object we just wrote (or read) is newer than the cache until the watch delivers it."""
+        if obj is None:
+            return
+        meta = obj.get("metadata") or {}
+        cached = self.vms.get(meta.get("uid", ""))
+        if cached is None:
+            return
+        cached["status"] = dict(obj.get("status") or {})
+        cached["metadata"]["resourceVersion"] = meta.get("resourceVersion")
+        self.index(meta["uid"])
+
+
+def state_of(rt: Runtime) -> VmState:
+    state = rt.extras.get("vm")
+    if state is None:
+        state = rt.extras["vm"] = VmState()
+    return state
+
+
+def _plain(body: Mapping[str, Any]) -> dict[str, Any]:
+    return {"apiVersion": body.get("apiVersion"), "kind": body.get("kind"),
+            "metadata": dict(body.get("metadata") or {}), "spec": dict(body.get("spec") or {}),
+            "status": dict(body.get("status") or {})}
+
+
+async def _load_hosts(rt: Runtime, st: VmState) -> None:
+    """At start-up the VM watch may deliver before the host watch: list hosts once."""
+    if st.hosts_loaded:
+        return
+    async with st.hosts_loading:  # every caller waits for the one list: none sees a half-filled map
+        if st.hosts_loaded:
+            return
+        try:
+            objs = await rt.kube.list_objects("libvirthosts")
+        except AppError as err:  # not loaded: the next caller lists again
+            log.info("listing LibvirtHosts failed", kind="LibvirtHost", code=err.code.value, error=err.message)
+            return
+        for obj in objs:
+            st.hosts.setdefault(obj["metadata"]["name"], _plain(obj))
+        st.hosts_loaded = True
+
+
+def _vm_log(vm: Mapping[str, Any]) -> dict[str, Any]:
+    """Log fields naming a VM, for lines logged outside a kopf handler (loops)."""
+    meta = vm.get("metadata") or {}
+    return {"kind": "VirtualMachine", "namespace": meta.get("namespace"), "name": meta.get("name"),
+            "uid": meta.get("uid")}

@@ -1,0 +1,68 @@
+"""VM teardown attempts behind the teardown finalizer: one attempt (the delete handler's and the
+requeue loop's), and the requeue loop's retry of a blocked teardown."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import kopf
+
+from ..core.errors import AppError, ErrorCode
+from ..core.logs import get_logger
+from ..reconcile.runtime import Runtime
+from ..reconcile.status import merge_patch
+from ..reconcile.vm_delete import delete_vm
+from .teardown import TEARDOWN_FINALIZER, held_for_teardown
+from .vm_state import BUSY_RETRY_SECONDS, PLURAL, VmState, _load_hosts, _vm_log
+
+log = get_logger(__name__)
+DELETE_RETRY_CAP_SECONDS = 10.0  # so a force-release annotation is honoured quickly
+
+
+async def _teardown(rt: Runtime, st: VmState, vm: dict[str, Any]) -> bool:
+    """One teardown attempt (the caller holds the VM's lock); True when the VM may go. When blocked
+    (its host is gone or unreachable) the status says so and the requeue loop tries again, woken
+    by host changes and by the force-release annotation."""
+    meta = vm["metadata"]
+    uid = meta["uid"]
+    outcome = await delete_vm(vm, rt, st.view())
+    for type_, reason, message in outcome.events:
+        kopf.event(vm, type=type_, reason=reason, message=message)
+    if outcome.released:
+        st.requeue.pop(uid, None)
+        st.parked.pop(uid, None)
+        st.retry.done(uid)
+        return True
+    if outcome.status is not None:
+        patch = merge_patch(vm.get("status") or {}, outcome.status)
+        if patch:
+            await rt.kube.patch_status(PLURAL, meta["namespace"], meta["name"], patch)
+            vm["status"] = outcome.status
+    st.index(uid)
+    st.parked[uid] = outcome.error.code if outcome.error else ErrorCode.HOST_UNREACHABLE
+    st.retry.failed(uid, at_most=DELETE_RETRY_CAP_SECONDS)
+    return False
+
+
+def _held_for_teardown(vm: Mapping[str, Any]) -> bool:
+    return held_for_teardown(vm.get("metadata") or {})
+
+
+async def _retry_teardown(rt: Runtime, st: VmState, uid: str) -> None:
+    lock = st.lock(uid)
+    if lock.locked():
+        st.retry.schedule(uid, BUSY_RETRY_SECONDS)
+        return
+    await _load_hosts(rt, st)  # an unplaced VM's teardown searches every known host
+    async with lock:
+        vm = st.vms.get(uid)
+        if vm is None or not _held_for_teardown(vm):
+            return
+        meta = vm["metadata"]
+        try:
+            if await _teardown(rt, st, vm):
+                await rt.kube.remove_finalizer(PLURAL, meta["namespace"], meta["name"], TEARDOWN_FINALIZER)
+        except AppError as err:
+            log.info("VM teardown retry failed", **_vm_log(vm), code=err.code.value, error=err.message)
+            st.retry.failed(uid, at_most=DELETE_RETRY_CAP_SECONDS)

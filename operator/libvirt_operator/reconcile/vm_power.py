@@ -1,0 +1,57 @@
+"""Power-state plumbing of the VM reconcile around reconcile.plan.plan_power: the run bookkeeping
+in status (boot/start/stop times, start failure), carrying out a planned action, telling a crash."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from ..adapters.libvirt import domains
+from ..core.api.vm import StartFailure
+from ..core.conditions import timestamp
+from ..core.domain import DomainObservation, PowerState, StopCause
+from ..core.errors import ErrorCode
+from ..core.timestamps import parse_time as _time
+from . import plan
+
+_NOT_GUEST_FAULT = {ErrorCode.HOST_UNREACHABLE, ErrorCode.HOST_AUTH_FAILED, ErrorCode.LIBVIRT_TIMEOUT,
+                    ErrorCode.HOST_NOT_FOUND}
+_OPERATION = {plan.Action.START: "start", plan.Action.SHUTDOWN: "stop", plan.Action.DESTROY: "stop"}
+
+
+def _power_status(status: Mapping[str, Any]) -> plan.PowerStatus:
+    failure = status.get("startFailure")
+    return plan.PowerStatus(
+        first_boot_time=_time(status.get("firstBootTime")),
+        last_start_time=_time(status.get("lastStartTime")),
+        stop_requested_time=_time(status.get("stopRequestedTime")),
+        start_failure=StartFailure.model_validate(failure) if failure else None,
+    )
+
+
+def _put_power_status(status: dict[str, Any], power: plan.PowerStatus) -> None:
+    for key, value in (("firstBootTime", power.first_boot_time), ("lastStartTime", power.last_start_time),
+                       ("stopRequestedTime", power.stop_requested_time)):
+        if value is None:
+            status.pop(key, None)
+        else:
+            status[key] = timestamp(value)
+    if power.start_failure is None:
+        status.pop("startFailure", None)
+    else:
+        status["startFailure"] = power.start_failure.to_wire()
+
+
+def _crashed(observed: DomainObservation) -> bool:
+    """libvirt says the domain died, not that it was shut down or powered off: state crashed, or shut
+    off with reason crashed/failed (QEMU killed, crashed, or failed to start)."""
+    return observed.state is PowerState.CRASHED or (
+        observed.state is PowerState.SHUTOFF and observed.stop_cause is StopCause.FAILURE)
+
+
+async def _act(action: plan.Action, conn: Any, uid: str) -> DomainObservation:
+    if action is plan.Action.START:
+        return await conn.call("start", lambda c: domains.start(c, uid))
+    if action is plan.Action.SHUTDOWN:
+        return await conn.call("shutdown", lambda c: domains.shutdown(c, uid))
+    return await conn.call("destroy", lambda c: domains.destroy(c, uid))
