@@ -280,7 +280,9 @@ def test_a_killed_qemu_is_reported_as_a_crash_not_as_a_clean_stop(setup) -> None
                             == "DOMAIN_CRASHED" and s, timeout=30, what="manual VM reports the crash")
     ready = next(c for c in crashed["conditions"] if c["type"] == "Ready")
     assert ready["status"] == "False" and ready["reason"] == "DomainCrashed", ready
-    assert ("Warning", "DomainCrashed") in _events(kube, namespace, "manual")
+    # The status is written before the Event is posted: under load the Event can lag a moment.
+    kube.wait_for(lambda: ("Warning", "DomainCrashed") in _events(kube, namespace, "manual"), timeout=30,
+                  what="crash event of the Manual VM")
     kube.wait_for(lambda: ("Warning", "DomainCrashed") in _events(kube, namespace, "always"), timeout=30,
                   what="crash event of the Always VM")
     wait_running(kube, op, namespace, "always", timeout=60)  # after the crash-loop backoff (10 s)
