@@ -19,7 +19,6 @@ from .runtime import Runtime
 from .vm_types import ClusterView, Event, VmOutcome, _Stage
 
 SCHEDULED, RESTART_REQUIRED = "Scheduled", "RestartRequired"
-SCHEDULING_CODES = {ErrorCode.NO_SCHEDULABLE_HOST, ErrorCode.INSUFFICIENT_RESOURCES}
 # A host refusing the VM (LibvirtHost tenancy fields): not retried on a timer, re-checked when a host
 # or a namespace changes.
 TENANCY_CODES = {ErrorCode.NAMESPACE_NOT_ALLOWED, ErrorCode.POOL_NOT_ALLOWED, ErrorCode.NETWORK_NOT_ALLOWED}
