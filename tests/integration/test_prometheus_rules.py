@@ -157,6 +157,12 @@ def test_dashboard_panels_have_a_datasource_a_unit_and_do_not_overlap() -> None:
         cells |= mine
 
 
+def metrics_service(docs: list[dict]) -> dict:
+    """The Service of the metrics port (the console API has a Service of its own)."""
+    (svc,) = [d for d in docs if d["kind"] == "Service" and "metrics" in [p.get("name") for p in d["spec"]["ports"]]]
+    return svc
+
+
 def test_chart_ships_the_dashboard_with_the_sidecar_label_and_monitoring_crs_on_request(tmp_path: Path,
                                                                                        helm_binary: str) -> None:  # noqa: F811
     docs = render(helm_binary, tmp_path)
@@ -169,7 +175,7 @@ def test_chart_ships_the_dashboard_with_the_sidecar_label_and_monitoring_crs_on_
     docs = render(helm_binary, tmp_path, "monitoring.serviceMonitor.enabled=true",
                   "monitoring.serviceMonitor.labels.release=kube-prometheus-stack",
                   "monitoring.prometheusRule.enabled=true", "monitoring.dashboard.namespace=monitoring")
-    sm, svc = one(docs, "ServiceMonitor"), one(docs, "Service")
+    sm, svc = one(docs, "ServiceMonitor"), metrics_service(docs)
     assert sm["metadata"]["labels"]["release"] == "kube-prometheus-stack"
     assert sm["spec"]["selector"]["matchLabels"].items() <= svc["metadata"]["labels"].items()
     assert [e["port"] for e in sm["spec"]["endpoints"]] == [p["name"] for p in svc["spec"]["ports"]] == ["metrics"]
@@ -180,8 +186,7 @@ def test_chart_ships_the_dashboard_with_the_sidecar_label_and_monitoring_crs_on_
 
 def test_plain_service_monitor_selects_the_plain_metrics_service() -> None:
     deploy = REPO / "manifests" / "deploy"
-    svc = next(d for p in sorted(deploy.glob("*.yaml")) for d in yaml.safe_load_all(p.read_text())
-               if d and d["kind"] == "Service")
+    svc = metrics_service([d for p in sorted(deploy.glob("*.yaml")) for d in yaml.safe_load_all(p.read_text()) if d])
     sm = yaml.safe_load((REPO / "manifests" / "monitoring" / "servicemonitor.yaml").read_text())
     assert sm["spec"]["selector"]["matchLabels"].items() <= svc["metadata"]["labels"].items()
     assert sm["spec"]["namespaceSelector"]["matchNames"] == [svc["metadata"]["namespace"]]
