@@ -16,10 +16,11 @@ test: setup
 	$(VENV)/bin/lint-imports
 	$(VENV)/bin/pytest
 
-# The Python install and the control-plane build (minutes when cold, cached by go.sum) run side by side.
-setup: system-deps
+# The control-plane build (minutes when cold, cached by go.sum; needs only Go) runs beside the system
+# packages and the Python install.
+setup:
 	@bash hack/ensure-controlplane.sh >/dev/null & cp=$$!; \
-	  $(MAKE) --no-print-directory $(STAMP); rc=$$?; wait $$cp || rc=$$?; exit $$rc
+	  bash hack/install-system-deps.sh && $(MAKE) --no-print-directory $(STAMP); rc=$$?; wait $$cp || rc=$$?; exit $$rc
 
 system-deps:
 	@bash hack/install-system-deps.sh
