@@ -29,16 +29,29 @@ def _in_ci() -> bool:
     return os.environ.get("CI", "").strip().lower() in ("true", "1", "yes")
 
 
-@pytest.fixture(scope="session")
-def controlplane(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ControlPlane]:
+def _started_controlplane(tmp_path_factory: pytest.TempPathFactory, name: str) -> Iterator[ControlPlane]:
     try:
         bin_dir = ensure_binaries()
     except ControlPlaneUnavailable as exc:
         if _in_ci():
             pytest.fail(f"control plane unavailable in CI: {exc}", pytrace=False)
         pytest.skip(f"control plane unavailable: {exc}")
-    workdir = tmp_path_factory.mktemp("controlplane")
-    with ControlPlane(workdir, bin_dir=bin_dir) as cp:
+    with ControlPlane(tmp_path_factory.mktemp(name), bin_dir=bin_dir) as cp:
+        yield cp
+
+
+@pytest.fixture(scope="session")
+def controlplane(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ControlPlane]:
+    yield from _started_controlplane(tmp_path_factory, "controlplane")
+
+
+@pytest.fixture(scope="module")
+def private_cp(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ControlPlane]:
+    """A control plane of the module's own (with the CRDs), for tests that stop it or count its requests."""
+    from .kube import Kube
+
+    for cp in _started_controlplane(tmp_path_factory, "private-cp"):
+        Kube(cp.kubeconfig_path).apply_crds()
         yield cp
 
 

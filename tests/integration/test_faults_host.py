@@ -27,23 +27,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.harness.controlplane import ControlPlane, ControlPlaneUnavailable, ensure_binaries
 from tests.harness.kube import Kube, condition
 from tests.harness.operator_process import OperatorProcess
 from tests.harness.sshd import keygen
-
-@pytest.fixture(scope="module")
-def private_cp(tmp_path_factory) -> Iterator[ControlPlane]:
-    try:
-        bin_dir = ensure_binaries()
-    except ControlPlaneUnavailable as exc:
-        if os.environ.get("CI", "").lower() in ("true", "1", "yes"):
-            pytest.fail(f"control plane unavailable in CI: {exc}", pytrace=False)
-        pytest.skip(f"control plane unavailable: {exc}")
-    with ControlPlane(tmp_path_factory.mktemp("faults-cp"), bin_dir=bin_dir) as cp:
-        Kube(cp.kubeconfig_path).apply_crds()
-        yield cp
-
 
 @pytest.fixture
 def operator_process(private_cp, tmp_path) -> Iterator[OperatorProcess]:

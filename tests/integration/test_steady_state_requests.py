@@ -8,35 +8,17 @@ bounded by the probe interval — the same for 4 VMs as for 16, which is how an 
 
 from __future__ import annotations
 
-import os
 import re
 import time
 import uuid
 from collections import Counter
-from collections.abc import Iterator
 
-import pytest
-
-from tests.harness.controlplane import ControlPlane, ControlPlaneUnavailable, ensure_binaries
 from tests.harness.kube import Kube
 from tests.harness.operator_process import OperatorProcess
 
 WINDOW = 15.0
 PROBE = 5
 _LINE = re.compile(r'^apiserver_request_total\{(?P<labels>[^}]*)\} (?P<value>\S+)$')
-
-
-@pytest.fixture(scope="module")
-def private_cp(tmp_path_factory) -> Iterator[ControlPlane]:
-    try:
-        bin_dir = ensure_binaries()
-    except ControlPlaneUnavailable as exc:
-        if os.environ.get("CI", "").lower() in ("true", "1", "yes"):
-            pytest.fail(f"control plane unavailable in CI: {exc}", pytrace=False)
-        pytest.skip(f"control plane unavailable: {exc}")
-    with ControlPlane(tmp_path_factory.mktemp("requests-cp"), bin_dir=bin_dir) as cp:
-        Kube(cp.kubeconfig_path).apply_crds()
-        yield cp
 
 
 def request_counts(kube: Kube) -> Counter[tuple[str, str, str]]:
