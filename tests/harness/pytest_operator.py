@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import ipaddress
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -72,16 +74,24 @@ def libvirtd_host(kube, libvirtd, operator) -> Iterator[str]:
     kube.delete("libvirthosts", name)
 
 
-@pytest.fixture
-def iso_downloads(operator, tmp_path) -> Iterator[Path]:
-    """The session operator downloads ISOImages from the loopback test server into a temp cache."""
+@contextlib.contextmanager
+def loopback_downloads(operator: InProcessOperator, cache: Path, **settings: Any) -> Iterator[Path]:
+    """While inside: the session operator downloads ISOImages into `cache` and may reach loopback
+    (the test HTTP server); `settings` override more fields. The settings are restored afterwards."""
     rt = operator.runtime
     original = rt.settings
-    cache = tmp_path / "iso-cache"
-    rt.settings = dataclasses.replace(original, iso_cache_dir=str(cache), iso_resync_seconds=2.0,
-                                      download_allowed_networks=(ipaddress.ip_network("127.0.0.0/8"),))
-    yield cache
-    rt.settings = original
+    rt.settings = dataclasses.replace(original, iso_cache_dir=str(cache),
+                                      download_allowed_networks=(ipaddress.ip_network("127.0.0.0/8"),), **settings)
+    try:
+        yield cache
+    finally:
+        rt.settings = original
+
+
+@pytest.fixture
+def iso_downloads(operator, tmp_path) -> Iterator[Path]:
+    with loopback_downloads(operator, tmp_path / "iso-cache", iso_resync_seconds=2.0) as cache:
+        yield cache
 
 
 @pytest.fixture

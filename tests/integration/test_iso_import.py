@@ -15,6 +15,7 @@ import pytest
 from libvirt_operator.adapters.libvirt.volumes import volume_name
 from tests.harness.http_server import TestHTTPServer
 from tests.harness.kube import condition
+from tests.harness.pytest_operator import loopback_downloads
 
 try:
     import libvirt
@@ -45,14 +46,8 @@ def http(test_iso):
 @pytest.fixture(scope="module")
 def cache_dir(operator, tmp_path_factory) -> Path:
     """The in-process operator downloads into a temp cache and may reach loopback (the test server)."""
-    rt = operator.runtime
-    original = rt.settings
-    path = tmp_path_factory.mktemp("iso-cache")
-    rt.settings = dataclasses.replace(
-        original, iso_cache_dir=str(path), iso_resync_seconds=2.0,
-        download_allowed_networks=(ipaddress.ip_network("127.0.0.0/8"),))
-    yield path
-    rt.settings = original
+    with loopback_downloads(operator, tmp_path_factory.mktemp("iso-cache"), iso_resync_seconds=2.0) as path:
+        yield path
 
 
 @pytest.fixture(scope="module")

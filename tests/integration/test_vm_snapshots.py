@@ -6,9 +6,7 @@ disk, a boot that writes the marker, a restore, and the next boot finds the disk
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
-import ipaddress
 import json
 import subprocess
 import time
@@ -21,6 +19,7 @@ from prometheus_client import REGISTRY
 
 from tests.harness.http_server import TestHTTPServer
 from tests.harness.kube import Kube, condition
+from tests.harness.pytest_operator import loopback_downloads
 from tests.harness.test_iso import DISK_MARKER_ABSENT, DISK_MARKER_PRESENT, DISK_MARKER_WRITTEN, KERNEL_MARKER
 
 try:
@@ -48,13 +47,8 @@ def iso_sha(test_iso) -> str:
 
 @pytest.fixture(scope="module")
 def cache_dir(operator, tmp_path_factory) -> Any:
-    rt = operator.runtime
-    original = rt.settings
-    path = tmp_path_factory.mktemp("snapshot-iso-cache")
-    rt.settings = dataclasses.replace(original, iso_cache_dir=str(path),
-                                      download_allowed_networks=(ipaddress.ip_network("127.0.0.0/8"),))
-    yield path
-    rt.settings = original
+    with loopback_downloads(operator, tmp_path_factory.mktemp("snapshot-iso-cache")) as path:
+        yield path
 
 
 @pytest.fixture(scope="module")
