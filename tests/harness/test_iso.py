@@ -5,6 +5,8 @@ embedded default boots as its sample; re-exported for the fixtures (pytest_libvi
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from libvirt_operator.devenv.testiso import (  # noqa: F401 - re-exports
     DISK_MARKER_ABSENT,
     DISK_MARKER_PRESENT,
@@ -18,3 +20,25 @@ from libvirt_operator.devenv.testiso import (  # noqa: F401 - re-exports
     iso_build_available,
     iso_cache_dir,
 )
+
+from .kube import Kube
+
+
+class Serial:
+    """The guest's serial log on the host (appended to at every boot)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.boots = 0
+
+    def next_boot(self, timeout: float = 60) -> str:
+        """The output of the next boot, once the guest reported its disk and wrote the marker."""
+        def done() -> str | None:
+            text = self.path.read_text(errors="replace") if self.path.exists() else ""
+            parts = text.split(KERNEL_MARKER)
+            if len(parts) > self.boots + 1 and DISK_MARKER_WRITTEN in parts[self.boots + 1]:
+                return parts[self.boots + 1]
+            return None
+        out = Kube.wait_for(done, timeout=timeout, what=f"boot {self.boots + 1} on the serial log")
+        self.boots += 1
+        return out

@@ -193,6 +193,7 @@ def _minimal(plural: str, name: str) -> dict[str, Any]:
     specs = {
         "libvirthosts": {"uri": "qemu+tcp://127.0.0.1:1/system", "insecure": True},
         "isoimages": {"source": {"url": "https://example.org/a.iso"}, "checksum": "sha256:" + "0" * 64},
+        "virtualmachines": {"memory": "64Mi"},
     }
     assert plural in specs, f"no minimal {plural} object to try the patch on"
     return {"metadata": {"name": name}, "spec": specs[plural]}

@@ -20,7 +20,7 @@ from prometheus_client import REGISTRY
 from tests.harness.http_server import TestHTTPServer
 from tests.harness.kube import Kube, condition
 from tests.harness.pytest_operator import loopback_downloads
-from tests.harness.test_iso import DISK_MARKER_ABSENT, DISK_MARKER_PRESENT, DISK_MARKER_WRITTEN, KERNEL_MARKER
+from tests.harness.test_iso import DISK_MARKER_ABSENT, DISK_MARKER_PRESENT, Serial
 
 try:
     import libvirt
@@ -117,26 +117,6 @@ def complete(kube: Kube, namespace: str, name: str, timeout: float = 60) -> dict
 
 def set_strategy(kube: Kube, namespace: str, name: str, strategy: str) -> None:
     kube.patch(VM, name, {"spec": {"runStrategy": strategy}}, namespace)
-
-
-class Serial:
-    """The guest's serial log on the host (appended to at every boot)."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.boots = 0
-
-    def next_boot(self, timeout: float = 60) -> str:
-        """The output of the next boot, once the guest reported its disk and wrote the marker."""
-        def done() -> str | None:
-            text = self.path.read_text(errors="replace") if self.path.exists() else ""
-            parts = text.split(KERNEL_MARKER)
-            if len(parts) > self.boots + 1 and DISK_MARKER_WRITTEN in parts[self.boots + 1]:
-                return parts[self.boots + 1]
-            return None
-        out = Kube.wait_for(done, timeout=timeout, what=f"boot {self.boots + 1} on the serial log")
-        self.boots += 1
-        return out
 
 
 def snapshots_on_host(conn: Any, uid: str) -> list[str]:

@@ -122,6 +122,12 @@ RULES: tuple[Rule, ...] = (
     _rule("image-not-found", E.IMAGE_NOT_FOUND,
           r"\bbase (volume|image) \S+ (of|for) disk\b[^\n]*\b(does not exist|not found|missing)",
           r"\bImageNotFound\b"),
+    # Host failure policy (reconcile/vm_failover.py): the operator's own sentences.
+    _rule("host-out-of-service", E.HOST_OUT_OF_SERVICE,
+          r"\bis (declared )?out of service\b",
+          r"\bcannot follow (it|the VM)\b",
+          r"\bHostOutOfService\b",
+          r"\bspec\.outOfService\b"),
     _rule("volume-shrink", E.VOLUME_SHRINK_REFUSED,
           r"\bvolumes are never shrunk\b",
           r"\bsmaller than (its|the) base (volume|image)\b",

@@ -45,6 +45,7 @@ class ErrorCode(str, enum.Enum):
     RESTORE_TARGET_RUNNING = "RESTORE_TARGET_RUNNING"
     IMAGE_NOT_FOUND = "IMAGE_NOT_FOUND"
     VOLUME_SHRINK_REFUSED = "VOLUME_SHRINK_REFUSED"
+    HOST_OUT_OF_SERVICE = "HOST_OUT_OF_SERVICE"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,6 +123,10 @@ CATALOG: Mapping[ErrorCode, CodeInfo] = {
         "ImageNotFound", True, "The base volume a disk is cloned from does not exist on the VM's host."),
     ErrorCode.VOLUME_SHRINK_REFUSED: CodeInfo(
         "VolumeShrinkRefused", False, "A disk's size is smaller than its base image: volumes are never shrunk."),
+    ErrorCode.HOST_OUT_OF_SERVICE: CodeInfo(
+        "HostOutOfService", True,
+        "The VM's host is declared out of service and the VM stays placed there (hostFailurePolicy Wait, or "
+        "disks that cannot follow it to another host)."),
 }
 
 # Keys whose values must never reach status, events or logs.

@@ -74,7 +74,7 @@ HOST_CONNECTED = Gauge(
 
 VM_OPERATIONS = Counter(
     "libvirt_operator_vm_operations_total", "VM lifecycle operations performed",
-    ["operation"])  # create, delete, start, stop, redefine
+    ["operation"])  # VM_OPERATION_NAMES
 ERRORS = Counter(
     "libvirt_operator_errors_total", "Errors reported in resource status, by code", ["kind", "code"])
 
@@ -134,7 +134,8 @@ def forget_host(host: str) -> None:
 
 
 RECONCILE_RESULTS = ("success", "error", "requeue_after", "requeue")
-VM_OPERATION_NAMES = ("create", "redefine", "create_volume", "start", "stop", "pause", "unpause", "delete")
+VM_OPERATION_NAMES = ("create", "redefine", "create_volume", "start", "stop", "pause", "unpause", "delete",
+                      "recreate", "fence")  # recreate: left an out-of-service host; fence: its stale copy removed
 ERROR_KINDS = ("VirtualMachine", "ISOImage", "LibvirtHost")
 
 

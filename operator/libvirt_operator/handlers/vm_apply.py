@@ -72,4 +72,4 @@ async def _apply(rt: Runtime, st: VmState, vm: dict[str, Any], outcome: VmOutcom
 
 
 WAITING_CODES = {ErrorCode.NO_SCHEDULABLE_HOST, ErrorCode.INSUFFICIENT_RESOURCES, ErrorCode.ISO_NOT_FOUND,
-                 ErrorCode.HOST_NOT_FOUND, ErrorCode.HOST_UNREACHABLE}
+                 ErrorCode.HOST_NOT_FOUND, ErrorCode.HOST_UNREACHABLE, ErrorCode.HOST_OUT_OF_SERVICE}

@@ -24,7 +24,9 @@ from ..core.domain import ABSENT
 from ..core.errors import AppError
 from ..core.logs import get_logger
 from ..core.metrics import DOMAIN_EVENTS, VM_RESYNC_SECONDS
+from ..reconcile import plan
 from ..reconcile.failures import error_status, human_message
+from ..reconcile.vm_failover import STALE_HOSTS, remove_stale_copies
 from ..reconcile.runtime import Runtime
 from ..reconcile.vm import sync_vm
 from ..reconcile.vm_status import host_lost_status
@@ -32,7 +34,7 @@ from ..reconcile.vm_types import VmOutcome
 from .startup import runtime_of
 from .vm_apply import _apply
 from .vm_orphans import _check_orphans
-from .vm_state import BUSY_RETRY_SECONDS, VmState, _vm_log, state_of
+from .vm_state import BUSY_RETRY_SECONDS, PLURAL, VmState, _vm_log, state_of
 
 log = get_logger(__name__)
 RESYNC_SECONDS = 10.0                  # full sweep of a host's VMs: the safety net for lost events
@@ -167,8 +169,11 @@ async def resync_host(rt: Runtime, st: VmState, host: str, conn: Any) -> float:
                if (vm := st.vms.get(uid)) is not None and not vm["metadata"].get("deletionTimestamp")}
     busy = {uid for uid in targets if (lock := st.locks.get(uid)) is not None and lock.locked()}
     targets -= busy  # a handler holds these right now: look again shortly, without asking libvirt now
-    if targets or orphan_check_due:
+    stale = set(st.stale_on.get(host) or ())
+    if targets or orphan_check_due or stale:
         started = time.perf_counter()
+        if stale:  # copies of VMs that left this host while it was out of service: gone first
+            await _remove_stale_copies(rt, st, host, conn, stale)
         observed = await conn.call("list_domains", domains.list_domains)
         if orphan_check_due:
             await _check_orphans(rt, st, host, conn, observed)
@@ -217,3 +222,31 @@ async def resync_host(rt: Runtime, st: VmState, host: str, conn: Any) -> float:
             # Due but not refreshed (held by a handler, or not defined yet): not a busy loop.
             waits.append(deadline - now if deadline > now else BUSY_RETRY_SECONDS)
     return min(waits)
+
+
+async def _remove_stale_copies(rt: Runtime, st: VmState, host: str, conn: Any, uids: set[str]) -> None:
+    """This host answers again: power off and undefine the copies of VMs recreated elsewhere while it was
+    out of service (each VM lists it in status.staleDomainHosts), then drop it from those lists."""
+    hv = plan.HostView.from_object(st.hosts.get(host) or {"metadata": {"name": host}})
+    removed = await remove_stale_copies(rt, host, hv, conn, sorted(uids))
+    for uid, (found, volumes) in removed.items():
+        async with st.lock(uid):
+            vm = st.vms.get(uid)
+            if vm is None:
+                continue
+            status = vm.get("status") or {}
+            remaining = sorted(set(status.get(STALE_HOSTS) or []) - {host})
+            meta = vm["metadata"]
+            try:
+                await rt.kube.patch_status(PLURAL, meta["namespace"], meta["name"], {STALE_HOSTS: remaining or None})
+            except AppError as err:
+                log.info("could not clear a removed stale copy from the VM's status; next round", uid=uid,
+                         host=host, code=err.code.value)
+                continue
+            vm["status"] = {**status, STALE_HOSTS: remaining}
+            st.index(uid)
+            if found:
+                kopf.event(vm, type="Normal", reason="StaleCopyRemoved",
+                           message=f"its stale domain on LibvirtHost {host} (left when the host was out of service) "
+                                   "was powered off and undefined"
+                                   + (f"; local volumes deleted: {', '.join(volumes)}" if volumes else ""))

@@ -53,6 +53,8 @@ class VmState:
         self.full_synced: dict[str, float] = {}            # host → monotonic time of the last full sweep
         # Indexes over `vms` (kept by `index`): uids by status.host, and reservations by host.
         self.on_host: dict[str, set[str]] = {}
+        self.stale_on: dict[str, set[str]] = {}            # host → uids with a stale copy there (staleDomainHosts)
+        self._stale_at: dict[str, frozenset[str]] = {}     # uid → its keys in stale_on
         self.reserved_on: dict[str, dict[str, plan.Reservation]] = {}
         self.pending: dict[str, plan.Reservation] = {}     # placement decisions (until the VM is gone)
         self._host_of: dict[str, str] = {}                 # uid → key in on_host
@@ -72,6 +74,13 @@ class VmState:
         if host:
             self._host_of[uid] = host
             self.on_host.setdefault(host, set()).add(uid)
+        for name in self._stale_at.pop(uid, frozenset()):
+            self.stale_on.get(name, set()).discard(uid)
+        stale = frozenset((vm.get("status") or {}).get("staleDomainHosts") or []) if vm is not None else frozenset()
+        if stale:
+            self._stale_at[uid] = stale
+            for name in stale:
+                self.stale_on.setdefault(name, set()).add(uid)
         if deleting:
             reservation = None
         elif host:

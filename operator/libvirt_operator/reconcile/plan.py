@@ -8,6 +8,7 @@ This module gathers the planning modules' public names, so callers keep writing 
   plan_capacity   reservations and free capacity
   plan_tenancy    which namespaces, pools and networks a host admits
   plan_placement  choose_host
+  plan_failover   whether a VM leaves an out-of-service host (hostFailurePolicy)
   plan_power      run strategies, power plan, crash-loop backoff, printable status
   plan_redefine   domain type, (re)definition
 """
@@ -24,6 +25,7 @@ from .plan_tenancy import (
     pool_denial, pools_of,
 )
 from .plan_placement import Placement, choose_host
+from .plan_failover import Failover, disk_pools, plan_failover
 from .plan_power import (
     Action, BACKOFF_BASE_SECONDS, BACKOFF_CAP_SECONDS, PowerPlan, PowerStatus, STABLE_RUN_SECONDS,
     STALLED_AFTER_FAILURES, crash_looping_stalled, desired_running, eject_media_now, plan_power,
@@ -52,6 +54,9 @@ __all__ = [
     "pools_of",
     "Placement",
     "choose_host",
+    "Failover",
+    "disk_pools",
+    "plan_failover",
     "Action",
     "BACKOFF_BASE_SECONDS",
     "BACKOFF_CAP_SECONDS",

@@ -39,6 +39,13 @@ class HostView:
     allowed_bridges: frozenset[str] | None = None
     cpu_allocation_ratio: float = 4.0      # LibvirtHost spec (overcommit)
     memory_allocation_ratio: float = 1.0
+    unschedulable: bool = False            # cordoned: nothing new is placed here
+    out_of_service: bool = False           # fenced: nothing new is placed here; Recreate VMs leave
+    shared_pools: frozenset[str] = frozenset()
+
+    @property
+    def schedulable(self) -> bool:
+        return self.ready and not (self.deleting or self.unschedulable or self.out_of_service)
 
     @property
     def allocatable_cpus(self) -> int:
@@ -78,6 +85,9 @@ class HostView:
             allowed_bridges=_name_set(spec.get("allowedBridges")),
             cpu_allocation_ratio=_ratio(spec.get("cpuAllocationRatio"), 4.0),
             memory_allocation_ratio=_ratio(spec.get("memoryAllocationRatio"), 1.0),
+            unschedulable=bool(spec.get("unschedulable")),
+            out_of_service=bool(spec.get("outOfService")),
+            shared_pools=_name_set(spec.get("sharedPools")) or frozenset(),
         )
 
     @property

@@ -4,7 +4,7 @@ capacity that admits it), or the error that says why none."""
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 
 from ..core.api.vm import VirtualMachineSpec
 from ..core.errors import AppError, ErrorCode
@@ -24,12 +24,15 @@ class Placement:
 
 def choose_host(spec: VirtualMachineSpec, hosts: Iterable[HostView],
                 reserved: Iterable[Reservation] = (), namespace: str = "",
-                namespace_labels: Mapping[str, str] | None = None) -> Placement:
+                namespace_labels: Mapping[str, str] | None = None, *,
+                avoid: Collection[str] = (), shared_pools: Collection[str] = ()) -> Placement:
     """Pick a Ready host matching hostSelector with room for the VM; most free memory wins
     (then most free CPUs, then name, so the choice is deterministic). No fit → a Placement whose
     error is HOST_NOT_FOUND (hostRef names no host), NO_SCHEDULABLE_HOST (no Ready host matches) or
     INSUFFICIENT_RESOURCES (matching hosts are full). hostRef pins: the host must exist and be Ready,
-    capacity is not checked."""
+    capacity is not checked. Cordoned (unschedulable) and out-of-service hosts take nothing new.
+    A VM leaving a failed host (reconcile.plan_failover) passes `avoid` (the hosts that may still hold a
+    copy of it) and `shared_pools` (the pools its disks live in: the new host must share them all)."""
     hosts = list(hosts)
     by_host: dict[str, list[Reservation]] = {}
     for r in reserved:  # grouped once: O(reservations + hosts), not O(reservations × hosts)
@@ -54,15 +57,25 @@ def choose_host(spec: VirtualMachineSpec, hosts: Iterable[HostView],
                         f"({shown}); e.g. {first.message}",
             {**first.context, "matchingHosts": len(names)}))
     matching = [h for h in matching if denials[h.name] is None]
-    candidates = [h for h in matching if h.ready and not h.deleting]
+    candidates = [h for h in matching if h.schedulable and h.name not in avoid
+                  and h.shared_pools.issuperset(shared_pools)]
     if not candidates:
-        if spec.host_ref is not None:
+        closed = sorted(h.name for h in matching if h.ready and (h.unschedulable or h.out_of_service))
+        if spec.host_ref is not None and spec.host_ref in closed:
+            what = (f"LibvirtHost {spec.host_ref} is cordoned (spec.unschedulable) or out of service "
+                    "(spec.outOfService): nothing new is placed there")
+        elif shared_pools:
+            what = (f"no other Ready, schedulable LibvirtHost {_placement_scope(spec)} lists all of the VM's "
+                    f"disk pools in spec.sharedPools ({', '.join(sorted(shared_pools))})")
+        elif spec.host_ref is not None:
             what = f"LibvirtHost {spec.host_ref} is not Ready"
         elif spec.host_selector and spec.host_selector.match_labels:
             what = (f"no Ready LibvirtHost matches hostSelector {selector_text(spec.host_selector.match_labels)} "
                     f"({len(matching)} match, none Ready)")
         else:
             what = "no LibvirtHost is Ready"
+        if closed and spec.host_ref is None and not shared_pools:
+            what += f"; cordoned or out of service: {', '.join(closed[:5])}"
         return Placement(None, AppError(ErrorCode.NO_SCHEDULABLE_HOST, what,
                                         {"matchingHosts": len(matching)}))
     if spec.host_ref is not None:

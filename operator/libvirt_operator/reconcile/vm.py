@@ -32,7 +32,8 @@ from .failures import error_status, human_message
 from .runtime import Runtime
 from .vm_types import ClusterView, Event, VmOutcome, _Stage
 from .vm_status import RESTART_REQUIRED, SCHEDULED, _failed, _name_conflict, _refused, _transition_events
-from .vm_placement import find_own_domain
+from .vm_placement import place
+from .vm_failover import leave_failed_host
 from .vm_media import _eject, _resolve_media
 from .vm_volumes import _check_commitment, _ensure_volumes, _existing_volumes, _recorded_volumes
 from .vm_power import _NOT_GUEST_FAULT, _OPERATION, _act, _crashed, _power_status, _put_power_status
@@ -64,44 +65,15 @@ async def sync_vm(body: Mapping[str, Any], rt: Runtime, view: ClusterView, *,
             _eject(status, events)
             full = True  # redefine without the media before the next start
         host = status.get("host")
+        departure = None
+        if host:
+            stage.placed = True  # an out-of-service host the VM stays on: still Scheduled
+            departure = await leave_failed_host(spec, meta, status, view, rt, events)
+            stage.placed = False
+            if departure is not None:
+                host = None
         if not host:
-            views = [plan.HostView.from_object(h) for h in view.hosts.values()]
-            # A domain with this UUID already on a host this VM could be on (an earlier placement whose
-            # status write was lost, or a status wiped since): that host, never a second domain.
-            host = await find_own_domain(rt, uid, [v.name for v in views if plan.matches_selector(v, spec)],
-                                         view)
-            if host is not None:
-                events.append(("Normal", "Adopted", f"found its domain (UUID {uid}) on LibvirtHost {host}"))
-            else:
-                labels = await view.labels_if_needed(
-                    [v for v in views if plan.matches_selector(v, spec)], namespace)
-                placement = plan.choose_host(
-                    spec, views, view.reservations_for(plan.capacity_hosts(spec, views), uid),
-                    namespace=namespace, namespace_labels=labels)
-                if placement.error is not None:
-                    raise placement.error
-                host = placement.host
-                assert host is not None
-                events.append(("Normal", "Scheduled", f"placed on LibvirtHost {host}"))
-            # Visible to the next placement now, not once the status shows it.
-            view.placed(uid, plan.placement_reservation(spec, host, uid))
-            status["host"] = host
-            status["conditions"] = set_condition(status.get("conditions") or [], SCHEDULED, True, "Scheduled",
-                                                 f"placed on LibvirtHost {host}", generation)
-            if view.record_placement is not None:
-                # Recorded BEFORE anything is created on the host: a placement that is not in the
-                # status never has a domain, so a retry can never start the VM on a second host.
-                try:
-                    recorded = await view.record_placement(
-                        body, {"host": host, "conditions": status["conditions"]})
-                except AppError:
-                    view.placed(uid, None)
-                    status.pop("host", None)
-                    raise
-                if recorded != host:  # another writer placed it first: theirs holds
-                    host = recorded
-                    view.placed(uid, plan.placement_reservation(spec, host, uid))
-                    status["host"] = host
+            host = await place(spec, uid, namespace, generation, body, status, view, rt, events, departure)
         stage.placed = True
         conditions = set_condition(status.get("conditions") or [], SCHEDULED, True, "Scheduled",
                                    f"placed on LibvirtHost {host}", generation)

@@ -20,6 +20,7 @@ from . import plan
 from .host import host_connection
 from .failures import error_status, human_message
 from .runtime import Runtime
+from .vm_failover import remove_stale_copies, stale_hosts
 from .vm_types import ClusterView, DeleteOutcome, Event
 
 log = get_logger(__name__)
@@ -67,8 +68,28 @@ async def delete_vm(body: Mapping[str, Any], rt: Runtime, view: ClusterView) -> 
                                                f"released without cleaning up host {host}: {err.message}")], None)
         return await _deletion_blocked(err, status, generation, rt, [])
     VM_OPERATIONS.labels("delete").inc()
-    return DeleteOutcome(True, None, [("Normal", "Deleted",
-                                       f"domain removed from {host}; volumes deleted: {', '.join(deleted) or 'none'}")])
+    events: list[Event] = [("Normal", "Deleted",
+                            f"domain removed from {host}; volumes deleted: {', '.join(deleted) or 'none'}")]
+    return DeleteOutcome(True, None, events + await _stale_copies_on_delete(rt, view, uid, status))
+
+
+async def _stale_copies_on_delete(rt: Runtime, view: ClusterView, uid: str, status: Mapping[str, Any]) -> list[Event]:
+    """Copies left on out-of-service hosts (status.staleDomainHosts): removed where the host answers; a host
+    that does not never blocks the deletion (it was declared fenced: nothing runs there), and the copy it
+    still holds is reported in its status.orphanedDomains once it answers."""
+    events: list[Event] = []
+    for host in sorted(stale_hosts(status)):
+        host_obj = view.hosts.get(host)
+        conn = rt.pool.get(host)
+        hv = plan.HostView.from_object(host_obj) if host_obj is not None else None
+        if hv is not None and hv.ready and conn is not None and not conn.closed:
+            if (await remove_stale_copies(rt, host, hv, conn, [uid])).get(uid):
+                events.append(("Normal", "StaleCopyRemoved", f"its stale domain on LibvirtHost {host} was removed"))
+                continue
+        events.append(("Warning", "StaleCopyLeft",
+                       f"LibvirtHost {host} (out of service) could not be asked: the stale copy of the domain there "
+                       "is reported in its status.orphanedDomains once it answers; remove it with virsh undefine"))
+    return events
 
 
 def _teardown_pools(body: Mapping[str, Any], default_pool: str) -> list[str]:

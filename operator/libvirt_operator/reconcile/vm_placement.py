@@ -11,11 +11,15 @@ from ..adapters.kube import ConflictError
 from ..adapters.libvirt import domains
 from ..core.domain import DomainObservation
 from ..core.errors import AppError, ErrorCode
+from ..core.api.vm import VirtualMachineSpec
+from ..core.conditions import set_condition
 from ..core.logs import get_logger
 from . import plan
 from .host import host_connection
 from .runtime import Runtime
-from .vm_types import ClusterView
+from .vm_failover import STALE_HOSTS, Departure, stale_hosts
+from .vm_status import SCHEDULED
+from .vm_types import ClusterView, Event
 
 log = get_logger(__name__)
 
@@ -31,6 +35,7 @@ async def record_placement(rt: Runtime, body: Mapping[str, Any], placed: dict[st
     meta = body.get("metadata") or {}
     namespace, name = meta.get("namespace", ""), meta.get("name", "")
     version = meta.get("resourceVersion")
+    leaving = (body.get("status") or {}).get("host")  # a VM leaving an out-of-service host: not a placement
     for _ in range(PLACEMENT_WRITE_ATTEMPTS):
         try:
             written = await rt.kube.patch_status("virtualmachines", namespace, name, placed, resource_version=version)
@@ -39,7 +44,7 @@ async def record_placement(rt: Runtime, body: Mapping[str, Any], placed: dict[st
             if fresh is None:
                 break
             recorded = (fresh.get("status") or {}).get("host")
-            if recorded:
+            if recorded and recorded != leaving:
                 return str(recorded), fresh
             version = fresh["metadata"]["resourceVersion"]
             continue
@@ -84,3 +89,54 @@ async def find_own_domain(rt: Runtime, uid: str, hosts: list[str], view: Cluster
                     uid=uid, hosts=[f[0] for f in found])
     found.sort(key=lambda f: (not f[1].active, f[0]))
     return found[0][0]
+
+
+async def place(spec: VirtualMachineSpec, uid: str, namespace: str, generation: int, body: Mapping[str, Any],
+                status: dict[str, Any], view: ClusterView, rt: Runtime, events: list[Event],
+                departure: Departure | None) -> str:
+    """Place an unplaced VM (or one leaving an out-of-service host: `departure`): its own domain found on a
+    host wins; otherwise choose_host. The decision is recorded in status (status.host + Scheduled) before
+    anything exists on the host, and returned (another writer's recorded placement wins)."""
+    views = [plan.HostView.from_object(h) for h in view.hosts.values()]
+    avoid = departure.avoid if departure is not None else frozenset(stale_hosts(status))
+    # A domain with this UUID already on a host this VM could be on (an earlier placement whose
+    # status write was lost, or a status wiped since): that host, never a second domain. Never a
+    # host it left (out of service, or still holding a stale copy).
+    host = await find_own_domain(rt, uid, [v.name for v in views if plan.matches_selector(v, spec)
+                                           and not v.out_of_service and v.name not in avoid], view)
+    if host is not None:
+        events.append(("Normal", "Adopted", f"found its domain (UUID {uid}) on LibvirtHost {host}"))
+    else:
+        labels = await view.labels_if_needed(
+            [v for v in views if plan.matches_selector(v, spec)], namespace)
+        placement = plan.choose_host(
+            spec, views, view.reservations_for(plan.capacity_hosts(spec, views), uid),
+            namespace=namespace, namespace_labels=labels, avoid=avoid,
+            shared_pools=departure.shared_pools if departure is not None else ())
+        if placement.error is not None:
+            raise placement.error
+        host = placement.host
+        assert host is not None
+        events.append(("Normal", "Scheduled", f"placed on LibvirtHost {host}"))
+    # Visible to the next placement now, not once the status shows it.
+    view.placed(uid, plan.placement_reservation(spec, host, uid))
+    status["host"] = host
+    status["conditions"] = set_condition(status.get("conditions") or [], SCHEDULED, True, "Scheduled",
+                                         f"placed on LibvirtHost {host}", generation)
+    if view.record_placement is not None:
+        # Recorded BEFORE anything is created on the host: a placement that is not in the
+        # status never has a domain, so a retry can never start the VM on a second host.
+        placed = {"host": host, "conditions": status["conditions"]}
+        if departure is not None:  # with the new host, in one write: the copy left behind
+            placed[STALE_HOSTS] = status.get(STALE_HOSTS)
+        try:
+            recorded = await view.record_placement(body, placed)
+        except AppError:
+            view.placed(uid, None)
+            status.pop("host", None)
+            raise
+        if recorded != host:  # another writer placed it first: theirs holds
+            host = recorded
+            view.placed(uid, plan.placement_reservation(spec, host, uid))
+            status["host"] = host
+    return host

@@ -82,7 +82,8 @@ async def _failed(err: AppError, old_status: Mapping[str, Any], status: dict[str
     else:
         status["printableStatus"] = plan.printable_status(
             unschedulable=scheduling, waiting_for_media=stage.waiting_media,
-            host_unknown=err.code in (ErrorCode.HOST_UNREACHABLE, ErrorCode.HOST_NOT_FOUND, ErrorCode.LIBVIRT_TIMEOUT),
+            host_unknown=err.code in (ErrorCode.HOST_UNREACHABLE, ErrorCode.HOST_NOT_FOUND, ErrorCode.LIBVIRT_TIMEOUT,
+                                      ErrorCode.HOST_OUT_OF_SERVICE),
             provisioning=True)
     previous_code = (old_status.get("error") or {}).get("code")
     if previous_code != err.code.value and not stage.start_failed:

@@ -253,6 +253,12 @@ def ensure_volumes(conn: libvirt.virConnect, uid: str, requests: Iterable[Volume
         if vol is None:
             vol = _legacy_volume(pool, own, req.disk)
         if vol is None:
+            # A pool shared with other hosts (spec.sharedPools) learns of their volumes only on a refresh:
+            # the VM's disk may be there already, written from the host it left.
+            with contextlib.suppress(libvirt.libvirtError):
+                pool.refresh(0)
+            vol = find_volume(pool, req.name)
+        if vol is None:
             vol = pool.createXML(volume_xml(req.name, req.size_bytes, "qcow2"), 0)
             created = True
         results.append(VolumeResult(req.pool, vol.name(), vol.path(), created, req.disk))
@@ -351,6 +357,20 @@ def teardown(conn: libvirt.virConnect, uuid: str, pools: Iterable[str]) -> list[
     destroy(conn, uuid)
     undefine(conn, uuid)
     return delete_owned_volumes(conn, uuid, pools, own)
+
+
+def remove_stale_copy(conn: libvirt.virConnect, uuid: str, shared_pools: Iterable[str]) -> tuple[bool, list[str]]:
+    """Fencing cleanup on a host a VM was recreated away from: power its domain off here and undefine it;
+    delete the volumes named with its uid in this host's other pools (host-local leftovers such as the
+    cloud-init seed). Volumes in `shared_pools` are the VM's live disks on its new host: never touched,
+    whatever the domain's disks point at. Returns (a domain was there, volumes deleted)."""
+    found = _lookup(conn, uuid) is not None
+    destroy(conn, uuid)
+    undefine(conn, uuid)
+    shared = set(shared_pools)
+    local = [p.name() for p in conn.listAllStoragePools(libvirt.VIR_CONNECT_LIST_STORAGE_POOLS_ACTIVE)
+             if p.name() not in shared]
+    return found, delete_owned_volumes(conn, uuid, local, None)
 
 
 def eject_cdroms(conn: libvirt.virConnect, uuid: str) -> int:

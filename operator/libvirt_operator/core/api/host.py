@@ -84,6 +84,25 @@ class LibvirtHostSpec(ApiModel):
     probe_interval_seconds: int = Field(
         default=30, ge=5, le=3600,
         description="How often the operator probes the host and resynchronises its domains.")
+    # --- day two: cordon, fencing, shared storage ---
+    unschedulable: bool = Field(
+        default=False,
+        description=("Cordon: no VirtualMachine is placed here any more (hostSelector skips it, a hostRef waits). "
+                     "VMs already here keep running."))
+    out_of_service: bool = Field(
+        default=False,
+        description=("Fence declaration, set by an admin or a fencing agent once the host is known to run no "
+                     "domain (powered off, or isolated from storage and network), like Kubernetes' "
+                     "node.kubernetes.io/out-of-service taint. Nothing is placed here; VMs with hostFailurePolicy "
+                     "Recreate leave for another host. The operator cannot tell a dead host from an unreachable "
+                     "one, so it never moves a VM on unreachability alone. Clear it once the host is back and "
+                     "its stale copies are gone (the VMs' status.staleDomainHosts no longer name it)."))
+    shared_pools: list[Annotated[str, Field(max_length=253, pattern=RESOURCE_NAME_PATTERN)]] = Field(
+        default_factory=list, max_length=MAX_TENANCY_ENTRIES, json_schema_extra=_SET,
+        description=("Storage pools whose storage other hosts see too, under the same pool name (NFS, a cluster "
+                     "filesystem, Ceph RBD, iSCSI): a VM's volume in such a pool is the same volume from every "
+                     "host that lists the pool. A VM with hostFailurePolicy Recreate follows its disks only to "
+                     "hosts that list all of its volume pools here."))
     # --- overcommit: how much of the host placement may promise (OpenStack's current defaults) ---
     cpu_allocation_ratio: float = Field(
         default=4.0, ge=1.0, le=64.0,

@@ -148,6 +148,17 @@ class VirtualMachineSpec(ApiModel):
         description=("EjectAfterFirstBoot: empty the cdroms once the first run has ended (the guest powered off "
                      "after booting, e.g. at the end of an install); never while it runs, and an in-guest "
                      "reboot does not count. status.mediaEjected records it."))
+    host_failure_policy: Literal["Wait", "Recreate"] = Field(
+        default="Wait",
+        description=("What happens when the VM's LibvirtHost is declared out of service (spec.outOfService: its "
+                     "domains are known not to run: powered off or fenced). Wait: the VM stays placed there until "
+                     "the host is back. Recreate: its copy there is powered off and undefined when the host can "
+                     "be reached (and recorded in status.staleDomainHosts when it cannot, to be removed first "
+                     "when the host returns), then the VM is placed again by hostSelector on another host and "
+                     "started per runStrategy. Only when every volume disk can follow: its pool is in "
+                     "spec.sharedPools of both hosts (the same storage seen from each); otherwise the VM waits "
+                     "and its status names the disks that cannot follow. A host that is merely unreachable is "
+                     "never left: its QEMU may still run. Needs hostSelector (hostRef pins the VM)."))
 
 
 class StartFailure(ApiModel):
@@ -213,7 +224,15 @@ class VirtualMachineStatus(ApiModel):
     observed_generation: int | None = observed_generation_field()
     conditions: list[Condition] = conditions_field()
     printable_status: PrintableStatus | None = Field(default=None, description="One-word state for humans.")
-    host: str | None = Field(default=None, description="The LibvirtHost the VM was placed on. Never changes.")
+    host: str | None = Field(default=None, description=(
+        "The LibvirtHost the VM was placed on. Changes only when hostFailurePolicy Recreate moves the VM off "
+        "an out-of-service host."))
+    stale_domain_hosts: list[str] = Field(
+        default_factory=list, json_schema_extra={"x-kubernetes-list-type": "set"},
+        description=("Out-of-service hosts the VM was recreated away from that could not be reached at the time: "
+                     "they may still hold its domain (stopped: the host was declared out of service). The operator "
+                     "powers it off and undefines it there as soon as the host answers, before anything else, "
+                     "and removes the entry."))
     domain_name: str | None = Field(default=None, description="libvirt domain name.")
     domain_uuid: str | None = Field(default=None, alias="domainUUID",
                                     description="libvirt domain UUID (= metadata.uid).")
@@ -257,6 +276,9 @@ class VirtualMachine(Resource):
          "message": "set hostRef or hostSelector, not both"},
         {"rule": "has(self.hostRef) == has(oldSelf.hostRef) && (!has(self.hostRef) || self.hostRef == oldSelf.hostRef)",
          "message": "hostRef is immutable: a VM never moves; delete and recreate it to place it elsewhere"},
+        {"rule": "!has(self.hostRef) || !has(self.hostFailurePolicy) || self.hostFailurePolicy != 'Recreate'",
+         "message": "hostFailurePolicy Recreate needs hostSelector (or no host constraint): hostRef pins the VM to "
+                    "one host, so it cannot be recreated on another"},
     ]
 
     spec: VirtualMachineSpec = Field(description="Desired state of the VM.")
