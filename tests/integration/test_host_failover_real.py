@@ -195,14 +195,19 @@ def test_a_fenced_host_s_vm_runs_on_the_other_host_with_its_disk_and_one_copy_at
                       what="the stale copy on A removed")
         assert not defined_on(a, web)
         assert "StaleCopyRemoved" in [e.reason for e in kube.events_for(namespace, "web")]
-        # The VM that waited runs on A again (Wait semantics once its host answers).
-        running_on(kube, namespace, "local", ha)
+        # The VM that waits is not started on A while A is out of service (the domain is reported as it is).
         time.sleep(2)
+        st = vm_status(kube, namespace, "local")
+        assert st["host"] == ha and st["printableStatus"] == "Stopped" and st["error"]["code"] == "HOST_OUT_OF_SERVICE"
+        assert running_copies(a, local) == 0
         assert watch.stop() == 1 and watch.polls > 10
         assert vm_status(kube, namespace, "web")["host"] == hb and running_copies(b, web) == 1
 
-        # The other direction, on a host that still answers: B's copy is powered off before A starts one.
+        # A back in service: the VM that waited runs there again.
         kube.patch(HOST, ha, {"spec": {"outOfService": False}})
+        running_on(kube, namespace, "local", ha)
+
+        # The other direction, on a host that still answers: B's copy is powered off before A starts one.
         watch = CopyWatch((a, b), web)
         kube.patch(HOST, hb, {"spec": {"outOfService": True}})
         st = running_on(kube, namespace, "web", ha)

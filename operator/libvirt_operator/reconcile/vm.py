@@ -33,7 +33,7 @@ from .runtime import Runtime
 from .vm_types import ClusterView, Event, VmOutcome, _Stage
 from .vm_status import RESTART_REQUIRED, SCHEDULED, _failed, _name_conflict, _refused, _transition_events
 from .vm_placement import place
-from .vm_failover import leave_failed_host
+from .vm_failover import leave_failed_host, staying_refusal
 from .vm_media import _eject, _resolve_media
 from .vm_volumes import _check_commitment, _ensure_volumes, _existing_volumes, _recorded_volumes
 from .vm_power import _NOT_GUEST_FAULT, _OPERATION, _act, _crashed, _power_status, _put_power_status
@@ -90,7 +90,8 @@ async def sync_vm(body: Mapping[str, Any], rt: Runtime, view: ClusterView, *,
             raise AppError(ErrorCode.HOST_UNREACHABLE, f"the operator has no connection to LibvirtHost {host} yet",
                            {"host": host})
         hv = plan.HostView.from_object(host_obj)
-        refusal = plan.host_denial(spec, hv, namespace, await view.labels_if_needed([hv], namespace))
+        refusal = plan.host_denial(spec, hv, namespace, await view.labels_if_needed([hv], namespace)) \
+            or staying_refusal(spec, hv)
         if refusal is not None:
             # Placed earlier, refused now (the host's tenancy fields or the namespace's labels changed,
             # or the spec asks for a pool/network the host does not expose): never define, redefine or

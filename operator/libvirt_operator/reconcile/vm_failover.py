@@ -53,7 +53,7 @@ async def leave_failed_host(spec: VirtualMachineSpec, meta: Mapping[str, Any], s
         return None
     if not decision.move:
         if hv.ready:
-            return None  # it answers: the VM is looked after there as usual
+            return None  # it answers: the VM's domain is reported as it is (staying_refusal), never started
         raise AppError(ErrorCode.HOST_OUT_OF_SERVICE, decision.message, {"host": host})
     stale = stale_hosts(status)
     removed = await _remove_copy(rt, host, hv, uid) if hv.ready else None
@@ -72,6 +72,15 @@ async def leave_failed_host(spec: VirtualMachineSpec, meta: Mapping[str, Any], s
     status.pop("host", None)
     status[STALE_HOSTS] = sorted(stale) or None
     return Departure(frozenset(stale | {host}), decision.shared_pools)
+
+
+def staying_refusal(spec: VirtualMachineSpec, hv: plan.HostView) -> AppError | None:
+    """A VM that stays on its out-of-service host while the host answers: like a tenancy refusal, its domain
+    is reported as it is and neither started, redefined nor stopped until the host is back in service."""
+    decision = plan.plan_failover(spec, hv)
+    if decision is None or decision.move:
+        return None
+    return AppError(ErrorCode.HOST_OUT_OF_SERVICE, decision.message, {"host": hv.name})
 
 
 async def _remove_copy(rt: Runtime, host: str, hv: plan.HostView, uid: str) -> list[str] | None:

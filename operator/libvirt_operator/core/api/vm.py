@@ -151,8 +151,8 @@ class VirtualMachineSpec(ApiModel):
     host_failure_policy: Literal["Wait", "Recreate"] = Field(
         default="Wait",
         description=("What happens when the VM's LibvirtHost is declared out of service (spec.outOfService: its "
-                     "domains are known not to run: powered off or fenced). Wait: the VM stays placed there until "
-                     "the host is back. Recreate: its copy there is powered off and undefined when the host can "
+                     "domains are known not to run: powered off or fenced). Wait: the VM stays placed there and its "
+                     "domain is neither started nor stopped until the host is back in service. Recreate: its copy there is powered off and undefined when the host can "
                      "be reached (and recorded in status.staleDomainHosts when it cannot, to be removed first "
                      "when the host returns), then the VM is placed again by hostSelector on another host and "
                      "started per runStrategy. Only when every volume disk can follow: its pool is in "
