@@ -86,3 +86,31 @@ def test_a_copy_its_domain_uses_is_never_replaced(setup) -> None:
         assert not _copied(conn, req.name)
     finally:
         defined.undefine()
+
+
+class _Direct:
+    """The host connection's call(), run in place on the real connection (no pool, no thread)."""
+
+    def __init__(self, conn) -> None:
+        self.conn = conn
+
+    async def call(self, _what, fn, **_kw):
+        return fn(self.conn)
+
+
+async def test_after_a_failed_reconcile_status_lists_a_copy_only_if_it_was_recorded(setup) -> None:
+    """A copy that timed out (or a later disk that failed) leaves the volume at full size: the failure's
+    status.volumes must not record it, or the next reconcile would take it as finished."""
+    from libvirt_operator.core.api.vm import VirtualMachineSpec
+    from libvirt_operator.reconcile import plan
+    from libvirt_operator.reconcile.vm_volumes import _existing_volumes
+
+    conn, uid, req = setup
+    _cut_short(conn, req.name)
+    spec = VirtualMachineSpec.model_validate({"disks": [
+        {"name": "root", "volume": {"source": {"volume": {"pool": POOL, "name": "base"}}, "clone": "full"}},
+        {"name": "data", "volume": {"size": "1Mi"}}]})
+    host = plan.HostView(name="h", default_pool=POOL)
+    assert await _existing_volumes(spec, uid, host, _Direct(conn)) == []
+    assert await _existing_volumes(spec, uid, host, _Direct(conn), frozenset({req.name})) == [
+        {"disk": "root", "pool": POOL, "name": req.name}]

@@ -130,7 +130,7 @@ async def sync_vm(body: Mapping[str, Any], rt: Runtime, view: ClusterView, *,
                                                                    _recorded_volumes(old_status))
             except AppError:
                 # Some may exist by now (the first disk's, when the second one's pool fails): say so.
-                status["volumes"] = await _existing_volumes(spec, uid, hv, conn)
+                status["volumes"] = await _existing_volumes(spec, uid, hv, conn, _recorded_volumes(old_status))
                 raise
             status["volumes"] = volumes
             seed = await vm_seed.attach_seed(spec, namespace, name, uid, hv, conn, rt)  # spec.cloudInit

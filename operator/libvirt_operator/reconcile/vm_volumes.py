@@ -91,13 +91,18 @@ async def _check_commitment(host: str, pools: list[str], conn: Any, status: dict
         status["conditions"] = remove_condition(conditions, STORAGE_OVERCOMMITTED)
 
 
-async def _existing_volumes(spec: VirtualMachineSpec, uid: str, hv: plan.HostView, conn: Any) -> list[dict[str, str]]:
-    """The VM's uid-named volumes that exist on the host (informational status.volumes)."""
+async def _existing_volumes(spec: VirtualMachineSpec, uid: str, hv: plan.HostView, conn: Any,
+                            recorded: frozenset[str] = frozenset()) -> list[dict[str, str]]:
+    """The VM's uid-named volumes that exist on the host (informational status.volumes, after a failure).
+    A disk copied from an image counts only if the last status recorded it: after a failed or timed-out
+    copy the volume exists at full size with partial content, and a recorded clone is never copied again."""
     found = []
     for disk in spec.disks:
         if disk.volume is None:
             continue
         pool, name = disk.volume.pool or hv.default_pool, volume_name(uid, disk.name)
+        if disk.volume.source is not None and name not in recorded:
+            continue
         try:
             path = await conn.call("volume_path", lambda c, p=pool, v=name: domains.volume_path(c, p, v))
         except AppError:
