@@ -33,7 +33,7 @@ from .runtime import Runtime
 from .vm_types import ClusterView, Event, VmOutcome, _Stage
 from .vm_status import RESTART_REQUIRED, SCHEDULED, _failed, _name_conflict, _refused, _transition_events
 from .vm_placement import place
-from .vm_failover import leave_failed_host, staying_refusal
+from .vm_failover import departure, staying_refusal
 from .vm_media import _eject, _resolve_media
 from .vm_volumes import _check_commitment, _ensure_volumes, _existing_volumes, _recorded_volumes
 from .vm_power import _NOT_GUEST_FAULT, _OPERATION, _act, _crashed, _power_status, _put_power_status
@@ -65,15 +65,14 @@ async def sync_vm(body: Mapping[str, Any], rt: Runtime, view: ClusterView, *,
             _eject(status, events)
             full = True  # redefine without the media before the next start
         host = status.get("host")
-        departure = None
+        leaving = None
         if host:
-            stage.placed = True  # an out-of-service host the VM stays on: still Scheduled
-            departure = await leave_failed_host(spec, meta, status, view, rt, events)
-            stage.placed = False
-            if departure is not None:
-                host = None
+            stage.placed = True  # a VM that stays on its out-of-service host, or cannot leave it yet: still Scheduled
+            leaving = departure(spec, status, view)
+            if leaving is not None:
+                host = await place(spec, meta, generation, body, status, view, rt, events, leaving)
         if not host:
-            host = await place(spec, uid, namespace, generation, body, status, view, rt, events, departure)
+            host = await place(spec, meta, generation, body, status, view, rt, events, None)
         stage.placed = True
         conditions = set_condition(status.get("conditions") or [], SCHEDULED, True, "Scheduled",
                                    f"placed on LibvirtHost {host}", generation)

@@ -27,8 +27,11 @@ STALE_HOSTS = "staleDomainHosts"
 
 @dataclasses.dataclass(frozen=True)
 class Departure:
-    """A VM that left its host: where it must not go back to, and the pools the new host must share."""
+    """A VM about to leave its out-of-service host: where it must not go, the pools the new host must share."""
 
+    host: str
+    host_view: plan.HostView
+    message: str
     avoid: frozenset[str]
     shared_pools: frozenset[str]
 
@@ -37,12 +40,10 @@ def stale_hosts(status: Mapping[str, Any]) -> set[str]:
     return {str(h) for h in status.get(STALE_HOSTS) or [] if h}
 
 
-async def leave_failed_host(spec: VirtualMachineSpec, meta: Mapping[str, Any], status: dict[str, Any],
-                            view: ClusterView, rt: Runtime, events: list[Event]) -> Departure | None:
-    """For a VM placed on an out-of-service host: None when it stays (an out-of-service host that does not
-    answer raises HOST_OUT_OF_SERVICE, so the VM waits with the reason in its status); otherwise its copy
-    there is removed (or the host recorded as stale) and status.host is cleared for a new placement."""
-    uid = str(meta.get("uid") or "")
+def departure(spec: VirtualMachineSpec, status: Mapping[str, Any], view: ClusterView) -> Departure | None:
+    """For a VM placed on an out-of-service host, whether it leaves (nothing is changed yet: the copy there
+    is removed only once a new host is chosen, `vacate`). None when it stays; a host that does not answer
+    then raises HOST_OUT_OF_SERVICE, so the VM waits with the reason in its status."""
     host = str(status.get("host") or "")
     host_obj = view.hosts.get(host)
     if not host or host_obj is None:
@@ -55,23 +56,31 @@ async def leave_failed_host(spec: VirtualMachineSpec, meta: Mapping[str, Any], s
         if hv.ready:
             return None  # it answers: the VM's domain is reported as it is (staying_refusal), never started
         raise AppError(ErrorCode.HOST_OUT_OF_SERVICE, decision.message, {"host": host})
+    return Departure(host, hv, decision.message, frozenset(stale_hosts(status) | {host}), decision.shared_pools)
+
+
+async def vacate(rt: Runtime, leaving: Departure, meta: Mapping[str, Any], status: dict[str, Any],
+                 events: list[Event]) -> None:
+    """A new host is chosen: the copy on the old one is powered off and undefined first when the old host
+    answers; otherwise the host joins status.staleDomainHosts (written with the new placement) and the
+    copy is removed as soon as it answers. status.host is cleared for the new placement."""
+    uid = str(meta.get("uid") or "")
     stale = stale_hosts(status)
-    removed = await _remove_copy(rt, host, hv, uid) if hv.ready else None
+    removed = await _remove_copy(rt, leaving.host, leaving.host_view, uid) if leaving.host_view.ready else None
     if removed is None:
-        stale.add(host)
+        stale.add(leaving.host)
         events.append(("Warning", "HostOutOfService",
-                       f"{decision.message}; LibvirtHost {host} does not answer: its copy of the domain is removed "
-                       "as soon as it does (status.staleDomainHosts)"))
+                       f"{leaving.message}; LibvirtHost {leaving.host} does not answer: its copy of the domain is "
+                       "removed as soon as it does (status.staleDomainHosts)"))
     else:
         events.append(("Warning", "HostOutOfService",
-                       f"{decision.message}; its domain on {host} was powered off and undefined first"
+                       f"{leaving.message}; its domain on {leaving.host} was powered off and undefined first"
                        + (f" (local volumes deleted: {', '.join(removed)})" if removed else "")))
     VM_OPERATIONS.labels("recreate").inc()
     log.warning("VM leaves an out-of-service host", kind="VirtualMachine", namespace=meta.get("namespace"),
-                name=meta.get("name"), uid=uid, host=host, stale=sorted(stale))
+                name=meta.get("name"), uid=uid, host=leaving.host, stale=sorted(stale))
     status.pop("host", None)
     status[STALE_HOSTS] = sorted(stale) or None
-    return Departure(frozenset(stale | {host}), decision.shared_pools)
 
 
 def staying_refusal(spec: VirtualMachineSpec, hv: plan.HostView) -> AppError | None:

@@ -17,7 +17,7 @@ from ..core.logs import get_logger
 from . import plan
 from .host import host_connection
 from .runtime import Runtime
-from .vm_failover import STALE_HOSTS, Departure, stale_hosts
+from .vm_failover import STALE_HOSTS, Departure, stale_hosts, vacate
 from .vm_status import SCHEDULED
 from .vm_types import ClusterView, Event
 
@@ -91,12 +91,14 @@ async def find_own_domain(rt: Runtime, uid: str, hosts: list[str], view: Cluster
     return found[0][0]
 
 
-async def place(spec: VirtualMachineSpec, uid: str, namespace: str, generation: int, body: Mapping[str, Any],
+async def place(spec: VirtualMachineSpec, meta: Mapping[str, Any], generation: int, body: Mapping[str, Any],
                 status: dict[str, Any], view: ClusterView, rt: Runtime, events: list[Event],
                 departure: Departure | None) -> str:
     """Place an unplaced VM (or one leaving an out-of-service host: `departure`): its own domain found on a
     host wins; otherwise choose_host. The decision is recorded in status (status.host + Scheduled) before
-    anything exists on the host, and returned (another writer's recorded placement wins)."""
+    anything exists on the host, and returned (another writer's recorded placement wins). A VM that
+    leaves vacates its old host only once a new one is chosen: with no other host, it stays as it was."""
+    uid, namespace = str(meta.get("uid") or ""), str(meta.get("namespace") or "")
     views = [plan.HostView.from_object(h) for h in view.hosts.values()]
     avoid = departure.avoid if departure is not None else frozenset(stale_hosts(status))
     # A domain with this UUID already on a host this VM could be on (an earlier placement whose
@@ -118,6 +120,8 @@ async def place(spec: VirtualMachineSpec, uid: str, namespace: str, generation: 
         host = placement.host
         assert host is not None
         events.append(("Normal", "Scheduled", f"placed on LibvirtHost {host}"))
+    if departure is not None:
+        await vacate(rt, departure, meta, status, events)
     # Visible to the next placement now, not once the status shows it.
     view.placed(uid, plan.placement_reservation(spec, host, uid))
     status["host"] = host
