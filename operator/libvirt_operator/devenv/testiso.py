@@ -16,7 +16,7 @@ see what a disk held at boot.
 ``build_test_iso(dest_dir, heartbeat=True)`` makes a variant whose GRUB passes ``heartbeat`` on the
 kernel's command line: instead of halting for good, the kernel (``heartbeat.c``) prints
 ``HEARTBEAT_MARKER`` and then ``TICK_MARKER <n>`` about once a second (PIT at 20 Hz, ``sti; hlt``
-in between, so still little CPU), ``n`` counting up in guest memory. Live migration tests use it to
+in between: its QEMU used ~0.3% of a core under TCG), ``n`` counting up in guest memory. Live migration tests use it to
 see a guest keep running, not boot again, on the destination host.
 
 Only the GRUB modules the boot needs go onto the ISO, so it is ~0.8 MB (a default
