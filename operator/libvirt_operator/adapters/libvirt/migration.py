@@ -416,7 +416,9 @@ def migrate_live(
         bound.warning("migration completed despite abort", why=aborted)
         return MigrationResult(seconds, tuple(created), {})
 
-    left = delete_volumes(dest_conn, created)
+    # A job still running after abortJob() may yet complete: its volumes are not ours to delete then.
+    left = (delete_volumes(dest_conn, created) if not worker.is_alive()
+            else [f"{v.pool}/{v.name}" for v in created])
     cause = error if isinstance(error, libvirt.libvirtError) else None
     message = aborted or (error.get_error_message() if cause is not None else str(error)) or repr(error)
     if aborted and cause is not None:
