@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import re
 import time
+import xml.etree.ElementTree as ET
 from pathlib import Path
 
 from tests.harness.libvirt_hosts import LibvirtDaemon, boot_domain_xml
@@ -115,6 +116,11 @@ def test_two_daemons_at_once_each_boot_a_same_named_guest(libvirtd_factory, test
             pool = conn.storagePoolLookupByName("default")
             assert pool.isActive() and pool.autostart()
             assert f"<path>{d.pool_path}</path>" in pool.XMLDesc()
+            # Each daemon is a distinct host (libvirt refuses to migrate between equal host UUIDs),
+            # and keeps its UUID in its root across restarts.
+            host_uuid = ET.fromstring(conn.getCapabilities()).findtext("./host/uuid")
+            assert host_uuid == d.host_uuid == LibvirtDaemon(root=d.root).host_uuid
+        assert a.host_uuid != b.host_uuid
         # Same domain name on both hosts, running at the same time: hosts are independent.
         doms = []
         for d, conn in zip((a, b), conns, strict=True):

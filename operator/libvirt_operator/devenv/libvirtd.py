@@ -23,6 +23,7 @@ import subprocess
 import tempfile
 import threading
 import time
+import uuid
 import xml.etree.ElementTree as ET
 from collections.abc import Sequence
 from pathlib import Path
@@ -235,8 +236,9 @@ class LibvirtDaemon:
 
     Layout under :attr:`root`: ``etc/ run/ lib/ cache/ log/`` (bind-mounted over the
     ``/etc/libvirt`` … ``/var/log/libvirt`` of the daemon's namespace), ``pool/`` (the dir
-    pool ``default``, defined, started and autostarted) and ``daemon.log`` (stdout/stderr of
-    the namespace script and libvirtd). libvirtd logs to ``log/libvirtd.log``, virtlogd to
+    pool ``default``, defined, started and autostarted), ``host-uuid`` (:attr:`host_uuid`:
+    each daemon is a distinct host, so domains can migrate between them) and ``daemon.log``
+    (stdout/stderr of the namespace script and libvirtd). libvirtd logs to ``log/libvirtd.log``, virtlogd to
     ``log/virtlogd.log``, QEMU to ``log/qemu/<domain>.log``. The root and the pool are at
     the same path inside and outside the namespace, so files placed there (ISOs, serial
     logs) are visible to both.
@@ -388,6 +390,25 @@ class LibvirtDaemon:
         except OSError:
             pass
 
+    @property
+    def host_uuid(self) -> str:
+        """This host's UUID (``host_uuid`` in its libvirtd.conf), kept in ``<root>/host-uuid``.
+
+        Daemons on one machine would otherwise all report the machine's SMBIOS/machine-id UUID,
+        and libvirt refuses to migrate between them ("Attempt to migrate guest to the same
+        host"). Made once per root, so a restarted daemon keeps its identity.
+        """
+        path = self._root / "host-uuid"
+        try:
+            return str(uuid.UUID(path.read_text().strip()))
+        except (OSError, ValueError):
+            pass
+        value = str(uuid.uuid4())
+        tmp = path.with_name(f".host-uuid.{os.getpid()}.tmp")
+        tmp.write_text(value + "\n")
+        os.replace(tmp, path)
+        return value
+
     def _write_config(self) -> None:
         root = self._root
         for sub in (*BIND_DIRS, "pool", "log/qemu"):  # log/qemu: as the Debian package creates it
@@ -403,6 +424,7 @@ auth_tcp = "none"
 auth_unix_rw = "none"
 auth_unix_ro = "none"
 log_outputs = "{self.log_level}:file:/var/log/libvirt/libvirtd.log"
+host_uuid = "{self.host_uuid}"
 """
         )
         (etc / "virtlogd.conf").write_text(

@@ -13,6 +13,12 @@ whether sector 0 starts with its marker, then writes (and flushes) the marker an
 ``DISK_MARKER_WRITTEN``; without a virtio disk it prints ``NO_DISK``. Snapshot tests use this to
 see what a disk held at boot.
 
+``build_test_iso(dest_dir, heartbeat=True)`` makes a variant whose GRUB passes ``heartbeat`` on the
+kernel's command line: instead of halting for good, the kernel (``heartbeat.c``) prints
+``HEARTBEAT_MARKER`` and then ``TICK_MARKER <n>`` about once a second (PIT at 20 Hz, ``sti; hlt``
+in between: its QEMU used ~0.3% of a core under TCG), ``n`` counting up in guest memory. Live migration tests use it to
+see a guest keep running, not boot again, on the destination host.
+
 Only the GRUB modules the boot needs go onto the ISO, so it is ~0.8 MB (a default
 ``grub-mkrescue`` image is ~9.5 MB). Needs ``gcc`` with 32-bit support (``gcc-multilib``),
 ``grub-mkrescue`` (``grub-pc-bin``, ``grub-common``) and ``xorriso``: see
@@ -37,17 +43,19 @@ __all__ = [
     "DISK_MARKER_PRESENT",
     "DISK_MARKER_WRITTEN",
     "GRUB_MARKER",
+    "HEARTBEAT_MARKER",
     "KERNEL_MARKER",
     "MARKERS",
     "NO_DISK",
     "SOURCE_DIR",
+    "TICK_MARKER",
     "build_test_iso",
     "iso_build_available",
     "iso_cache_dir",
 ]
 
 SOURCE_DIR = Path(__file__).resolve().parent / "data" / "testiso"
-SOURCES = ("grub.cfg", "kernel.S", "disk.c", "linker.ld")
+SOURCES = ("grub.cfg", "kernel.S", "disk.c", "heartbeat.c", "linker.ld")
 
 GRUB_MARKER = "LVOP-TESTISO-GRUB-OK"
 KERNEL_MARKER = "LVOP-TESTISO-KERNEL-OK"
@@ -57,6 +65,10 @@ DISK_MARKER_PRESENT = "LVOP-TESTISO-MARKER-PRESENT"
 DISK_MARKER_ABSENT = "LVOP-TESTISO-MARKER-ABSENT"
 DISK_MARKER_WRITTEN = "LVOP-TESTISO-MARKER-WRITTEN"
 NO_DISK = "LVOP-TESTISO-NO-DISK"
+# The heartbeat variant (heartbeat.c): once after the disk report, then "<TICK_MARKER> <n>" each second.
+HEARTBEAT_MARKER = "LVOP-TESTISO-HEARTBEAT"
+TICK_MARKER = "LVOP-TESTISO-TICK"
+_KERNEL_LINE = "multiboot /boot/kernel.elf"
 
 _GCC_FLAGS = [
     "-m32", "-ffreestanding", "-nostdlib", "-static", "-no-pie",
@@ -93,9 +105,11 @@ def iso_build_available() -> tuple[bool, str]:
     return True, ""
 
 
-def _source_hash() -> str:
+def _source_hash(heartbeat: bool = False) -> str:
     h = hashlib.sha256()
     h.update(f"recipe {_RECIPE}\n{_GCC_FLAGS}\n{_MKRESCUE_FLAGS}\n".encode())
+    if heartbeat:
+        h.update(b"variant heartbeat\n")
     for name in SOURCES:
         data = (SOURCE_DIR / name).read_bytes()
         h.update(f"{name} {len(data)}\n".encode())
@@ -112,7 +126,19 @@ def _run(cmd: list[str], cwd: Path) -> None:
         )
 
 
-def _build(dest: Path) -> None:
+def _grub_cfg(heartbeat: bool) -> str:
+    text = (SOURCE_DIR / "grub.cfg").read_text()
+    if not heartbeat:
+        return text
+    lines = text.splitlines(keepends=True)
+    hits = [i for i, line in enumerate(lines) if line.strip() == _KERNEL_LINE]
+    if len(hits) != 1:
+        raise RuntimeError(f"grub.cfg must have exactly one {_KERNEL_LINE!r} line for the heartbeat variant")
+    lines[hits[0]] = lines[hits[0]].rstrip("\n") + " heartbeat\n"
+    return "".join(lines)
+
+
+def _build(dest: Path, heartbeat: bool = False) -> None:
     """Build the ISO into ``dest`` (written atomically)."""
     ok, reason = iso_build_available()
     if not ok:
@@ -125,7 +151,7 @@ def _build(dest: Path) -> None:
         tmp = Path(tmp_s)
         tree = tmp / "tree"
         (tree / "boot" / "grub").mkdir(parents=True)
-        shutil.copyfile(SOURCE_DIR / "grub.cfg", tree / "boot" / "grub" / "grub.cfg")
+        (tree / "boot" / "grub" / "grub.cfg").write_text(_grub_cfg(heartbeat))
         _run(
             [
                 "gcc", *_GCC_FLAGS,
@@ -133,6 +159,7 @@ def _build(dest: Path) -> None:
                 "-o", str(tree / "boot" / "kernel.elf"),
                 str(SOURCE_DIR / "kernel.S"),
                 str(SOURCE_DIR / "disk.c"),
+                str(SOURCE_DIR / "heartbeat.c"),
             ],
             tmp,
         )  # fmt: skip
@@ -143,16 +170,19 @@ def _build(dest: Path) -> None:
         os.replace(iso, dest)
 
 
-def build_test_iso(dest_dir: str | os.PathLike[str]) -> tuple[Path, tuple[str, str]]:
+def build_test_iso(
+    dest_dir: str | os.PathLike[str], *, heartbeat: bool = False
+) -> tuple[Path, tuple[str, str]]:
     """Return ``(path, (grub_marker, kernel_marker))`` with the ISO copied into ``dest_dir``.
 
-    The ISO is built once per version of the sources and reused from the cache after that;
-    the copy in ``dest_dir`` (``test-<hash>.iso``) is the caller's to modify or delete.
+    The ISO is built once per version of the sources (and variant: ``heartbeat``, see the module
+    docstring) and reused from the cache after that; the copy in ``dest_dir``
+    (``test-<hash>.iso``) is the caller's to modify or delete.
     """
-    digest = _source_hash()
+    digest = _source_hash(heartbeat)
     cached = iso_cache_dir() / f"test-{digest}.iso"
     if not cached.is_file():
-        _build(cached)
+        _build(cached, heartbeat)
     dest_dir = Path(dest_dir)
     dest_dir.mkdir(parents=True, exist_ok=True)
     path = dest_dir / cached.name

@@ -2,7 +2,7 @@
  * A tiny multiboot (v1) kernel for the libvirt-operator test ISO.
  * GRUB loads it in 32-bit protected mode; it writes a marker line to COM1 (0x3F8),
  * already set up by GRUB's "serial" command, then halts with interrupts off, so the
- * booted guest uses almost no CPU.
+ * booted guest uses almost no CPU (unless its command line asks for a heartbeat: heartbeat.c).
  */
     .set MB_MAGIC,    0x1BADB002
     .set MB_FLAGS,    0
@@ -21,6 +21,7 @@
 _start:
     cli
     mov     $stack_top, %esp
+    mov     %ebx, mb_info       /* heartbeat.c reads the multiboot command line */
     mov     $message, %esi
 next_char:
     lodsb
@@ -38,6 +39,7 @@ wait_thr:                       /* wait until the transmit holding register is e
     jmp     next_char
 done:
     call    disk_marker         /* disk.c: report and write the disk marker, if there is a disk */
+    call    heartbeat           /* heartbeat.c: never returns when the command line asks for it */
 halt:
     cli
     hlt
