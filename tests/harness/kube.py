@@ -17,7 +17,8 @@ from libvirt_operator.devenv.resources import apply_crds
 
 GROUP, VERSION = "virt.libvirt-operator.io", "v1alpha1"
 KINDS = {"libvirthosts": "LibvirtHost", "virtualmachines": "VirtualMachine", "isoimages": "ISOImage",
-         "virtualmachinesnapshots": "VirtualMachineSnapshot", "virtualmachinerestores": "VirtualMachineRestore"}
+         "virtualmachinesnapshots": "VirtualMachineSnapshot", "virtualmachinerestores": "VirtualMachineRestore",
+         "virtualmachinemigrations": "VirtualMachineMigration"}
 REPO = Path(__file__).resolve().parents[2]
 
 

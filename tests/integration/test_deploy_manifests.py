@@ -31,7 +31,8 @@ CHART = REPO / "charts" / "libvirt-operator"
 NAMESPACE = "libvirt-operator"
 SERVICE_ACCOUNT = "libvirt-operator"
 GROUP = "virt.libvirt-operator.io"
-KINDS = ("libvirthosts", "virtualmachines", "isoimages", "virtualmachinesnapshots", "virtualmachinerestores")
+KINDS = ("libvirthosts", "virtualmachines", "isoimages", "virtualmachinesnapshots", "virtualmachinerestores",
+         "virtualmachinemigrations")
 FIELD_MANAGER = "test-deploy-manifests"
 
 # Everything the operator does on the API, derived from the code. (verb, group, resource, subresource)

@@ -66,14 +66,15 @@ def downloads(operator, tmp_path_factory):
 
 
 def running_copies(daemon: Any, uid: str) -> int | None:
-    """1 if the daemon runs the domain of this UUID, 0 if not, None if the daemon does not answer."""
+    """1 if the daemon runs the domain of this UUID (state running: a paused domain, such as the incoming
+    side of a live migration, executes nothing), 0 if not, None if the daemon does not answer."""
     try:
         conn = libvirt.open(daemon.uri)
     except libvirt.libvirtError:
         return None
     try:
         try:
-            return 1 if conn.lookupByUUIDString(uid).isActive() else 0
+            return 1 if conn.lookupByUUIDString(uid).state()[0] == libvirt.VIR_DOMAIN_RUNNING else 0
         except libvirt.libvirtError:
             return 0
     finally:

@@ -66,4 +66,4 @@ def test_run_help_lists_the_operational_options() -> None:
 
 def test_crds_command_prints_every_crd() -> None:
     out = CliRunner().invoke(main, ["crds"]).output
-    assert out.count("kind: CustomResourceDefinition") == 5
+    assert out.count("kind: CustomResourceDefinition") == 6

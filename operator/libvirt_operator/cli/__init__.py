@@ -114,12 +114,15 @@ def dev(workdir: pathlib.Path, libvirt_mode: str, metrics_port: int) -> None:
 
 
 from .console import console as _console  # noqa: E402
+from .drain import drain as _drain  # noqa: E402
 from .vm_actions import kubectl_plugin as _kubectl_plugin  # noqa: E402
 from .vm_actions import vm as _vm_actions  # noqa: E402  (start/stop/restart/pause/unpause)
 
 _kubectl_plugin.add_command(_console)
+_kubectl_plugin.add_command(_drain)
 main.add_command(_vm_actions)
 main.add_command(_console)
+main.add_command(_drain)
 
 
 try:  # the knowledge-base commands need the rag extra

@@ -122,6 +122,13 @@ RULES: tuple[Rule, ...] = (
     _rule("image-not-found", E.IMAGE_NOT_FOUND,
           r"\bbase (volume|image) \S+ (of|for) disk\b[^\n]*\b(does not exist|not found|missing)",
           r"\bImageNotFound\b"),
+    # Live migration (handlers/migration.py, adapters/libvirt/migrate_vm.py): the operator's own sentences.
+    _rule("migration-failed", E.MIGRATION_FAILED,
+          r"\bthe VM keeps running on its host\b",
+          r"\bmigration out: canceled\b",
+          r"\btarget LibvirtHost \S+ (is not Ready|does not exist|refuses the VM)",
+          r"\bMigrationFailed\b",
+          r"\b(live )?migration\b[^\n]*\b(failed|refused|aborted|not supported)"),
     # Host failure policy (reconcile/vm_failover.py): the operator's own sentences.
     _rule("host-out-of-service", E.HOST_OUT_OF_SERVICE,
           r"\bis (declared )?out of service\b",

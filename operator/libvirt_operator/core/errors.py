@@ -46,6 +46,7 @@ class ErrorCode(str, enum.Enum):
     IMAGE_NOT_FOUND = "IMAGE_NOT_FOUND"
     VOLUME_SHRINK_REFUSED = "VOLUME_SHRINK_REFUSED"
     HOST_OUT_OF_SERVICE = "HOST_OUT_OF_SERVICE"
+    MIGRATION_FAILED = "MIGRATION_FAILED"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,6 +128,9 @@ CATALOG: Mapping[ErrorCode, CodeInfo] = {
         "HostOutOfService", True,
         "The VM's host is declared out of service and the VM stays placed there (hostFailurePolicy Wait, or "
         "disks that cannot follow it to another host)."),
+    ErrorCode.MIGRATION_FAILED: CodeInfo(
+        "MigrationFailed", False,
+        "A live migration was refused or failed; it was rolled back and the VM keeps running on its host."),
 }
 
 # Keys whose values must never reach status, events or logs.

@@ -72,6 +72,11 @@ HOST_READY = Gauge(
 HOST_CONNECTED = Gauge(
     "libvirt_operator_host_connected", "1 when the operator holds a live connection to the host", ["host"])
 
+MIGRATIONS = Counter(
+    "libvirt_operator_vm_migrations_total", "VirtualMachineMigrations that ended, by outcome", ["outcome"])
+MIGRATION_SECONDS = Histogram(
+    "libvirt_operator_vm_migration_duration_seconds", "Live migrations from start to the switch (or the failure)",
+    ["outcome"], buckets=(1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800))
 VM_OPERATIONS = Counter(
     "libvirt_operator_vm_operations_total", "VM lifecycle operations performed",
     ["operation"])  # VM_OPERATION_NAMES
@@ -150,6 +155,8 @@ def initialise_series(controllers: tuple[str, ...] = ()) -> None:
         ACTIVE_WORKERS.labels(controller)
     for operation in VM_OPERATION_NAMES:
         VM_OPERATIONS.labels(operation)
+    for outcome in ("succeeded", "failed", "refused"):
+        MIGRATIONS.labels(outcome)
     for kind in ERROR_KINDS:
         for code in ErrorCode:
             ERRORS.labels(kind, code.value)

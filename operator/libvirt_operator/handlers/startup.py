@@ -57,7 +57,7 @@ def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
     return kopf.login_with_service_account(**kwargs) or kopf.login_with_kubeconfig(**kwargs)
 
 
-CONTROLLERS = ("virtualmachine", "isoimage", "libvirthost")  # the names the handlers pass to @reconciler
+CONTROLLERS = ("virtualmachine", "isoimage", "libvirthost", "virtualmachinemigration")  # the names the handlers pass to @reconciler
 
 
 @kopf.on.startup()

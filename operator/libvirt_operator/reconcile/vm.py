@@ -34,6 +34,7 @@ from .vm_types import ClusterView, Event, VmOutcome, _Stage
 from .vm_status import RESTART_REQUIRED, SCHEDULED, _failed, _name_conflict, _refused, _transition_events
 from .vm_placement import place
 from .vm_failover import departure, staying_refusal
+from .vm_migration import TARGET as MIGRATION_TARGET, settle as settle_migration
 from .vm_media import _eject, _resolve_media
 from .vm_volumes import _check_commitment, _ensure_volumes, _existing_volumes, _recorded_volumes
 from .vm_power import _NOT_GUEST_FAULT, _OPERATION, _act, _crashed, _power_status, _put_power_status
@@ -64,6 +65,8 @@ async def sync_vm(body: Mapping[str, Any], rt: Runtime, view: ClusterView, *,
                 observed):
             _eject(status, events)
             full = True  # redefine without the media before the next start
+        if status.get(MIGRATION_TARGET):  # a migration was interrupted: the domain's host first
+            await settle_migration(rt, uid, status, view)
         host = status.get("host")
         leaving = None
         if host:

@@ -157,6 +157,20 @@ def interface_macs(xml: str) -> dict[str, str]:
     return _by_alias(xml, "./devices/interface", "ua-net-", "mac", "address")
 
 
+def disk_devices(xml: str) -> dict[str, tuple[str, str, bool]]:
+    """Disk name (from our ua-disk- alias) → (target dev, source file or "", read-only), every disk."""
+    result: dict[str, tuple[str, str, bool]] = {}
+    for disk in ET.fromstring(xml).iterfind("./devices/disk"):
+        alias, target, source = disk.find("alias"), disk.find("target"), disk.find("source")
+        name = alias.get("name", "") if alias is not None else ""
+        if not name.startswith("ua-disk-") or target is None:
+            continue
+        readonly = disk.find("readonly") is not None or disk.get("device") == "cdrom"
+        result[name[len("ua-disk-"):]] = (target.get("dev", ""), source.get("file", "") if source is not None else "",
+                                         readonly)
+    return result
+
+
 def disk_sources(xml: str) -> dict[str, str]:
     """Disk name (from our ua-disk- alias) → source file, for device=disk only (cdroms are ISOImages')."""
     return _by_alias(xml, "./devices/disk[@device='disk']", "ua-disk-", "source", "file")

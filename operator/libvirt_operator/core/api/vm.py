@@ -227,6 +227,9 @@ class VirtualMachineStatus(ApiModel):
     host: str | None = Field(default=None, description=(
         "The LibvirtHost the VM was placed on. Changes only when hostFailurePolicy Recreate moves the VM off "
         "an out-of-service host."))
+    migration_target_host: str | None = Field(
+        default=None, description=("Set while a VirtualMachineMigration moves the VM to this host; an operator that "
+                                   "restarts meanwhile looks for the domain on both hosts before anything else."))
     stale_domain_hosts: list[str] = Field(
         default_factory=list, json_schema_extra={"x-kubernetes-list-type": "set"},
         description=("Out-of-service hosts the VM was recreated away from that could not be reached at the time: "
