@@ -245,7 +245,8 @@ ARGOCD = REPO / "manifests" / "argocd"
 GROUP = "virt.libvirt-operator.io"
 
 
-ARGOCD_KINDS = ("VirtualMachine", "ISOImage", "LibvirtHost", "VirtualMachineSnapshot", "VirtualMachineRestore")
+ARGOCD_KINDS = ("VirtualMachine", "ISOImage", "LibvirtHost", "VirtualMachineSnapshot", "VirtualMachineRestore",
+                "VirtualMachineMigration")
 
 
 def argocd_cm() -> dict[str, Any]:

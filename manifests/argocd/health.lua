@@ -1,5 +1,5 @@
--- Argo CD health check for VirtualMachine, ISOImage, LibvirtHost, VirtualMachineSnapshot and
--- VirtualMachineRestore (virt.libvirt-operator.io).
+-- Argo CD health check for VirtualMachine, ISOImage, LibvirtHost, VirtualMachineSnapshot,
+-- VirtualMachineRestore and VirtualMachineMigration (virt.libvirt-operator.io).
 -- The operator writes kstatus conditions: Ready (positive), Reconciling and Stalled (abnormal-true),
 -- each with the generation it describes; status.error has a stable code and a message.
 -- Argo CD runs it with gopher-lua (Lua 5.1): nothing newer is used.

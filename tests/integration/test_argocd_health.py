@@ -42,7 +42,7 @@ def test_argocd_cm_installs_the_script_for_every_kind() -> None:
     assert cm["metadata"]["name"] == "argocd-cm"
     assert cm["data"] == {f"resource.customizations.health.{GROUP}_{kind}": SCRIPT
                           for kind in ("VirtualMachine", "ISOImage", "LibvirtHost", "VirtualMachineSnapshot",
-                                       "VirtualMachineRestore")}
+                                       "VirtualMachineRestore", "VirtualMachineMigration")}
 
 
 def test_health_of_real_objects(kube, operator, namespace, test_host_factory, tmp_path: Path) -> None:

@@ -173,3 +173,68 @@ def test_a_running_vm_moves_live_and_a_failed_move_rolls_back(kube, kubeconfig, 
             kube.wait_for(lambda: kube.get(ISO, "boot", namespace) is None, timeout=60, what="ISO deleted")
         for h in (ha, hb):
             kube.delete(HOST, h)
+
+
+def test_an_operator_down_while_libvirt_switched_finds_the_vm_on_the_target(kube, operator, namespace, daemons,
+                                                                            heartbeat_iso, downloads) -> None:
+    """kill -9 after libvirt switched and before status.host was written: status says the source, with
+    migrationTargetHost set (written before every copy). The restarted operator must find the domain on
+    the target, never define it again on the source."""
+    from libvirt_operator.adapters.libvirt import migration as lvmig
+    from libvirt_operator.adapters.libvirt.domain_xml import disk_devices
+    from tests.harness.kube import GROUP, VERSION
+
+    a, b = daemons
+    srv, sha = heartbeat_iso
+    tag = uuid.uuid4().hex[:6]
+    ha, hb = f"mig2-a-{tag}", f"mig2-b-{tag}"
+    hosts = {ha: a, hb: b}
+    for h, d in hosts.items():
+        kube.create(HOST, {"metadata": {"name": h, "labels": {"lvop-mig2": tag}},
+                           "spec": {"uri": d.uri, "insecure": True, "probeIntervalSeconds": 5}})
+    try:
+        for h in hosts:
+            kube.wait_condition(HOST, h, "Ready", "True", timeout=60)
+        kube.create(ISO, {"metadata": {"name": "boot2"}, "spec": {
+            "source": {"url": srv.url("/image")}, "checksum": f"sha256:{sha}", "targets": {"hostNames": [ha, hb]}}},
+            namespace)
+        kube.wait_condition(ISO, "boot2", "Ready", "True", namespace=namespace, timeout=120)
+        uid = kube.create(VM, {"metadata": {"name": "db"}, "spec": {
+            "hostSelector": {"matchLabels": {"lvop-mig2": tag}}, "memory": "64Mi", "domainType": "qemu",
+            "disks": [{"name": "cd", "bootOrder": 1, "cdrom": {"isoImageRef": {"name": "boot2"}}},
+                      {"name": "data", "volume": {"size": "16Mi"}}]}}, namespace)["metadata"]["uid"]
+        st = kube.wait_for(lambda: (s := vm_status(kube, namespace, "db")).get("printableStatus") == "Running" and s,
+                           timeout=90, what="db Running")
+        source = st["host"]
+        target = hb if source == ha else ha
+        src, dst = hosts[source], hosts[target]
+        kube.wait_for(lambda: len(ticks(src, namespace, "db")) >= 2, timeout=60, what="ticking on the source")
+
+        operator.stop()
+        try:
+            kube.custom.patch_namespaced_custom_object_status(GROUP, VERSION, namespace, VM, "db",
+                                                              {"status": {"migrationTargetHost": target}})
+            sc, dc = src.connect(), dst.connect()
+            try:
+                devs = disk_devices(sc.lookupByUUIDString(uid).XMLDesc(0))
+                iso_name = Path(devs["cd"][1]).name
+                lvmig.migrate_live(sc, dc, uid, dst.uri, copy_disks=[lvmig.DiskCopy(devs["data"][0], "default")],
+                                   readonly_paths={devs["cd"][0]: str(dst.pool_path / iso_name)})
+            finally:
+                sc.close()
+                dc.close()
+        finally:
+            operator.start()
+        running_on(kube, namespace, "db", target, timeout=60)
+        assert not vm_status(kube, namespace, "db").get("migrationTargetHost")
+        assert not defined_on(src, uid) and defined_on(dst, uid)
+        assert KERNEL_MARKER not in serial(dst, namespace, "db")  # moved, never booted again
+    finally:
+        if kube.get(VM, "db", namespace):
+            kube.delete(VM, "db", namespace)
+        kube.wait_for(lambda: not kube.get(VM, "db", namespace), timeout=90, what="VM deleted")
+        if kube.get(ISO, "boot2", namespace):
+            kube.delete(ISO, "boot2", namespace)
+            kube.wait_for(lambda: kube.get(ISO, "boot2", namespace) is None, timeout=60, what="ISO deleted")
+        for h in hosts:
+            kube.delete(HOST, h)
