@@ -164,6 +164,19 @@ def test_a_running_vm_moves_live_and_a_failed_move_rolls_back(kube, kubeconfig, 
         assert kube.get(HOST, hb)["spec"]["unschedulable"] is True
         running_on(kube, namespace, "web", ha, timeout=30)
         assert watch.stop() == 1 and not defined_on(b, uid)
+
+        # Aborted at its timeout (a copy too slow to finish): rolled back, nothing left on the live target.
+        kube.patch(HOST, hb, {"spec": {"unschedulable": False}})
+        kube.create(MIG, {"metadata": {"name": "slow"}, "spec": {"vmName": "web", "targetHost": hb,
+                                                                  "bandwidthMibPerSecond": 1, "timeoutSeconds": 10}},
+                    namespace)
+        slow = migration(kube, namespace, "slow")["status"]
+        assert slow["phase"] == "Failed" and slow["error"]["code"] == "MIGRATION_FAILED", slow
+        assert "aborted" in slow["error"]["message"]
+        assert vm_status(kube, namespace, "web")["host"] == ha and not defined_on(b, uid)
+        assert not [v for v in volumes(b) if uid in v]
+        before = ticks(a, namespace, "web")[-1]
+        kube.wait_for(lambda: ticks(a, namespace, "web")[-1] > before + 1, timeout=30, what="still ticking on A")
     finally:
         if kube.get(VM, "web", namespace):
             kube.delete(VM, "web", namespace)

@@ -111,12 +111,16 @@ async def migrate(body: kopf.Body, meta: kopf.Meta, spec: kopf.Spec, status: kop
             try:
                 result = await _run(rt, src, dst, uid, view.hosts[target], paths, source_view, spec, namespace, name)
             except AppError as err:
+                if err.context.get("unsettled"):
+                    raise  # libvirt may still switch: status.migrationTargetHost stays for settle()
                 # libvirt rolled back: still on the source. Volumes the target could not take back (it went
-                # away) are removed when it answers again, like a fenced host's stale copy.
+                # away) are removed when it answers again, like a fenced host's stale copy; the rest now.
                 patch: dict[str, Any] = {TARGET: None}
                 if err.context.get("leftOnTarget"):
                     stale = set((st.vms.get(uid) or vm).get("status", {}).get(STALE_HOSTS) or [])
                     patch[STALE_HOSTS] = sorted(stale | {target})
+                else:
+                    await _delete_leftovers(dst, uid, target_view)
                 await _patch_vm(rt, st, vm, patch)
                 raise
             await _patch_vm(rt, st, vm, {"host": target, TARGET: None})
@@ -182,8 +186,29 @@ async def _run(rt: Any, src: Any, dst: Any, uid: str, target_obj: Mapping[str, A
     except asyncio.CancelledError:
         cancel.set()  # the operator stops: libvirt aborts the job and the domain stays on the source
         raise
+    except AppError as err:
+        if err.code is not ErrorCode.LIBVIRT_TIMEOUT:
+            raise
+        # Our wait ended, libvirt's job may not have: abort it, and let settle() find where the domain is.
+        cancel.set()
+        raise AppError(ErrorCode.MIGRATION_FAILED, f"no answer from libvirt within the timeout ({err.message}); the "
+                                                   "job was aborted, and the VM's host is decided from where libvirt "
+                                                   "has the domain", {"unsettled": "1"}) from err
     finally:
         reporter.cancel()
+
+
+async def _delete_leftovers(dst: Any, uid: str, target_view: plan.HostView) -> None:
+    """A rolled-back migration: the seed uploaded for it and anything libvirt left on the target."""
+    try:
+        deleted = await dst.call("delete_leftovers",
+                                 lambda c: domains.delete_leftovers(c, uid, target_view.shared_pools))
+    except AppError as err:
+        log.warning("leftovers of a failed migration not deleted", uid=uid, host=target_view.name,
+                    code=err.code.value)
+        return
+    if deleted:
+        log.info("leftovers of a failed migration deleted", uid=uid, host=target_view.name, volumes=deleted)
 
 
 async def _patch_vm(rt: Any, st: Any, vm: dict[str, Any], patch: dict[str, Any]) -> None:

@@ -21,14 +21,28 @@ log = get_logger(__name__)
 TARGET = "migrationTargetHost"
 
 
+def settled_host(on_target: bool | None, on_source: bool | None) -> str:
+    """Where an interrupted migration left the domain, from each host's answer (True: it has the domain,
+    False: it has not, None: no answer): "target", "source", "both" (still copying) or "unknown"."""
+    if on_target and on_source is False:
+        return "target"
+    if on_target is False:  # not on the target: where it was (or nowhere), whether the source answers or not
+        return "source"
+    if on_target and on_source:
+        return "both"
+    return "unknown"
+
+
 async def settle(rt: Runtime, uid: str, status: dict[str, Any], view: ClusterView) -> None:
-    """status.migrationTargetHost is set and nobody migrates (the operator restarted mid-move): the
-    domain's host is where libvirt has it. Raises while that cannot be told (the target does not
-    answer and the source has no domain): defining it on the source could run it twice."""
+    """status.migrationTargetHost is set and nobody migrates (the operator restarted mid-move, or gave up
+    waiting for libvirt): the domain's host is where libvirt has it. Decided only from answers: on the
+    target alone → the target; on the source alone, or nowhere → the source. On both (the copy still
+    runs) or when a host that could hold it does not answer, it raises and the VM waits: defining it on
+    the source then could run it twice."""
     target, source = str(status.get(TARGET) or ""), str(status.get("host") or "")
 
     async def where(host: str) -> bool | None:
-        conn = rt.pool.get(host)
+        conn = rt.pool.get(host) if host else None
         if conn is None or conn.closed:
             return None
         try:
@@ -36,15 +50,22 @@ async def settle(rt: Runtime, uid: str, status: dict[str, Any], view: ClusterVie
         except AppError:
             return None
 
-    on_target, on_source = await where(target), await where(source) if source else False
-    if on_target:
+    on_target, on_source = await where(target), await where(source)
+    decided = settled_host(on_target, on_source)
+    if decided == "target":
         status["host"] = target
-    elif on_target is None and not on_source:
+    elif decided == "source":
+        pass  # rolled back (or never started): it stays on the source
+    elif decided == "both":
+        raise AppError(ErrorCode.LIBVIRT_TIMEOUT, f"a migration from {source} to {target} is still in progress; the "
+                                                   "VM is left alone until libvirt finishes or rolls it back",
+                       {"host": source, "target": target})
+    else:
         raise AppError(ErrorCode.HOST_UNREACHABLE,
-                       f"a migration to LibvirtHost {target} was interrupted and {target} does not answer: the VM "
-                       "may run there; nothing is done until it answers", {"host": target})
+                       f"a migration from {source} to {target} was interrupted and "
+                       f"{target if on_target is None else source} does not answer: nothing is done until it does",
+                       {"host": target if on_target is None else source})
     log.info("interrupted migration settled", uid=uid, host=status.get("host"), target=target)
-    status.pop(TARGET, None)
     status[TARGET] = None
 
 

@@ -373,6 +373,18 @@ def remove_stale_copy(conn: libvirt.virConnect, uuid: str, shared_pools: Iterabl
     return found, delete_owned_volumes(conn, uuid, local, None)
 
 
+def delete_leftovers(conn: libvirt.virConnect, uuid: str, shared_pools: Iterable[str]) -> list[str]:
+    """After a migration to this host was rolled back: the volumes named with the VM's uid in this host's
+    pools outside `shared_pools` (the seed uploaded for it, a copy libvirt left). Nothing at all while a
+    domain of that uid is here: then they are a domain's disks."""
+    if _lookup(conn, uuid) is not None:
+        return []
+    shared = set(shared_pools)
+    local = [p.name() for p in conn.listAllStoragePools(libvirt.VIR_CONNECT_LIST_STORAGE_POOLS_ACTIVE)
+             if p.name() not in shared]
+    return delete_owned_volumes(conn, uuid, local, None)
+
+
 def eject_cdroms(conn: libvirt.virConnect, uuid: str) -> int:
     """Empty every cdrom of a domain (live and persistent). Needs a real daemon
     (the test driver has no updateDeviceFlags). Returns how many were ejected."""
