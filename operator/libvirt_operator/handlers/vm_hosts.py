@@ -228,6 +228,8 @@ async def _remove_stale_copies(rt: Runtime, st: VmState, host: str, conn: Any, u
     """This host answers again: power off and undefine the copies of VMs recreated elsewhere while it was
     out of service (each VM lists it in status.staleDomainHosts), then drop it from those lists."""
     hv = plan.HostView.from_object(st.hosts.get(host) or {"metadata": {"name": host}})
+    # Never the VM's live domain: a VM placed here again is not stale here (placement avoids stale hosts).
+    uids = {u for u in uids if ((st.vms.get(u) or {}).get("status") or {}).get("host") != host}
     removed = await remove_stale_copies(rt, host, hv, conn, sorted(uids))
     for uid, (found, volumes) in removed.items():
         async with st.lock(uid):
