@@ -103,7 +103,7 @@ async def test_after_a_failed_reconcile_status_lists_a_copy_only_if_it_was_recor
     status.volumes must not record it, or the next reconcile would take it as finished."""
     from libvirt_operator.core.api.vm import VirtualMachineSpec
     from libvirt_operator.reconcile import plan
-    from libvirt_operator.reconcile.vm_volumes import _existing_volumes
+    from libvirt_operator.reconcile.vm_volumes import existing_volumes
 
     conn, uid, req = setup
     _cut_short(conn, req.name)
@@ -111,6 +111,6 @@ async def test_after_a_failed_reconcile_status_lists_a_copy_only_if_it_was_recor
         {"name": "root", "volume": {"source": {"volume": {"pool": POOL, "name": "base"}}, "clone": "full"}},
         {"name": "data", "volume": {"size": "1Mi"}}]})
     host = plan.HostView(name="h", default_pool=POOL)
-    assert await _existing_volumes(spec, uid, host, _Direct(conn)) == []
-    assert await _existing_volumes(spec, uid, host, _Direct(conn), frozenset({req.name})) == [
+    assert await existing_volumes(spec, uid, host, _Direct(conn)) == []
+    assert await existing_volumes(spec, uid, host, _Direct(conn), frozenset({req.name})) == [
         {"disk": "root", "pool": POOL, "name": req.name}]

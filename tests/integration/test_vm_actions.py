@@ -291,8 +291,8 @@ def test_a_request_arriving_while_another_reconcile_holds_the_vm_is_not_lost(kub
     handler or the host's round is reconciling the object as it was before the request) and leaves
     it to that reconcile, which then ended with "healthy, nothing to requeue" and dropped it. Here
     the test is that other reconcile: it takes the lock, lets the request arrive, and applies a
-    healthy outcome computed from the older object (white box: the operator's own `_apply`)."""
-    from libvirt_operator.handlers.vm_apply import _apply
+    healthy outcome computed from the older object (white box: the operator's own `apply_outcome`)."""
+    from libvirt_operator.handlers.vm_apply import apply_outcome
     from libvirt_operator.handlers.vm_state import state_of
     from libvirt_operator.reconcile.vm_types import VmOutcome
 
@@ -309,7 +309,7 @@ def test_a_request_arriving_while_another_reconcile_holds_the_vm_is_not_lost(kub
         time.sleep(1.0)  # the requeue loop finds the lock taken (at least once) and leaves it to us
 
         async def finish_older_reconcile() -> None:
-            await _apply(rt, st, older, VmOutcome(status=dict(older.get("status") or {}), events=[]))
+            await apply_outcome(rt, st, older, VmOutcome(status=dict(older.get("status") or {}), events=[]))
         operator.call(finish_older_reconcile)
     finally:
         async def release() -> None:

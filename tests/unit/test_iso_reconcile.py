@@ -73,7 +73,7 @@ async def test_retries_back_off_and_stall_after_the_limit() -> None:
     from libvirt_operator.core.conditions import get_condition
     from libvirt_operator.core.errors import AppError, ErrorCode
     from libvirt_operator.core.settings import Settings
-    from libvirt_operator.reconcile.iso_status import _failed_status
+    from libvirt_operator.reconcile.iso_status import failed_status
 
     rt = FakeRuntime()
     rt.settings = Settings(knowledge_base_enabled=False, iso_retry_limit=3)  # type: ignore[attr-defined]
@@ -82,7 +82,7 @@ async def test_retries_back_off_and_stall_after_the_limit() -> None:
     status: dict[str, Any] = {}
     delays = []
     for attempt in (1, 2, 3):
-        status = await _failed_status(err, status, status.get("conditions") or [], 1, rt, None)  # type: ignore[arg-type]
+        status = await failed_status(err, status, status.get("conditions") or [], 1, rt, None)  # type: ignore[arg-type]
         assert status["retry"]["count"] == attempt
         at = dt.datetime.strptime(status["retry"]["nextRetryTime"], "%Y-%m-%dT%H:%M:%SZ")
         delays.append((at.replace(tzinfo=dt.timezone.utc) - dt.datetime.now(dt.timezone.utc)).total_seconds())
@@ -96,7 +96,7 @@ async def test_retries_back_off_and_stall_after_the_limit() -> None:
     assert status["error"]["code"] == "ISO_DOWNLOAD_FAILED" and status["phase"] == "Failed"
 
     permanent = AppError(ErrorCode.ISO_DOWNLOAD_FAILED, "refused", {"permanent": "true"})
-    status = await _failed_status(permanent, {}, [], 1, rt, None)  # type: ignore[arg-type]
+    status = await failed_status(permanent, {}, [], 1, rt, None)  # type: ignore[arg-type]
     assert "nextRetryTime" not in status["retry"]
     assert get_condition(status["conditions"], "Stalled")["status"] == "True"
 

@@ -17,7 +17,7 @@ from typing import Any
 import click
 
 from ..core.api.common import SUBRESOURCES_GROUP_VERSION as GROUP_VERSION
-from .vm_actions import EXIT_ERROR, _target
+from .vm_actions import EXIT_ERROR, parse_target
 
 ESCAPE = b"\x1d"  # Ctrl-]
 PROTOCOL = "plain.libvirt-operator.io"
@@ -169,5 +169,5 @@ async def _attach(ws: Any) -> int:
 def console(vm: str, namespace: str | None, kubeconfig: str | None, context: str | None) -> None:
     """Attach to a VM's serial console through the Kubernetes API (needs `get` on virtualmachines/console
     in subresources.virt.libvirt-operator.io: ClusterRole libvirt-operator-console). Ctrl-] quits."""
-    ns, name = _target(vm, namespace)
+    ns, name = parse_target(vm, namespace)
     sys.exit(asyncio.run(_session(ns, name, kubeconfig, context)))

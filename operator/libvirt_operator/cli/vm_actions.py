@@ -24,7 +24,7 @@ PLURAL = "virtualmachines"
 EXIT_FAILED, EXIT_TIMEOUT, EXIT_ERROR = 1, 2, 3
 
 
-def _target(value: str, namespace: str | None) -> tuple[str, str]:
+def parse_target(value: str, namespace: str | None) -> tuple[str, str]:
     if "/" in value:
         ns, _, name = value.partition("/")
     else:
@@ -105,7 +105,7 @@ def _action_command(action: str, help_text: str) -> click.Command:
     @click.option("--context", default=None, help="kubeconfig context.")
     def command(vm: str, namespace: str | None, wait: bool, timeout: float, kubeconfig: str | None,
                 context: str | None) -> None:
-        ns, name = _target(vm, namespace)
+        ns, name = parse_target(vm, namespace)
         sys.exit(asyncio.run(_request(action, ns, name, wait, timeout, kubeconfig, context)))
 
     return command

@@ -27,12 +27,12 @@ from ..core.logs import get_logger
 from ..core.metrics import MIGRATION_SECONDS, MIGRATIONS
 from ..reconcile import plan, vm_seed
 from ..reconcile.failures import human_message
-from ..reconcile.vm_media import _resolve_media
+from ..reconcile.vm_media import resolve_media
 from ..reconcile.vm_failover import STALE_HOSTS
 from ..reconcile.vm_migration import TARGET, target_host
-from ..reconcile.vm_types import _Stage
+from ..reconcile.vm_types import Stage
 from .instrument import reconciler
-from .snapshot_common import _connection, _error
+from .snapshot_common import connection_to, error_fields
 from .startup import runtime_of
 from .vm import state_of as vm_state
 
@@ -82,7 +82,7 @@ async def migrate(body: kopf.Body, meta: kopf.Meta, spec: kopf.Spec, status: kop
         target = target_host(vm_spec, source, spec.get("targetHost"), view, uid, namespace,
                              avoid=set((vm.get("status") or {}).get(STALE_HOSTS) or []))
         new.update({"vmUid": uid, "sourceHost": source, "targetHost": target})
-        src, dst = await _connection(rt, source), await _connection(rt, target)
+        src, dst = await connection_to(rt, source), await connection_to(rt, target)
         target_view = plan.HostView.from_object(view.hosts[target])
         source_view = plan.HostView.from_object(view.hosts[source])
         async with st.lock(uid):
@@ -95,7 +95,7 @@ async def migrate(body: kopf.Body, meta: kopf.Meta, spec: kopf.Spec, status: kop
                                                            "only a running VM migrates (a stopped one: delete and "
                                                            "recreate it, or use hostFailurePolicy)")
             # Its read-only media on the target: the ISOImages (imported there) and the cloud-init seed.
-            disks = await _resolve_media(vm_spec, namespace, target, target_view, dst, view, _Stage(),
+            disks = await resolve_media(vm_spec, namespace, target, target_view, dst, view, Stage(),
                                          ejected=bool((vm.get("status") or {}).get("mediaEjected")))
             paths = {d.name: d.path for d in disks if d.device == "cdrom" and d.path}
             seed = await vm_seed.attach_seed(vm_spec, namespace, vm_name, uid, target_view, dst, rt)
@@ -225,7 +225,7 @@ async def _patch_vm(rt: Any, st: Any, vm: dict[str, Any], patch: dict[str, Any])
 async def _failed(rt: Any, body: Mapping[str, Any], new: dict[str, Any], err: AppError, generation: int) -> None:
     meta = body["metadata"]
     previous = (body.get("status") or {}).get("error")
-    error = await _error(rt, err, previous, "VirtualMachineMigration")
+    error = await error_fields(rt, err, previous, "VirtualMachineMigration")
     text = human_message(err, {"remediation": error["remediation"]})
     new.update({"phase": "Failed", "endTime": timestamp(), "error": error, "observedGeneration": generation,
                 "progress": None})

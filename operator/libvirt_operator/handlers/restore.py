@@ -29,8 +29,8 @@ from ..reconcile.runtime import Runtime
 from .instrument import reconciler
 from .startup import runtime_of
 from .snapshot_common import (
-    HOST_CALL_TIMEOUT, RESTORES, SNAPSHOTS, VMS, _REFUSED, _Final, _connection, _created, _delay, _error, _holding_vm,
-    _measure,
+    HOST_CALL_TIMEOUT, RESTORES, SNAPSHOTS, VMS, REFUSED_CODES, FinalError, connection_to, created_time, retry_delay, error_fields, holding_vm,
+    measure,
 )
 from .vm import state_of as vm_state
 
@@ -57,25 +57,25 @@ async def restore(body: kopf.Body, meta: kopf.Meta, spec: kopf.Spec, status: kop
         vm = await rt.kube.get_object(VMS, target, namespace)
         refusal = plan.check_restore(target, vm, snap, snap_name)
         if refusal is not None:
-            raise _Final(refusal.error) if refusal.final else refusal.error
+            raise FinalError(refusal.error) if refusal.final else refusal.error
         assert snap is not None and vm is not None
         vm_uid, sstatus = vm["metadata"]["uid"], snap.get("status") or {}
         host = sstatus["host"]
         new["targetUid"] = vm_uid
-        conn = await _connection(rt, host)
-        async with _holding_vm(rt, vm_uid):
+        conn = await connection_to(rt, host)
+        async with holding_vm(rt, vm_uid):
             # Fresh under the lock: the VM's runStrategy and power state as they are now.
             vm = await rt.kube.get_object(VMS, target, namespace) or vm
             observed = await conn.call("snapshot.state", lambda c: domains.state(c, vm_uid))
             if not observed.exists:
-                raise _Final(AppError(ErrorCode.SNAPSHOT_NOT_FOUND,
+                raise FinalError(AppError(ErrorCode.SNAPSHOT_NOT_FOUND,
                                       f"VirtualMachine {target} has no domain on {host}: nothing to restore onto"))
             refused = plan.restore_refusal((vm.get("spec") or {}).get("runStrategy") or "Always", observed.active,
                                            target)
             if refused is not None:
                 policy = spec.get("targetReadinessPolicy") or "WaitGracePeriod"
-                if plan.restore_gives_up(policy, _created(meta), utcnow()):
-                    raise _Final(AppError(refused.code, f"{refused.message.split(':')[0]}; gave up "
+                if plan.restore_gives_up(policy, created_time(meta), utcnow()):
+                    raise FinalError(AppError(refused.code, f"{refused.message.split(':')[0]}; gave up "
                                           f"(targetReadinessPolicy {policy}): create a new restore once it is stopped",
                                           refused.context))
                 raise refused
@@ -83,20 +83,20 @@ async def restore(body: kopf.Body, meta: kopf.Meta, spec: kopf.Spec, status: kop
             reverted = await conn.call("snapshot.revert", lambda c: snapshots.revert(c, vm_uid, lv_name),
                                        timeout=HOST_CALL_TIMEOUT)
             if not reverted.found:
-                raise _Final(AppError(ErrorCode.SNAPSHOT_NOT_FOUND,
+                raise FinalError(AppError(ErrorCode.SNAPSHOT_NOT_FOUND,
                                       f"snapshot {lv_name} no longer exists on {host}", {"host": host}))
         vm_state(rt).retry.schedule(vm_uid, 0)  # the VM reconcile checks the (reverted) definition against the spec
-    except _Final as final:
-        _measure("restore", started, "failed")
+    except FinalError as final:
+        measure("restore", started, "failed")
         await _restore_failed(rt, body, new, final.error, generation, final=True)
         return
     except AppError as err:
-        _measure("restore", started, "refused" if err.code in _REFUSED else "failed")
+        measure("restore", started, "refused" if err.code in REFUSED_CODES else "failed")
         await _restore_failed(rt, body, new, err, generation, final=not err.retryable)
         if err.retryable:
-            raise kopf.TemporaryError(err.message, delay=_delay(retry)) from err
+            raise kopf.TemporaryError(err.message, delay=retry_delay(retry)) from err
         return
-    _measure("restore", started, "succeeded")
+    measure("restore", started, "succeeded")
     names = {d.get("target"): d.get("name") for d in sstatus.get("disks") or []}
     restored = [{"name": names.get(t) or t, "target": t} for t in reverted.targets]
     message = (f"VirtualMachine {target}'s disks ({', '.join(r['name'] for r in restored)}) are back to snapshot "
@@ -113,7 +113,7 @@ async def _restore_failed(rt: Runtime, body: Mapping[str, Any], new: dict[str, A
                           generation: int, *, final: bool) -> None:
     meta = body["metadata"]
     previous = (body.get("status") or {}).get("error")
-    error = await _error(rt, err, previous, "VirtualMachineRestore")
+    error = await error_fields(rt, err, previous, "VirtualMachineRestore")
     text = human_message(err, {"remediation": error["remediation"]})
     new.update({"complete": False, "error": error, "observedGeneration": generation})
     new["conditions"] = summarize(new.get("conditions") or [], ready=False, reason=err.reason, message=text,

@@ -28,7 +28,7 @@ from ..reconcile.runtime import Runtime
 from .instrument import reconciler
 from .startup import runtime_of
 from .snapshot_common import (
-    HOST_CALL_TIMEOUT, SNAPSHOTS, VMS, _Final, _REFUSED, _connection, _delay, _error, _holding_vm, _measure,
+    HOST_CALL_TIMEOUT, SNAPSHOTS, VMS, FinalError, REFUSED_CODES, connection_to, retry_delay, error_fields, holding_vm, measure,
 )
 
 log = get_logger(__name__)
@@ -55,7 +55,7 @@ async def take_snapshot(body: kopf.Body, meta: kopf.Meta, spec: kopf.Spec, statu
                            f"VirtualMachine {vm_name} {'does not exist' if vm is None else 'is being deleted'}")
         vm_uid, vm_status = vm["metadata"]["uid"], vm.get("status") or {}
         if current.get("sourceUid") and current["sourceUid"] != vm_uid:
-            raise _Final(AppError(ErrorCode.SNAPSHOT_SOURCE_NOT_FOUND,
+            raise FinalError(AppError(ErrorCode.SNAPSHOT_SOURCE_NOT_FOUND,
                                   f"VirtualMachine {vm_name} was recreated while the snapshot was being taken"))
         host = vm_status.get("host")
         if not host or vm_status.get("domainUUID") != vm_uid:
@@ -68,8 +68,8 @@ async def take_snapshot(body: kopf.Body, meta: kopf.Meta, spec: kopf.Spec, statu
                                       message=f"taking a snapshot of VirtualMachine {vm_name} on {host}",
                                       generation=generation, reconciling=True)
         await rt.kube.patch_status(SNAPSHOTS, namespace, name, new)
-        conn = await _connection(rt, host)
-        async with _holding_vm(rt, vm_uid):
+        conn = await connection_to(rt, host)
+        async with holding_vm(rt, vm_uid):
             view = await conn.call("snapshot.view", lambda c: snapshots.snapshot_view(c, vm_uid))
             if view is None:
                 raise AppError(ErrorCode.SNAPSHOT_SOURCE_NOT_FOUND,
@@ -81,17 +81,17 @@ async def take_snapshot(body: kopf.Body, meta: kopf.Meta, spec: kopf.Spec, statu
                 c, vm_uid, lv_name, xml, chosen.disks, chosen.online), timeout=HOST_CALL_TIMEOUT)
         if created is None:
             raise AppError(ErrorCode.SNAPSHOT_SOURCE_NOT_FOUND, f"VirtualMachine {vm_name}'s domain is gone from {host}")
-    except _Final as final:
-        _measure("create", started, "failed")
+    except FinalError as final:
+        measure("create", started, "failed")
         await _snapshot_failed(rt, body, new, final.error, generation, final=True)
         return
     except AppError as err:
-        _measure("create", started, "refused" if err.code in _REFUSED else "failed")
+        measure("create", started, "refused" if err.code in REFUSED_CODES else "failed")
         await _snapshot_failed(rt, body, new, err, generation, final=not err.retryable)
         if err.retryable:
-            raise kopf.TemporaryError(err.message, delay=_delay(retry)) from err
+            raise kopf.TemporaryError(err.message, delay=retry_delay(retry)) from err
         return
-    _measure("create", started, "succeeded")
+    measure("create", started, "succeeded")
     by_target = {d.target: d for d in chosen.disks}
     disks = [{"name": by_target[u.target].name or u.target, "target": u.target,
               **({"volume": u.volume} if u.volume else {}),
@@ -115,7 +115,7 @@ async def _snapshot_failed(rt: Runtime, body: Mapping[str, Any], new: dict[str, 
                            generation: int, *, final: bool) -> None:
     meta = body["metadata"]
     previous = (body.get("status") or {}).get("error")
-    error = await _error(rt, err, previous, "VirtualMachineSnapshot")
+    error = await error_fields(rt, err, previous, "VirtualMachineSnapshot")
     text = human_message(err, {"remediation": error["remediation"]})
     new.update({"phase": "Failed" if final else "InProgress", "readyToUse": False, "error": error,
                 "observedGeneration": generation})
@@ -143,20 +143,20 @@ async def delete_snapshot(body: kopf.Body, meta: kopf.Meta, status: kopf.Status,
     started = time.perf_counter()
     lv_name = libvirt_snapshot_name(meta["uid"])
     try:
-        conn = await _connection(rt, host)
-        async with _holding_vm(rt, vm_uid):
+        conn = await connection_to(rt, host)
+        async with holding_vm(rt, vm_uid):
             deleted = await conn.call("snapshot.delete", lambda c: snapshots.delete(c, vm_uid, lv_name),
                                       timeout=HOST_CALL_TIMEOUT)
     except AppError as err:
-        _measure("delete", started, "failed")
+        measure("delete", started, "failed")
         if force or err.code is ErrorCode.HOST_NOT_FOUND:
             kopf.event(body, type="Warning", reason="ForceReleased",
                        message=f"released without deleting snapshot {lv_name} on {host}: {err.message}")
             return
         text = human_message(err)
         kopf.event(body, type="Warning", reason="DeletionBlocked", message=text)
-        raise kopf.TemporaryError(text, delay=_delay(retry)) from err
-    _measure("delete", started, "succeeded")
+        raise kopf.TemporaryError(text, delay=retry_delay(retry)) from err
+    measure("delete", started, "succeeded")
     if deleted:
         kopf.event(body, type="Normal", reason="SnapshotDeleted", message=f"snapshot {lv_name} deleted on {host}")
 

@@ -19,10 +19,10 @@ from .vm import state_of as vm_state
 SNAPSHOTS, RESTORES, VMS, HOSTS = "virtualmachinesnapshots", "virtualmachinerestores", "virtualmachines", "libvirthosts"
 HOST_CALL_TIMEOUT = 300.0  # an online snapshot writes the guest's memory; a revert reads it back
 RETRY_CAP_SECONDS = 30.0
-_REFUSED = {ErrorCode.SNAPSHOT_UNSUPPORTED, ErrorCode.RESTORE_TARGET_RUNNING}
+REFUSED_CODES = {ErrorCode.SNAPSHOT_UNSUPPORTED, ErrorCode.RESTORE_TARGET_RUNNING}
 
 
-class _Final(Exception):
+class FinalError(Exception):
     """A refusal nothing but a new object can change: reported, never retried."""
 
     def __init__(self, error: AppError) -> None:
@@ -30,16 +30,16 @@ class _Final(Exception):
         self.error = error
 
 
-def _created(meta: Mapping[str, Any]) -> dt.datetime | None:
+def created_time(meta: Mapping[str, Any]) -> dt.datetime | None:
     value = meta.get("creationTimestamp")
     return dt.datetime.fromisoformat(str(value).replace("Z", "+00:00")) if value else None
 
 
-def _delay(retry: int) -> float:
+def retry_delay(retry: int) -> float:
     return min(RETRY_CAP_SECONDS, 2.0 * 2 ** min(retry, 4))
 
 
-async def _error(rt: Runtime, err: AppError, previous: Mapping[str, Any] | None, kind: str) -> dict[str, Any]:
+async def error_fields(rt: Runtime, err: AppError, previous: Mapping[str, Any] | None, kind: str) -> dict[str, Any]:
     """KubeVirt's error {message, time} plus our code, context and runbook links."""
     before = {"code": previous.get("code"), "since": previous.get("time")} if previous else None
     state = await error_status(err, before, kind, rt.remediator)
@@ -48,13 +48,13 @@ async def _error(rt: Runtime, err: AppError, previous: Mapping[str, Any] | None,
 
 
 @contextlib.asynccontextmanager
-async def _holding_vm(rt: Runtime, vm_uid: str) -> AsyncIterator[None]:
+async def holding_vm(rt: Runtime, vm_uid: str) -> AsyncIterator[None]:
     """The VM's own lock (handlers.vm_state): its reconcile and host rounds keep off the domain meanwhile."""
     async with vm_state(rt).lock(vm_uid):
         yield
 
 
-async def _connection(rt: Runtime, host: str) -> Any:
+async def connection_to(rt: Runtime, host: str) -> Any:
     host_obj = await rt.kube.get_object(HOSTS, host)
     if host_obj is None:
         raise AppError(ErrorCode.HOST_NOT_FOUND, f"LibvirtHost {host} does not exist", {"host": host})
@@ -64,6 +64,6 @@ async def _connection(rt: Runtime, host: str) -> Any:
     return conn
 
 
-def _measure(operation: str, started: float, outcome: str) -> None:
+def measure(operation: str, started: float, outcome: str) -> None:
     SNAPSHOT_OPERATION_SECONDS.labels(operation).observe(time.perf_counter() - started)
     SNAPSHOT_OPERATIONS.labels(operation, outcome).inc()

@@ -34,10 +34,10 @@ from .iso import wake_deletions as wake_iso_deletions
 from .teardown import TEARDOWN_FINALIZER, hold_for_teardown, release_teardown
 from .startup import runtime_of
 from . import vm_hosts  # noqa: F401  (registers the per-host daemon host_vm_sync)
-from .vm_apply import _action_request, _apply
-from .vm_retry import _retry_one, _wake_loop
-from .vm_teardown import DELETE_RETRY_CAP_SECONDS, _held_for_teardown, _teardown
-from .vm_state import PLURAL, VmState, _load_hosts, _plain, state_of
+from .vm_apply import action_request, apply_outcome
+from .vm_retry import retry_one, wake_loop
+from .vm_teardown import DELETE_RETRY_CAP_SECONDS, vm_held_for_teardown, teardown_vm
+from .vm_state import PLURAL, VmState, load_hosts, plain_copy, state_of
 
 log = get_logger(__name__)
 RETRY_CONCURRENCY = 8                  # requeued reconciles running at once
@@ -54,7 +54,7 @@ async def watch_hosts(type: str | None, name: str, body: kopf.Body, memo: kopf.M
     if type == "DELETED":
         st.hosts.pop(name, None)
     else:
-        st.hosts[name] = _plain(body)
+        st.hosts[name] = plain_copy(body)
     memo["hosts_changed"] = st.parked_wake  # host probes (handlers.host) wake parked VMs too
     if before is None or type == "DELETED" or _placement_view(before) != _placement_view(st.hosts[name]):
         st.parked_wake.set()  # not for a new lastProbeTime: every probe would re-run every parked VM
@@ -84,7 +84,7 @@ async def watch_isos(type: str | None, name: str, namespace: str, body: kopf.Bod
     if type == "DELETED":
         st.isos.pop((namespace, name), None)
     else:
-        st.isos[(namespace, name)] = _plain(body)
+        st.isos[(namespace, name)] = plain_copy(body)
     st.media_wake.set()
 
 
@@ -100,16 +100,16 @@ async def watch_vms(type: str | None, uid: str, body: kopf.Body, memo: kopf.Memo
     if type == "DELETED":
         st.forget(uid)
     else:
-        st.vms[uid] = _plain(body)
+        st.vms[uid] = plain_copy(body)
         st.index(uid)
-        if _held_for_teardown(st.vms[uid]):
+        if vm_held_for_teardown(st.vms[uid]):
             if uid not in st.retry:
                 st.retry.schedule(uid, 0)  # e.g. after a restart: nobody else will look at it
-            elif before is None or not _held_for_teardown(before):
+            elif before is None or not vm_held_for_teardown(before):
                 st.retry.wake([uid])  # just handed over by kopf: not after an old waiting backoff
             elif ((before or {}).get("metadata") or {}).get("annotations") != body["metadata"].get("annotations"):
                 st.retry.wake([uid])  # e.g. the force-release annotation
-        elif _action_request(before) != _action_request(st.vms[uid]):
+        elif action_request(before) != action_request(st.vms[uid]):
             # kopf ignores annotations under its own storage prefix (ours): no update handler runs for
             # an action request. The requeue loop runs the full reconcile, which executes it (never the
             # host's round: a graceful stop may take the grace period and would hold up the host's VMs).
@@ -118,9 +118,9 @@ async def watch_vms(type: str | None, uid: str, body: kopf.Body, memo: kopf.Memo
         # Started from a handler so they inherit kopf's context (Kubernetes Event posting).
         rt = runtime_of(memo)
         st.parked_task = asyncio.create_task(
-            st.retry.run(lambda key: _retry_one(rt, st, key), concurrency=RETRY_CONCURRENCY), name="vm-requeue-loop")
+            st.retry.run(lambda key: retry_one(rt, st, key), concurrency=RETRY_CONCURRENCY), name="vm-requeue-loop")
     if st.wake_task is None or st.wake_task.done():
-        st.wake_task = asyncio.create_task(_wake_loop(st), name="vm-wake-loop")
+        st.wake_task = asyncio.create_task(wake_loop(st), name="vm-wake-loop")
 
 
 def _iso_refs(vm: Mapping[str, Any] | None) -> set[str]:
@@ -134,7 +134,7 @@ def _current(st: VmState, body: Mapping[str, Any]) -> dict[str, Any]:
     """The freshest copy: the cache has our own status writes, the handler's body may not."""
     uid = (body.get("metadata") or {}).get("uid")
     cached = st.vms.get(uid) if uid else None
-    return cached if cached is not None else _plain(body)
+    return cached if cached is not None else plain_copy(body)
 
 
 # --------------------------------------------------------------------------------------------
@@ -147,7 +147,7 @@ async def _locked_vm(memo: kopf.Memo, meta: kopf.Meta,
     """The shared start of the spec-driven handlers: hosts loaded, this VM's lock held, its freshest copy."""
     rt = runtime_of(memo)
     st = state_of(rt)
-    await _load_hosts(rt, st)
+    await load_hosts(rt, st)
     async with st.lock(meta["uid"]):
         yield rt, st, _current(st, body)
 
@@ -158,7 +158,7 @@ async def _locked_vm(memo: kopf.Memo, meta: kopf.Meta,
 @reconciler("virtualmachine", "VirtualMachine")
 async def reconcile_vm(body: kopf.Body, meta: kopf.Meta, memo: kopf.Memo, patch: kopf.Patch, **_: Any) -> None:
     """Never raises TemporaryError for a VM that waits: kopf would sleep out the delay in this
-    object's worker. The status says what it waits for; `_apply` queues the retry (`st.retry`)."""
+    object's worker. The status says what it waits for; `apply_outcome` queues the retry (`st.retry`)."""
     async with _locked_vm(memo, meta, body) as (rt, st, vm):
         if vm["metadata"].get("deletionTimestamp"):
             return
@@ -168,7 +168,7 @@ async def reconcile_vm(body: kopf.Body, meta: kopf.Meta, memo: kopf.Memo, patch:
             await hold_for_teardown(rt, PLURAL, meta)
         st.retry.reset(meta["uid"])  # a new spec (or a restart): the backoff starts over
         outcome = await sync_vm(vm, rt, st.view(rt))
-        await _apply(rt, st, vm, outcome)
+        await apply_outcome(rt, st, vm, outcome)
 
 
 @kopf.on.delete(GROUP, VERSION, PLURAL)
@@ -177,7 +177,7 @@ async def delete_vm_handler(body: kopf.Body, meta: kopf.Meta, memo: kopf.Memo, p
                             **_: Any) -> None:
     async with _locked_vm(memo, meta, body) as (rt, st, vm):
         vm["metadata"] = dict(body.get("metadata") or {})  # annotations (force-release) from the event
-        released = await _teardown(rt, st, vm)
+        released = await teardown_vm(rt, st, vm)
     if released:
         # Our finalizer goes first, by itself, while kopf's still holds the object: a patch function
         # in kopf's final patch can lose a resourceVersion race, and kopf never comes back to an object

@@ -19,7 +19,7 @@ from .instrument import ended_with
 from .vm_state import BUSY_RETRY_SECONDS, PLURAL, VmState
 
 
-def _action_request(vm: Mapping[str, Any] | None) -> str | None:
+def action_request(vm: Mapping[str, Any] | None) -> str | None:
     return (((vm or {}).get("metadata") or {}).get("annotations") or {}).get(actions.ACTION_REQUEST_ANNOTATION)
 
 
@@ -30,7 +30,7 @@ def _action_pending(vm: Mapping[str, Any] | None, status: Mapping[str, Any]) -> 
     return actions.pending_request((vm.get("metadata") or {}).get("annotations"), status.get("lastAction")) is not None
 
 
-async def _apply(rt: Runtime, st: VmState, vm: dict[str, Any], outcome: VmOutcome, *, full: bool = True) -> None:
+async def apply_outcome(rt: Runtime, st: VmState, vm: dict[str, Any], outcome: VmOutcome, *, full: bool = True) -> None:
     """`full`: the outcome of a full reconcile (handler, requeue loop), which executes action requests;
     a host round's (`full=False`) only refreshes power state."""
     meta = vm["metadata"]
@@ -54,7 +54,7 @@ async def _apply(rt: Runtime, st: VmState, vm: dict[str, Any], outcome: VmOutcom
         st.parked.pop(uid, None)
     if error is not None and (error.retryable or error.code in TENANCY_CODES):
         st.retry.failed(uid)  # the requeue loop runs the full reconcile again after the backoff
-    elif _action_request(st.vms.get(uid)) != _action_request(vm):
+    elif action_request(st.vms.get(uid)) != action_request(vm):
         # An action request came in while this reconcile ran on the older object (the requeue loop
         # found the lock taken and left it to us): run again, or the request would wait forever.
         st.retry.schedule(uid, 0)

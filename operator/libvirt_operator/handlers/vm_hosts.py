@@ -32,9 +32,9 @@ from ..reconcile.vm import sync_vm
 from ..reconcile.vm_status import host_lost_status
 from ..reconcile.vm_types import VmOutcome
 from .startup import runtime_of
-from .vm_apply import _apply
-from .vm_orphans import _check_orphans
-from .vm_state import BUSY_RETRY_SECONDS, PLURAL, VmState, _vm_log, state_of
+from .vm_apply import apply_outcome
+from .vm_orphans import check_orphans
+from .vm_state import BUSY_RETRY_SECONDS, PLURAL, VmState, vm_log_fields, state_of
 
 log = get_logger(__name__)
 RESYNC_SECONDS = 10.0                  # full sweep of a host's VMs: the safety net for lost events
@@ -130,7 +130,7 @@ async def _report_host_lost(rt: Runtime, st: VmState, host: str, err: AppError) 
             events = [] if (previous or {}).get("code") == err.code.value else [
                 ("Warning", err.reason, human_message(err, err_state))]
             with contextlib.suppress(AppError):
-                await _apply(rt, st, current, VmOutcome(new, events, None, None), full=False)
+                await apply_outcome(rt, st, current, VmOutcome(new, events, None, None), full=False)
 
 
 async def _wait_any(wake: asyncio.Event, stopped: kopf.DaemonStopped, timeout: float) -> None:
@@ -176,7 +176,7 @@ async def resync_host(rt: Runtime, st: VmState, host: str, conn: Any) -> float:
             await _remove_stale_copies(rt, st, host, conn, stale)
         observed = await conn.call("list_domains", domains.list_domains)
         if orphan_check_due:
-            await _check_orphans(rt, st, host, conn, observed)
+            await check_orphans(rt, st, host, conn, observed)
         for uid in targets:
             vm = st.vms.get(uid)
             if vm is None or vm["metadata"].get("deletionTimestamp"):
@@ -197,9 +197,9 @@ async def resync_host(rt: Runtime, st: VmState, host: str, conn: Any) -> float:
                     continue
                 try:
                     outcome = await sync_vm(current, rt, st.view(rt), observed=obs)
-                    await _apply(rt, st, current, outcome, full=False)
+                    await apply_outcome(rt, st, current, outcome, full=False)
                 except AppError as err:
-                    log.info("VM resync failed", **_vm_log(current), host=host, code=err.code.value,
+                    log.info("VM resync failed", **vm_log_fields(current), host=host, code=err.code.value,
                              error=err.message)
         VM_RESYNC_SECONDS.labels(host).observe(time.perf_counter() - started)
         st.dirty_queue.worked(time.perf_counter() - started)

@@ -20,7 +20,7 @@ from .vm_state import VmState
 log = get_logger(__name__)
 
 
-async def _check_orphans(rt: Runtime, st: VmState, host: str, conn: Any, observed: Mapping[str, Any]) -> None:
+async def check_orphans(rt: Runtime, st: VmState, host: str, conn: Any, observed: Mapping[str, Any]) -> None:
     st.orphan_checked[host] = time.monotonic()
     owns = watched(rt.namespaces)
     unknown = orphans.unaccounted(observed, st.vms)

@@ -9,20 +9,20 @@ from ..core.logs import get_logger
 from ..reconcile.runtime import Runtime
 from ..reconcile.vm import sync_vm
 from .instrument import ended_with, reconciler
-from .vm_apply import _apply
-from .vm_state import BUSY_RETRY_SECONDS, VmState, _load_hosts, _vm_log
-from .vm_teardown import _held_for_teardown, _retry_teardown
+from .vm_apply import apply_outcome
+from .vm_state import BUSY_RETRY_SECONDS, VmState, load_hosts, vm_log_fields
+from .vm_teardown import vm_held_for_teardown, retry_teardown
 
 log = get_logger(__name__)
 WAKE_DEBOUNCE_SECONDS = 0.2            # a burst of host/ISO events wakes the parked VMs once
 
 
 @reconciler("virtualmachine", "VirtualMachine")  # a requeued reconcile is a reconcile
-async def _retry_one(rt: Runtime, st: VmState, uid: str) -> None:
-    """A due VM: the same sync path as the handler (sync_vm + _apply, under the VM's lock)."""
+async def retry_one(rt: Runtime, st: VmState, uid: str) -> None:
+    """A due VM: the same sync path as the handler (sync_vm + apply_outcome, under the VM's lock)."""
     vm = st.vms.get(uid)
-    if vm is not None and _held_for_teardown(vm):
-        await _retry_teardown(rt, st, uid)
+    if vm is not None and vm_held_for_teardown(vm):
+        await retry_teardown(rt, st, uid)
         return
     if vm is None or vm["metadata"].get("deletionTimestamp"):
         st.parked.pop(uid, None)
@@ -32,21 +32,21 @@ async def _retry_one(rt: Runtime, st: VmState, uid: str) -> None:
     if lock.locked():  # a handler or the host's round is on it; look again shortly unless it decides
         st.retry.schedule(uid, BUSY_RETRY_SECONDS)
         return
-    await _load_hosts(rt, st)
+    await load_hosts(rt, st)
     async with lock:
         vm = st.vms.get(uid)
         if vm is None or vm["metadata"].get("deletionTimestamp"):
             return
         try:
             outcome = await sync_vm(vm, rt, st.view(rt))
-            await _apply(rt, st, vm, outcome)
+            await apply_outcome(rt, st, vm, outcome)
         except AppError as err:  # e.g. the status patch failed: back off and try again
-            log.info("requeued VM reconcile failed", **_vm_log(vm), code=err.code.value, error=err.message)
+            log.info("requeued VM reconcile failed", **vm_log_fields(vm), code=err.code.value, error=err.message)
             ended_with(err)
             st.retry.failed(uid)
 
 
-async def _wake_loop(st: VmState) -> None:
+async def wake_loop(st: VmState) -> None:
     """Host/namespace changes wake every parked VM, ISOImage changes those waiting for media (debounced)."""
     while True:
         waits = {asyncio.ensure_future(st.parked_wake.wait()), asyncio.ensure_future(st.media_wake.wait())}

@@ -157,13 +157,13 @@ def state_of(rt: Runtime) -> VmState:
     return state
 
 
-def _plain(body: Mapping[str, Any]) -> dict[str, Any]:
+def plain_copy(body: Mapping[str, Any]) -> dict[str, Any]:
     return {"apiVersion": body.get("apiVersion"), "kind": body.get("kind"),
             "metadata": dict(body.get("metadata") or {}), "spec": dict(body.get("spec") or {}),
             "status": dict(body.get("status") or {})}
 
 
-async def _load_hosts(rt: Runtime, st: VmState) -> None:
+async def load_hosts(rt: Runtime, st: VmState) -> None:
     """At start-up the VM watch may deliver before the host watch: list hosts once."""
     if st.hosts_loaded:
         return
@@ -176,11 +176,11 @@ async def _load_hosts(rt: Runtime, st: VmState) -> None:
             log.info("listing LibvirtHosts failed", kind="LibvirtHost", code=err.code.value, error=err.message)
             return
         for obj in objs:
-            st.hosts.setdefault(obj["metadata"]["name"], _plain(obj))
+            st.hosts.setdefault(obj["metadata"]["name"], plain_copy(obj))
         st.hosts_loaded = True
 
 
-def _vm_log(vm: Mapping[str, Any]) -> dict[str, Any]:
+def vm_log_fields(vm: Mapping[str, Any]) -> dict[str, Any]:
     """Log fields naming a VM, for lines logged outside a kopf handler (loops)."""
     meta = vm.get("metadata") or {}
     return {"kind": "VirtualMachine", "namespace": meta.get("namespace"), "name": meta.get("name"),

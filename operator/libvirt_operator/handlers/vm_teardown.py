@@ -14,13 +14,13 @@ from ..reconcile.runtime import Runtime
 from ..reconcile.status import merge_patch
 from ..reconcile.vm_delete import delete_vm
 from .teardown import TEARDOWN_FINALIZER, held_for_teardown
-from .vm_state import BUSY_RETRY_SECONDS, PLURAL, VmState, _load_hosts, _vm_log
+from .vm_state import BUSY_RETRY_SECONDS, PLURAL, VmState, load_hosts, vm_log_fields
 
 log = get_logger(__name__)
 DELETE_RETRY_CAP_SECONDS = 10.0  # so a force-release annotation is honoured quickly
 
 
-async def _teardown(rt: Runtime, st: VmState, vm: dict[str, Any]) -> bool:
+async def teardown_vm(rt: Runtime, st: VmState, vm: dict[str, Any]) -> bool:
     """One teardown attempt (the caller holds the VM's lock); True when the VM may go. When blocked
     (its host is gone or unreachable) the status says so and the requeue loop tries again, woken
     by host changes and by the force-release annotation."""
@@ -45,24 +45,24 @@ async def _teardown(rt: Runtime, st: VmState, vm: dict[str, Any]) -> bool:
     return False
 
 
-def _held_for_teardown(vm: Mapping[str, Any]) -> bool:
+def vm_held_for_teardown(vm: Mapping[str, Any]) -> bool:
     return held_for_teardown(vm.get("metadata") or {})
 
 
-async def _retry_teardown(rt: Runtime, st: VmState, uid: str) -> None:
+async def retry_teardown(rt: Runtime, st: VmState, uid: str) -> None:
     lock = st.lock(uid)
     if lock.locked():
         st.retry.schedule(uid, BUSY_RETRY_SECONDS)
         return
-    await _load_hosts(rt, st)  # an unplaced VM's teardown searches every known host
+    await load_hosts(rt, st)  # an unplaced VM's teardown searches every known host
     async with lock:
         vm = st.vms.get(uid)
-        if vm is None or not _held_for_teardown(vm):
+        if vm is None or not vm_held_for_teardown(vm):
             return
         meta = vm["metadata"]
         try:
-            if await _teardown(rt, st, vm):
+            if await teardown_vm(rt, st, vm):
                 await rt.kube.remove_finalizer(PLURAL, meta["namespace"], meta["name"], TEARDOWN_FINALIZER)
         except AppError as err:
-            log.info("VM teardown retry failed", **_vm_log(vm), code=err.code.value, error=err.message)
+            log.info("VM teardown retry failed", **vm_log_fields(vm), code=err.code.value, error=err.message)
             st.retry.failed(uid, at_most=DELETE_RETRY_CAP_SECONDS)

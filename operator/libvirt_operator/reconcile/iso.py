@@ -37,10 +37,10 @@ from ..core.errors import AppError, ErrorCode, OperationAborted
 from ..core.logs import get_logger
 from ..core.metrics import ISO_DOWNLOAD_SECONDS, ISO_IMPORT_SECONDS
 from .runtime import Runtime
-from .iso_status import KIND, StatusWriter, _failed_status, _host_list, _ready_status
+from .iso_status import KIND, StatusWriter, failed_status, host_list, ready_status
 from .iso_targets import Target, resolve_targets
-from .iso_limits import _ImportSlots, _acquire_slot, _over_cap, _pool_rooms, _size_cap, _storage_full
-from .iso_upload import _upload_one, _vanished, _watch_stop
+from .iso_limits import ImportSlots, acquire_slot, over_cap, pool_rooms, size_cap, storage_full
+from .iso_upload import upload_one, reupload_vanished, watch_stop
 from .iso_cache import cache_paths, remove_cache
 
 log = get_logger(__name__)
@@ -90,7 +90,7 @@ async def reconcile_iso(namespace: str, name: str, uid: str, generation: int, sp
     conditions = list(status.get("conditions") or [])
     started = time.monotonic()
     hosts_status: dict[str, dict[str, Any]] | None = None
-    slot: _ImportSlots | None = None
+    slot: ImportSlots | None = None
     try:
         try:
             spec = ISOImageSpec.model_validate(spec_body)
@@ -107,7 +107,7 @@ async def reconcile_iso(namespace: str, name: str, uid: str, generation: int, sp
         usable = [t for t in targets if t.problem is None]
         todo = [t for t in usable if not _host_done(hosts_status.get(t.host), t, vol)]
         if vol is not None:
-            todo += await _vanished(
+            todo += await reupload_vanished(
                 [t for t in usable if t not in todo and t.spec is not None], vol, hosts_status, rt)
         for t in targets:
             if t.problem is not None:
@@ -118,18 +118,18 @@ async def reconcile_iso(namespace: str, name: str, uid: str, generation: int, sp
             if first_problem is not None:
                 raise first_problem
             remove_cache(rt, uid)
-            new = _ready_status(status, conditions, generation, hosts_status, targets)
+            new = ready_status(status, conditions, generation, hosts_status, targets)
             return IsoOutcome(new, None, True, written=writer.current)
 
         # -- one of the operator's import slots (bounded concurrency), then room in every target pool --
-        slot = await _acquire_slot(rt, should_stop, lambda running: writer.patch({
+        slot = await acquire_slot(rt, should_stop, lambda running: writer.patch({
             "phase": "Pending", "conditions": summarize(
                 conditions, ready=False, reason="Queued", generation=generation, reconciling=True,
                 message=f"waiting for an import slot: {running} import(s) running, the operator's limit "
                         "(--max-concurrent-imports)")}))
         final, part = cache_paths(rt, uid)
-        cap, cap_source = _size_cap(spec, rt)
-        rooms, refused = await _pool_rooms(todo, rt)
+        cap, cap_source = size_cap(spec, rt)
+        rooms, refused = await pool_rooms(todo, rt)
         errors: list[AppError] = []
         failed: set[str] = set()
 
@@ -147,12 +147,12 @@ async def reconcile_iso(namespace: str, name: str, uid: str, generation: int, sp
             """Hosts whose pool cannot hold size bytes fail with STORAGE_FULL; raise when none is left."""
             for t in list(todo):
                 if rooms[t.host] < size:
-                    refuse(t, _storage_full(t, size, rooms[t.host], declared=declared))
+                    refuse(t, storage_full(t, size, rooms[t.host], declared=declared))
             if not todo:
                 raise errors[0]
 
         if not todo:
-            await writer.patch({"hosts": _host_list(hosts_status)})
+            await writer.patch({"hosts": host_list(hosts_status)})
             raise errors[0]
 
         # -- download (or reuse the verified cache file) --
@@ -175,13 +175,13 @@ async def reconcile_iso(namespace: str, name: str, uid: str, generation: int, sp
             async def check_total(total: int) -> None:  # Content-Length, before the body is read
                 check_room(total, declared=True)  # raises when no target has room
                 if failed:  # some hosts lack room: say so while the others download
-                    await writer.patch({"hosts": _host_list(hosts_status)})
+                    await writer.patch({"hosts": host_list(hosts_status)})
 
             room = max(rooms[t.host] for t in todo)
 
             def too_large(size: int, declared: bool) -> AppError:
                 if cap is not None and size > cap:
-                    return _over_cap(spec.source.url, size, cap, cap_source, declared=declared)
+                    return over_cap(spec.source.url, size, cap, cap_source, declared=declared)
                 check_room(size, declared=declared)  # raises: no target pool has room for size bytes
                 raise AssertionError("unreachable")
 
@@ -199,7 +199,7 @@ async def reconcile_iso(namespace: str, name: str, uid: str, generation: int, sp
             if volume_name(namespace, name, expected) != vol:  # unverified content changed (or first time)
                 vol = volume_name(namespace, name, expected)
                 todo = [t for t in usable if t.host not in failed and not _host_done(hosts_status.get(t.host), t, vol)]
-                more_rooms, more_refused = await _pool_rooms([t for t in todo if t.host not in rooms], rt)
+                more_rooms, more_refused = await pool_rooms([t for t in todo if t.host not in rooms], rt)
                 rooms.update(more_rooms)
                 for t, err in more_refused:
                     refuse(t, err)
@@ -211,11 +211,11 @@ async def reconcile_iso(namespace: str, name: str, uid: str, generation: int, sp
         # -- uploads --
         for t in todo:
             hosts_status[t.host] = {"host": t.host, "phase": "Uploading", "pool": t.pool, "volume": vol}
-        await writer.patch({"phase": "Uploading", "hosts": _host_list(hosts_status)})
+        await writer.patch({"phase": "Uploading", "hosts": host_list(hosts_status)})
         abort = threading.Event()
-        watcher = asyncio.create_task(_watch_stop(should_stop, abort))
+        watcher = asyncio.create_task(watch_stop(should_stop, abort))
         try:
-            results = await asyncio.gather(*(_upload_one(t, final, vol, size, rt, abort) for t in todo))
+            results = await asyncio.gather(*(upload_one(t, final, vol, size, rt, abort) for t in todo))
         finally:
             watcher.cancel()
         if abort.is_set() and should_stop():
@@ -225,13 +225,13 @@ async def reconcile_iso(namespace: str, name: str, uid: str, generation: int, sp
             if err is not None:
                 errors.append(err)
         if errors:
-            await writer.patch({"hosts": _host_list(hosts_status)})
+            await writer.patch({"hosts": host_list(hosts_status)})
             raise errors[0]
         if first_problem is not None:
             raise first_problem
         remove_cache(rt, uid)
         ISO_IMPORT_SECONDS.observe(time.monotonic() - started)
-        new = _ready_status(writer.current, conditions, generation, hosts_status, targets)
+        new = ready_status(writer.current, conditions, generation, hosts_status, targets)
         return IsoOutcome(new, None, True, written=writer.current)
     except OperationAborted:
         log.info("import stopped on request")
@@ -241,7 +241,7 @@ async def reconcile_iso(namespace: str, name: str, uid: str, generation: int, sp
         # Nothing stays in the cache after a failed import: a 10 GiB body must not sit there until
         # the ISOImage is deleted (partial files only live between the attempts of one download).
         remove_cache(rt, uid)
-        new = await _failed_status(err, writer.current, conditions, generation, rt, hosts_status)
+        new = await failed_status(err, writer.current, conditions, generation, rt, hosts_status)
         return IsoOutcome(new, err, False, written=writer.current)
     except BaseException:
         remove_cache(rt, uid)

@@ -18,7 +18,7 @@ from .iso_targets import Target
 SLOT_POLL_SECONDS = 0.25  # how often an import waiting for a slot looks again (and for deletion)
 
 
-class _ImportSlots:
+class ImportSlots:
     """At most `limit` imports at once, operator-wide (one event loop: a plain counter is enough)."""
 
     def __init__(self, limit: int) -> None:
@@ -35,12 +35,12 @@ class _ImportSlots:
         self.running -= 1
 
 
-async def _acquire_slot(rt: Runtime, should_stop: Callable[[], bool],
-                        waiting: Callable[[int], Awaitable[None]]) -> _ImportSlots:
+async def acquire_slot(rt: Runtime, should_stop: Callable[[], bool],
+                        waiting: Callable[[int], Awaitable[None]]) -> ImportSlots:
     limit = max(1, rt.settings.iso_max_concurrent_imports)
     slots = rt.extras.get("iso_import_slots")
-    if not isinstance(slots, _ImportSlots) or slots.limit != limit:  # new settings: new counter
-        slots = rt.extras["iso_import_slots"] = _ImportSlots(limit)
+    if not isinstance(slots, ImportSlots) or slots.limit != limit:  # new settings: new counter
+        slots = rt.extras["iso_import_slots"] = ImportSlots(limit)
     told = False
     while not slots.try_acquire():
         if should_stop():
@@ -52,7 +52,7 @@ async def _acquire_slot(rt: Runtime, should_stop: Callable[[], bool],
     return slots
 
 
-def _size_cap(spec: ISOImageSpec, rt: Runtime) -> tuple[int | None, str]:
+def size_cap(spec: ISOImageSpec, rt: Runtime) -> tuple[int | None, str]:
     """The largest image accepted and where that limit comes from."""
     operator_cap = rt.settings.download_max_bytes or None
     own = parse_quantity(spec.max_size) if spec.max_size else None
@@ -61,7 +61,7 @@ def _size_cap(spec: ISOImageSpec, rt: Runtime) -> tuple[int | None, str]:
     return operator_cap, "the operator's --download-max-size"
 
 
-def _over_cap(url: str, size: int, cap: int, source: str, *, declared: bool) -> AppError:
+def over_cap(url: str, size: int, cap: int, source: str, *, declared: bool) -> AppError:
     what = (f"the server declares {size} bytes (Content-Length)" if declared
             else f"the download was stopped at the limit ({size}+ bytes received)")
     return AppError(ErrorCode.ISO_DOWNLOAD_FAILED,
@@ -69,7 +69,7 @@ def _over_cap(url: str, size: int, cap: int, source: str, *, declared: bool) -> 
                     {"url": safe_url(url), "limit": cap, "bytes": size, "permanent": "true"})
 
 
-def _storage_full(t: Target, size: int, available: int, *, declared: bool) -> AppError:
+def storage_full(t: Target, size: int, available: int, *, declared: bool) -> AppError:
     need = f"{size} bytes (Content-Length)" if declared else f"at least {size} bytes"
     return AppError(ErrorCode.STORAGE_FULL,
                     f"the image needs {need} but storage pool {t.pool} on host {t.host} has only "
@@ -77,7 +77,7 @@ def _storage_full(t: Target, size: int, available: int, *, declared: bool) -> Ap
                     {"host": t.host, "pool": t.pool, "needed": size, "available": available})
 
 
-async def _pool_rooms(todo: list[Target], rt: Runtime) -> tuple[dict[str, int], list[tuple[Target, AppError]]]:
+async def pool_rooms(todo: list[Target], rt: Runtime) -> tuple[dict[str, int], list[tuple[Target, AppError]]]:
     """Free bytes in each target's pool (checked before any download), and the targets that failed."""
     async def one(t: Target) -> int | AppError:
         try:

@@ -66,17 +66,17 @@ def progress_value(done: int, total: int | None) -> dict[str, Any]:
     return value
 
 
-def _host_list(hosts: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+def host_list(hosts: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
     return [hosts[k] for k in sorted(hosts)]
 
 
-def _ready_status(status: dict[str, Any], conditions: list[dict[str, Any]], generation: int,
+def ready_status(status: dict[str, Any], conditions: list[dict[str, Any]], generation: int,
                   hosts: dict[str, dict[str, Any]], targets: list[Target]) -> dict[str, Any]:
     new = {k: v for k, v in status.items() if k not in ("error", "retry")}
     new.update({
         "observedGeneration": generation,
         "phase": "Ready",
-        "hosts": _host_list(hosts),
+        "hosts": host_list(hosts),
         "conditions": summarize(conditions, ready=True, reason="Imported",
                                 message=f"available on {len(targets)} host(s)", generation=generation),
     })
@@ -86,7 +86,7 @@ def _ready_status(status: dict[str, Any], conditions: list[dict[str, Any]], gene
     return new
 
 
-async def _failed_status(err: AppError, status: dict[str, Any], conditions: list[dict[str, Any]],
+async def failed_status(err: AppError, status: dict[str, Any], conditions: list[dict[str, Any]],
                          generation: int, rt: Runtime, hosts: dict[str, dict[str, Any]] | None) -> dict[str, Any]:
     ISO_FAILURES.labels(err.reason).inc()
     permanent = not err.retryable or err.context.get("permanent") == "true"
@@ -108,7 +108,7 @@ async def _failed_status(err: AppError, status: dict[str, Any], conditions: list
                                 generation=generation, reconciling=not stalled, stalled=stalled),
     })
     if hosts is not None:
-        new["hosts"] = _host_list(hosts)
+        new["hosts"] = host_list(hosts)
     if err.code == ErrorCode.ISO_CHECKSUM_MISMATCH:
         new.pop("progress", None)
     log.warning("ISO import failed", code=err.code.value, error=err.message, attempt=count,

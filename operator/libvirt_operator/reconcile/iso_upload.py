@@ -21,7 +21,7 @@ from .iso_targets import Target
 log = get_logger(__name__)
 
 
-async def _vanished(done: list[Target], vol: str, hosts_status: dict[str, dict[str, Any]],
+async def reupload_vanished(done: list[Target], vol: str, hosts_status: dict[str, dict[str, Any]],
                     rt: Runtime) -> list[Target]:
     """Hosts whose Ready volume disappeared (or changed size) out of band: upload again."""
     missing = []
@@ -38,7 +38,7 @@ async def _vanished(done: list[Target], vol: str, hosts_status: dict[str, dict[s
     return missing
 
 
-async def _watch_stop(should_stop: Callable[[], bool], abort: threading.Event) -> None:
+async def watch_stop(should_stop: Callable[[], bool], abort: threading.Event) -> None:
     while not abort.is_set():
         if should_stop():
             abort.set()
@@ -46,7 +46,7 @@ async def _watch_stop(should_stop: Callable[[], bool], abort: threading.Event) -
         await asyncio.sleep(0.2)
 
 
-async def _upload_one(t: Target, path: Path, vol: str, size: int, rt: Runtime,
+async def upload_one(t: Target, path: Path, vol: str, size: int, rt: Runtime,
                       abort: threading.Event) -> tuple[dict[str, Any], AppError | None]:
     entry: dict[str, Any] = {"host": t.host, "pool": t.pool, "volume": vol}
     started = time.monotonic()

@@ -30,14 +30,14 @@ from . import actions, addresses, plan, vm_actions, vm_seed
 from .host import host_connection
 from .failures import error_status, human_message
 from .runtime import Runtime
-from .vm_types import ClusterView, Event, VmOutcome, _Stage
-from .vm_status import RESTART_REQUIRED, SCHEDULED, _failed, _name_conflict, _refused, _transition_events
+from .vm_types import ClusterView, Event, VmOutcome, Stage
+from .vm_status import RESTART_REQUIRED, SCHEDULED, failed_outcome, name_conflict, refused_error, transition_events
 from .vm_placement import place
 from .vm_failover import departure, staying_refusal
 from .vm_migration import TARGET as MIGRATION_TARGET, settle as settle_migration
-from .vm_media import _eject, _resolve_media
-from .vm_volumes import _check_commitment, _ensure_volumes, _existing_volumes, _recorded_volumes
-from .vm_power import _NOT_GUEST_FAULT, _OPERATION, _act, _crashed, _power_status, _put_power_status
+from .vm_media import eject_media, resolve_media
+from .vm_volumes import check_commitment, ensure_disk_volumes, existing_volumes, recorded_volumes
+from .vm_power import NOT_GUEST_FAULT, OPERATION_METRIC, act, is_crashed, read_power_status, write_power_status
 
 log = get_logger(__name__)
 
@@ -53,7 +53,7 @@ async def sync_vm(body: Mapping[str, Any], rt: Runtime, view: ClusterView, *,
     old_status = dict(body.get("status") or {})
     status = dict(old_status)
     events: list[Event] = []
-    stage = _Stage()
+    stage = Stage()
     full = observed is None or not observed.exists
     try:
         try:
@@ -63,7 +63,7 @@ async def sync_vm(body: Mapping[str, Any], rt: Runtime, view: ClusterView, *,
         if observed is not None and plan.eject_media_now(
                 spec.install_media_policy, _time(status.get("firstBootTime")), bool(status.get("mediaEjected")),
                 observed):
-            _eject(status, events)
+            eject_media(status, events)
             full = True  # redefine without the media before the next start
         if status.get(MIGRATION_TARGET):  # a migration was interrupted: the domain's host first
             await settle_migration(rt, uid, status, view)
@@ -103,7 +103,7 @@ async def sync_vm(body: Mapping[str, Any], rt: Runtime, view: ClusterView, *,
                 details = await conn.call("get_domain", lambda c: domains.get_domain(c, uid))
                 observed = details.observation if details else ABSENT
             stage.refused = observed
-            raise _refused(refusal, observed)
+            raise refused_error(refusal, observed)
         dname = domain_name(namespace, name, uid)
         if observed is not None and observed.exists and observed.name:
             dname = observed.name  # the VM's own domain (found by UUID) keeps the name it was created with
@@ -121,18 +121,18 @@ async def sync_vm(body: Mapping[str, Any], rt: Runtime, view: ClusterView, *,
             if details is None:  # before any volume is made: a name taken by another domain stops here
                 taken = await conn.call("find_by_name", lambda c: domains.find_by_name(c, dname))
                 if taken is not None and taken[0] != uid:
-                    raise _name_conflict(dname, host, taken[0], taken[1].owner, view)
+                    raise name_conflict(dname, host, taken[0], taken[1].owner, view)
             if details is not None and not status.get("mediaEjected") and plan.eject_media_now(
                     spec.install_media_policy, _time(status.get("firstBootTime")), False, details.observation):
-                _eject(status, events)
-            disks = await _resolve_media(spec, namespace, host, hv, conn, view, stage,
+                eject_media(status, events)
+            disks = await resolve_media(spec, namespace, host, hv, conn, view, stage,
                                          ejected=bool(status.get("mediaEjected")))
             try:
-                volumes, disks, created_in = await _ensure_volumes(spec, uid, hv, conn, disks, events,
-                                                                   _recorded_volumes(old_status))
+                volumes, disks, created_in = await ensure_disk_volumes(spec, uid, hv, conn, disks, events,
+                                                                   recorded_volumes(old_status))
             except AppError:
                 # Some may exist by now (the first disk's, when the second one's pool fails): say so.
-                status["volumes"] = await _existing_volumes(spec, uid, hv, conn, _recorded_volumes(old_status))
+                status["volumes"] = await existing_volumes(spec, uid, hv, conn, recorded_volumes(old_status))
                 raise
             status["volumes"] = volumes
             seed = await vm_seed.attach_seed(spec, namespace, name, uid, hv, conn, rt)  # spec.cloudInit
@@ -143,7 +143,7 @@ async def sync_vm(body: Mapping[str, Any], rt: Runtime, view: ClusterView, *,
                     events.append(("Normal", "CloudInitSeedCreated", f"cloud-init seed {seed.volume['name']} "
                                                                      f"uploaded to pool {seed.volume['pool']}"))
             if created_in:
-                await _check_commitment(host, sorted(created_in), conn, status, events, generation)
+                await check_commitment(host, sorted(created_in), conn, status, events, generation)
             defn = DomainDefinition(
                 name=dname, uuid=uid, vcpus=spec.cpu, memory_bytes=parse_quantity(spec.memory), type=dtype,
                 firmware=spec.firmware, owner=Owner(namespace, name, uid), disks=tuple(disks),
@@ -177,8 +177,8 @@ async def sync_vm(body: Mapping[str, Any], rt: Runtime, view: ClusterView, *,
                 status, events, now, _pending_writer(rt, namespace, name))
             observed = acted.observed
             booted_fresh = booted_fresh or acted.booted
-        crashed = spec.run_strategy != "Halted" and _crashed(observed)  # as found, before any action
-        power = _power_status(status)
+        crashed = spec.run_strategy != "Halted" and is_crashed(observed)  # as found, before any action
+        power = read_power_status(status)
         grace = float(spec.termination_grace_period_seconds)
         strategy = spec.run_strategy
         if actions.held_stopped(strategy, status.get("lastAction"), observed.state):
@@ -192,8 +192,8 @@ async def sync_vm(body: Mapping[str, Any], rt: Runtime, view: ClusterView, *,
         if pp.action is not plan.Action.NONE:
             after = pp.status
             try:
-                observed = await _act(pp.action, conn, uid)
-                VM_OPERATIONS.labels(_OPERATION[pp.action]).inc()
+                observed = await act(pp.action, conn, uid)
+                VM_OPERATIONS.labels(OPERATION_METRIC[pp.action]).inc()
                 if pp.action is plan.Action.START:
                     after = dataclasses.replace(after, last_start_time=now, first_boot_time=after.first_boot_time or now)
                     events.append(("Normal", "Started", f"domain {dname} started on {host}"))
@@ -202,7 +202,7 @@ async def sync_vm(body: Mapping[str, Any], rt: Runtime, view: ClusterView, *,
                 else:
                     events.append(("Normal", "Stopped", f"domain {dname} powered off"))
             except AppError as err:
-                if pp.action is not plan.Action.START or err.code in _NOT_GUEST_FAULT:
+                if pp.action is not plan.Action.START or err.code in NOT_GUEST_FAULT:
                     raise
                 # A failed start counts like a crash: back off before the next attempt.
                 failure = plan.record_start_failure(after.start_failure, now, None)
@@ -216,7 +216,7 @@ async def sync_vm(body: Mapping[str, Any], rt: Runtime, view: ClusterView, *,
             pp = pp2
             if pp2.requeue_after is not None:
                 requeue = min(requeue, pp2.requeue_after) if requeue is not None else pp2.requeue_after
-        _put_power_status(status, pp.status)
+        write_power_status(status, pp.status)
 
         if start_error is not None:
             raise start_error
@@ -270,10 +270,10 @@ async def sync_vm(body: Mapping[str, Any], rt: Runtime, view: ClusterView, *,
             addresses.without_addresses(status)
         if observed.state is PowerState.RUNNING and not status.get("firstBootTime"):
             status["firstBootTime"] = timestamp(now)
-        _transition_events(old_status, status, events)
+        transition_events(old_status, status, events)
         return VmOutcome(status, events, None, requeue)
     except AppError as err:
-        return await _failed(err, old_status, status, generation, stage, rt, events)
+        return await failed_outcome(err, old_status, status, generation, stage, rt, events)
 
 
 def _pending_writer(rt: Runtime, namespace: str, name: str) -> Callable[[dict[str, Any]], Awaitable[None]] | None:

@@ -12,10 +12,10 @@ from ..core.api.vm import VirtualMachineSpec
 from ..core.domain import DiskDefinition
 from ..core.errors import AppError, ErrorCode
 from . import plan
-from .vm_types import ClusterView, Event, _Stage
+from .vm_types import ClusterView, Event, Stage
 
 
-def _eject(status: dict[str, Any], events: list[Event]) -> None:
+def eject_media(status: dict[str, Any], events: list[Event]) -> None:
     status["mediaEjected"] = True
     events.append(("Normal", "MediaEjected", "the first run ended: install media removed from the cdroms"))
 
@@ -35,8 +35,8 @@ def _iso_volume(iso: Mapping[str, Any], namespace: str, ref: str, hv: plan.HostV
     return iso_spec.get("pool") or hv.default_pool, volume
 
 
-async def _resolve_media(spec: VirtualMachineSpec, namespace: str, host: str, hv: plan.HostView, conn: Any,
-                         view: ClusterView, stage: _Stage, ejected: bool = False) -> list[DiskDefinition]:
+async def resolve_media(spec: VirtualMachineSpec, namespace: str, host: str, hv: plan.HostView, conn: Any,
+                         view: ClusterView, stage: Stage, ejected: bool = False) -> list[DiskDefinition]:
     """Disk definitions; cdroms point at the ISOImage volume's path on this host (empty once ejected).
     The volume's name is derived from the ISOImage and checked to exist on the host."""
     disks: list[DiskDefinition] = []

@@ -14,12 +14,12 @@ from ..core.errors import ErrorCode
 from ..core.timestamps import parse_time as _time
 from . import plan
 
-_NOT_GUEST_FAULT = {ErrorCode.HOST_UNREACHABLE, ErrorCode.HOST_AUTH_FAILED, ErrorCode.LIBVIRT_TIMEOUT,
+NOT_GUEST_FAULT = {ErrorCode.HOST_UNREACHABLE, ErrorCode.HOST_AUTH_FAILED, ErrorCode.LIBVIRT_TIMEOUT,
                     ErrorCode.HOST_NOT_FOUND}
-_OPERATION = {plan.Action.START: "start", plan.Action.SHUTDOWN: "stop", plan.Action.DESTROY: "stop"}
+OPERATION_METRIC = {plan.Action.START: "start", plan.Action.SHUTDOWN: "stop", plan.Action.DESTROY: "stop"}
 
 
-def _power_status(status: Mapping[str, Any]) -> plan.PowerStatus:
+def read_power_status(status: Mapping[str, Any]) -> plan.PowerStatus:
     failure = status.get("startFailure")
     return plan.PowerStatus(
         first_boot_time=_time(status.get("firstBootTime")),
@@ -29,7 +29,7 @@ def _power_status(status: Mapping[str, Any]) -> plan.PowerStatus:
     )
 
 
-def _put_power_status(status: dict[str, Any], power: plan.PowerStatus) -> None:
+def write_power_status(status: dict[str, Any], power: plan.PowerStatus) -> None:
     for key, value in (("firstBootTime", power.first_boot_time), ("lastStartTime", power.last_start_time),
                        ("stopRequestedTime", power.stop_requested_time)):
         if value is None:
@@ -42,14 +42,14 @@ def _put_power_status(status: dict[str, Any], power: plan.PowerStatus) -> None:
         status["startFailure"] = power.start_failure.to_wire()
 
 
-def _crashed(observed: DomainObservation) -> bool:
+def is_crashed(observed: DomainObservation) -> bool:
     """libvirt says the domain died, not that it was shut down or powered off: state crashed, or shut
     off with reason crashed/failed (QEMU killed, crashed, or failed to start)."""
     return observed.state is PowerState.CRASHED or (
         observed.state is PowerState.SHUTOFF and observed.stop_cause is StopCause.FAILURE)
 
 
-async def _act(action: plan.Action, conn: Any, uid: str) -> DomainObservation:
+async def act(action: plan.Action, conn: Any, uid: str) -> DomainObservation:
     if action is plan.Action.START:
         return await conn.call("start", lambda c: domains.start(c, uid))
     if action is plan.Action.SHUTDOWN:

@@ -16,7 +16,7 @@ from ..core.timestamps import parse_time as _time
 from . import plan
 from .failures import error_status, human_message
 from .runtime import Runtime
-from .vm_types import ClusterView, Event, VmOutcome, _Stage
+from .vm_types import ClusterView, Event, VmOutcome, Stage
 
 SCHEDULED, RESTART_REQUIRED = "Scheduled", "RestartRequired"
 # A host refusing the VM (LibvirtHost tenancy fields): not retried on a timer, re-checked when a host
@@ -24,7 +24,7 @@ SCHEDULED, RESTART_REQUIRED = "Scheduled", "RestartRequired"
 TENANCY_CODES = {ErrorCode.NAMESPACE_NOT_ALLOWED, ErrorCode.POOL_NOT_ALLOWED, ErrorCode.NETWORK_NOT_ALLOWED}
 
 
-def _refused(err: AppError, observed: DomainObservation) -> AppError:
+def refused_error(err: AppError, observed: DomainObservation) -> AppError:
     if observed.active:
         left = ("the running domain is left running (the operator never stops a VM for this); it will not be "
                 "restarted or redefined until the host admits it again")
@@ -45,7 +45,7 @@ def _refused_printable(observed: DomainObservation) -> str:
     return "Stopped" if observed.exists else "ErrorUnschedulable"
 
 
-def _transition_events(old: Mapping[str, Any], new: Mapping[str, Any], events: list[Event]) -> None:
+def transition_events(old: Mapping[str, Any], new: Mapping[str, Any], events: list[Event]) -> None:
     before, after = old.get("printableStatus"), new.get("printableStatus")
     if before == after:
         return
@@ -56,8 +56,8 @@ def _transition_events(old: Mapping[str, Any], new: Mapping[str, Any], events: l
         events.append(("Normal", after, f"the domain is {after.lower()}"))
 
 
-async def _failed(err: AppError, old_status: Mapping[str, Any], status: dict[str, Any], generation: int,
-                  stage: _Stage, rt: Runtime, events: list[Event]) -> VmOutcome:
+async def failed_outcome(err: AppError, old_status: Mapping[str, Any], status: dict[str, Any], generation: int,
+                  stage: Stage, rt: Runtime, events: list[Event]) -> VmOutcome:
     err_status = await error_status(err, old_status.get("error"), "VirtualMachine", rt.remediator)
     message = human_message(err, err_status)
     conditions = list(status.get("conditions") or [])
@@ -92,7 +92,7 @@ async def _failed(err: AppError, old_status: Mapping[str, Any], status: dict[str
     return VmOutcome(status, events, err, requeue)
 
 
-def _waiting_reason(err: AppError, stage: _Stage) -> str | None:
+def _waiting_reason(err: AppError, stage: Stage) -> str | None:
     """Expected waiting is not a warning: objects applied together (GitOps) arrive in any order, an
     image takes a while to import, a new host a probe to turn Ready. The status still says why."""
     if err.code is ErrorCode.ISO_NOT_FOUND and stage.waiting_media:
@@ -116,7 +116,7 @@ def host_lost_status(body: Mapping[str, Any], err: AppError, error_state: dict[s
     return status
 
 
-def _name_conflict(dname: str, host: str, uuid: str, owner: Owner | None, view: ClusterView) -> AppError:
+def name_conflict(dname: str, host: str, uuid: str, owner: Owner | None, view: ClusterView) -> AppError:
     """A domain with our name but another UUID: never adopted, redefined or deleted; say whose it is."""
     if owner is None:
         whose = "not managed by this operator"

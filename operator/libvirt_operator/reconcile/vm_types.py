@@ -70,7 +70,7 @@ class DeleteOutcome:
     error: AppError | None = None
 
 
-class _Stage:
+class Stage:
     """Where a reconcile got to, so an error maps to the right printable status and conditions."""
 
     def __init__(self) -> None:

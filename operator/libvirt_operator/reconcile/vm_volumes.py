@@ -22,11 +22,11 @@ from .vm_types import Event
 log = get_logger(__name__)
 
 
-def _recorded_volumes(old_status: Mapping[str, Any]) -> frozenset[str]:
+def recorded_volumes(old_status: Mapping[str, Any]) -> frozenset[str]:
     return frozenset(v["name"] for v in old_status.get("volumes") or [] if isinstance(v, dict) and v.get("name"))
 
 
-async def _ensure_volumes(spec: VirtualMachineSpec, uid: str, hv: plan.HostView, conn: Any,
+async def ensure_disk_volumes(spec: VirtualMachineSpec, uid: str, hv: plan.HostView, conn: Any,
                           disks: list[DiskDefinition], events: list[Event], recorded: frozenset[str] = frozenset()
                           ) -> tuple[list[dict[str, str]], list[DiskDefinition], set[str]]:
     """Each volume disk gets the volume named with the VM's uid (created when missing), or the
@@ -63,7 +63,7 @@ async def _ensure_volumes(spec: VirtualMachineSpec, uid: str, hv: plan.HostView,
 STORAGE_OVERCOMMITTED = "StorageOvercommitted"
 
 
-async def _check_commitment(host: str, pools: list[str], conn: Any, status: dict[str, Any], events: list[Event],
+async def check_commitment(host: str, pools: list[str], conn: Any, status: dict[str, Any], events: list[Event],
                             generation: int) -> None:
     """After creating thin volumes: do the pool's volumes now promise more than it holds? Reported on
     the VM (condition StorageOvercommitted, a Warning Event) and as a per-pool metric; the VM keeps
@@ -91,7 +91,7 @@ async def _check_commitment(host: str, pools: list[str], conn: Any, status: dict
         status["conditions"] = remove_condition(conditions, STORAGE_OVERCOMMITTED)
 
 
-async def _existing_volumes(spec: VirtualMachineSpec, uid: str, hv: plan.HostView, conn: Any,
+async def existing_volumes(spec: VirtualMachineSpec, uid: str, hv: plan.HostView, conn: Any,
                             recorded: frozenset[str] = frozenset()) -> list[dict[str, str]]:
     """The VM's uid-named volumes that exist on the host (informational status.volumes, after a failure).
     A disk copied from an image counts only if the last status recorded it: after a failed or timed-out

@@ -25,7 +25,7 @@ from ...core.timestamps import timestamp
 FIELD_MANAGER = "libvirt-operator"
 
 
-def _api_error(err: ApiException, what: str) -> AppError:
+def api_error(err: ApiException, what: str) -> AppError:
     if err.status == 404:
         return AppError(ErrorCode.KUBERNETES_API_ERROR, f"{what}: not found", {"status": 404}, cause=err)
     return AppError(ErrorCode.KUBERNETES_API_ERROR, f"{what}: HTTP {err.status} {err.reason}",
@@ -85,7 +85,7 @@ class KubeClient:
         except ApiException as err:
             if err.status == 404:
                 return None
-            raise _api_error(err, f"reading Secret {namespace}/{name}") from err
+            raise api_error(err, f"reading Secret {namespace}/{name}") from err
         return {k: base64.b64decode(v) for k, v in (secret.data or {}).items()}
 
     async def list_objects(self, plural: str, namespace: str | None = None) -> list[dict[str, Any]]:
@@ -95,7 +95,7 @@ class KubeClient:
             else:
                 result = await self.custom.list_cluster_custom_object(GROUP, VERSION, plural)
         except ApiException as err:
-            raise _api_error(err, f"listing {plural}") from err
+            raise api_error(err, f"listing {plural}") from err
         return result.get("items", [])
 
     async def get_object(self, plural: str, name: str, namespace: str | None = None) -> dict[str, Any] | None:
@@ -109,7 +109,7 @@ class KubeClient:
                 result = await self.custom.list_cluster_custom_object(
                     GROUP, VERSION, plural, field_selector=f"metadata.name={name}")
         except ApiException as err:
-            raise _api_error(err, f"reading {plural} {namespace or ''}/{name}") from err
+            raise api_error(err, f"reading {plural} {namespace or ''}/{name}") from err
         items = result.get("items", [])
         return items[0] if items else None
 
@@ -119,7 +119,7 @@ class KubeClient:
         try:
             result = await self.core.list_namespace(field_selector=f"metadata.name={name}")
         except ApiException as err:
-            raise _api_error(err, f"reading namespace {name}") from err
+            raise api_error(err, f"reading namespace {name}") from err
         return dict(result.items[0].metadata.labels or {}) if result.items else None
 
     async def _json_patch(self, plural: str, namespace: str, name: str, ops: list[dict[str, Any]]) -> None:
@@ -149,7 +149,7 @@ class KubeClient:
                     return False
                 if err.status in (409, 422):
                     continue  # changed meanwhile (or now being deleted): read again
-                raise _api_error(err, f"adding finalizer {finalizer} to {plural} {namespace}/{name}") from err
+                raise api_error(err, f"adding finalizer {finalizer} to {plural} {namespace}/{name}") from err
             return True
         raise AppError(ErrorCode.KUBERNETES_API_ERROR,
                        f"adding finalizer {finalizer} to {plural} {namespace}/{name}: the object kept changing",
@@ -170,7 +170,7 @@ class KubeClient:
         except ApiException as err:
             if err.status == 404:
                 return False
-            raise _api_error(err, f"removing finalizer {finalizer} of {plural} {namespace}/{name}") from err
+            raise api_error(err, f"removing finalizer {finalizer} of {plural} {namespace}/{name}") from err
         return True
 
     async def patch_status(self, plural: str, namespace: str | None, name: str,
@@ -196,7 +196,7 @@ class KubeClient:
                 raise ConflictError(ErrorCode.KUBERNETES_API_ERROR,
                                     f"status of {plural} {namespace or ''}/{name} changed meanwhile",
                                     {"status": 409}, cause=err) from err
-            raise _api_error(err, f"patching status of {plural} {namespace or ''}/{name}") from err
+            raise api_error(err, f"patching status of {plural} {namespace or ''}/{name}") from err
 
     async def post_cluster_event(self, involved: dict[str, Any], type_: str, reason: str, message: str) -> None:
         """An Event about a cluster-scoped object, shaped the way `kubectl describe` finds it: in namespace
@@ -212,4 +212,4 @@ class KubeClient:
         try:
             await self.core.create_namespaced_event("default", body)
         except ApiException as err:
-            raise _api_error(err, f"posting an Event about {involved.get('kind')} {involved.get('name')}") from err
+            raise api_error(err, f"posting an Event about {involved.get('kind')} {involved.get('name')}") from err

@@ -18,7 +18,7 @@ from kubernetes_asyncio.client import AuthorizationV1Api
 from kubernetes_asyncio.client.exceptions import ApiException
 
 from ...core.errors import AppError, ErrorCode
-from .client import KubeClient, _api_error
+from .client import KubeClient, api_error
 
 AUTH_CONFIGMAP_NAMESPACE, AUTH_CONFIGMAP = "kube-system", "extension-apiserver-authentication"
 
@@ -44,7 +44,7 @@ async def read_requestheader_config(kube: KubeClient) -> RequestHeaderConfig:
     try:
         cm = await kube.core.read_namespaced_config_map(AUTH_CONFIGMAP, AUTH_CONFIGMAP_NAMESPACE)
     except ApiException as err:
-        raise _api_error(err, f"reading ConfigMap {AUTH_CONFIGMAP_NAMESPACE}/{AUTH_CONFIGMAP}") from err
+        raise api_error(err, f"reading ConfigMap {AUTH_CONFIGMAP_NAMESPACE}/{AUTH_CONFIGMAP}") from err
     data = cm.data or {}
     ca = data.get("requestheader-client-ca-file") or ""
     if not ca.strip():
@@ -93,6 +93,6 @@ async def may(kube: KubeClient, caller: Caller, *, verb: str, group: str, resour
     try:
         review = await AuthorizationV1Api(kube.api).create_subject_access_review(body)
     except ApiException as err:
-        raise _api_error(err, "creating a SubjectAccessReview") from err
+        raise api_error(err, "creating a SubjectAccessReview") from err
     status = review.status
     return bool(status and status.allowed and not status.denied), (status.reason or "") if status else ""
