@@ -213,13 +213,7 @@ async def _delete_leftovers(dst: Any, uid: str, target_view: plan.HostView) -> N
 
 async def _patch_vm(rt: Any, st: Any, vm: dict[str, Any], patch: dict[str, Any]) -> None:
     meta = vm["metadata"]
-    written = await rt.kube.patch_status(VMS, meta["namespace"], meta["name"], patch)
-    cached = st.vms.get(meta["uid"])
-    if cached is not None:  # newer than the cache until the watch delivers it
-        cached["status"] = {**(cached.get("status") or {}), **patch}
-        if written is not None:
-            cached["metadata"]["resourceVersion"] = (written.get("metadata") or {}).get("resourceVersion")
-        st.index(meta["uid"])
+    st.remember(await rt.kube.patch_status(VMS, meta["namespace"], meta["name"], patch))
 
 
 async def _failed(rt: Any, body: Mapping[str, Any], new: dict[str, Any], err: AppError, generation: int) -> None:

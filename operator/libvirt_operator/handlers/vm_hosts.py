@@ -240,13 +240,12 @@ async def _remove_stale_copies(rt: Runtime, st: VmState, host: str, conn: Any, u
             remaining = sorted(set(status.get(STALE_HOSTS) or []) - {host})
             meta = vm["metadata"]
             try:
-                await rt.kube.patch_status(PLURAL, meta["namespace"], meta["name"], {STALE_HOSTS: remaining or None})
+                st.remember(await rt.kube.patch_status(PLURAL, meta["namespace"], meta["name"],
+                                                       {STALE_HOSTS: remaining or None}))
             except AppError as err:
                 log.info("could not clear a removed stale copy from the VM's status; next round", uid=uid,
                          host=host, code=err.code.value)
                 continue
-            vm["status"] = {**status, STALE_HOSTS: remaining}
-            st.index(uid)
             if found:
                 kopf.event(vm, type="Normal", reason="StaleCopyRemoved",
                            message=f"its stale domain on LibvirtHost {host} (left when the host was out of service) "

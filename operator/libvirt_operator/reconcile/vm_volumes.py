@@ -38,8 +38,9 @@ async def ensure_disk_volumes(spec: VirtualMachineSpec, uid: str, hv: plan.HostV
     cloned = {c.disk for c in clones}
     for disk in spec.disks:
         if disk.volume is not None and disk.name not in cloned and disk.volume.size is not None:
-            requests.append(domains.VolumeRequest(disk.volume.pool or hv.default_pool, volume_name(uid, disk.name),
-                                                  parse_quantity(disk.volume.size), disk.name))
+            pool = disk.volume.pool or hv.default_pool
+            requests.append(domains.VolumeRequest(pool, volume_name(uid, disk.name), parse_quantity(disk.volume.size),
+                                                  disk.name, shared=pool in hv.shared_pools))
     if not requests and not clones:
         return [], disks, set()
     results = await conn.call("ensure_volumes", lambda c: domains.ensure_volumes(c, uid, requests)) if requests else []

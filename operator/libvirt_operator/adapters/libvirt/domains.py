@@ -188,6 +188,7 @@ class VolumeRequest:
     name: str          # core.domain.volume_name(uid, disk): named with the owner's uid
     size_bytes: int
     disk: str = ""     # the spec's disk name (to recognise a volume of the earlier naming scheme)
+    shared: bool = False  # the pool is in the host's spec.sharedPools: other hosts may have written it
 
 
 @dataclasses.dataclass(frozen=True)
@@ -252,7 +253,7 @@ def ensure_volumes(conn: libvirt.virConnect, uid: str, requests: Iterable[Volume
         created = False
         if vol is None:
             vol = _legacy_volume(pool, own, req.disk)
-        if vol is None:
+        if vol is None and req.shared:
             # A pool shared with other hosts (spec.sharedPools) learns of their volumes only on a refresh:
             # the VM's disk may be there already, written from the host it left.
             with contextlib.suppress(libvirt.libvirtError):
@@ -359,6 +360,13 @@ def teardown(conn: libvirt.virConnect, uuid: str, pools: Iterable[str]) -> list[
     return delete_owned_volumes(conn, uuid, pools, own)
 
 
+def _local_pools(conn: libvirt.virConnect, shared_pools: Iterable[str]) -> list[str]:
+    """This host's active pools that no other host sees (not in its spec.sharedPools)."""
+    shared = set(shared_pools)
+    return [p.name() for p in conn.listAllStoragePools(libvirt.VIR_CONNECT_LIST_STORAGE_POOLS_ACTIVE)
+            if p.name() not in shared]
+
+
 def remove_stale_copy(conn: libvirt.virConnect, uuid: str, shared_pools: Iterable[str]) -> tuple[bool, list[str]]:
     """Fencing cleanup on a host a VM was recreated away from: power its domain off here and undefine it;
     delete the volumes named with its uid in this host's other pools (host-local leftovers such as the
@@ -367,9 +375,7 @@ def remove_stale_copy(conn: libvirt.virConnect, uuid: str, shared_pools: Iterabl
     found = _lookup(conn, uuid) is not None
     destroy(conn, uuid)
     undefine(conn, uuid)
-    shared = set(shared_pools)
-    local = [p.name() for p in conn.listAllStoragePools(libvirt.VIR_CONNECT_LIST_STORAGE_POOLS_ACTIVE)
-             if p.name() not in shared]
+    local = _local_pools(conn, shared_pools)
     return found, delete_owned_volumes(conn, uuid, local, None)
 
 
@@ -379,9 +385,7 @@ def delete_leftovers(conn: libvirt.virConnect, uuid: str, shared_pools: Iterable
     domain of that uid is here: then they are a domain's disks."""
     if _lookup(conn, uuid) is not None:
         return []
-    shared = set(shared_pools)
-    local = [p.name() for p in conn.listAllStoragePools(libvirt.VIR_CONNECT_LIST_STORAGE_POOLS_ACTIVE)
-             if p.name() not in shared]
+    local = _local_pools(conn, shared_pools)
     return delete_owned_volumes(conn, uuid, local, None)
 
 
