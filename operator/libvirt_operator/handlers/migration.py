@@ -160,7 +160,16 @@ async def _run(rt: Any, src: Any, dst: Any, uid: str, target_obj: Mapping[str, A
     timeout = float(spec.get("timeoutSeconds") or 600)
     bandwidth = spec.get("bandwidthMibPerSecond")
     shared = source_view.shared_pools & plan.HostView.from_object(target_obj).shared_pools
-    dest_raw = await dst.call("migration.target", lambda c: c)  # libvirt connections are thread-safe
+    # The target's connection, held open for the migration thread until it ends (even past our wait).
+    dest = await dst.lease("migration.target")
+
+    def migrate_blocking(c: Any) -> Any:
+        try:
+            return migrate_vm.run(c, dest.begin(), uid, target_uri, paths, frozenset(shared), bandwidth_mib=bandwidth,
+                                  timeout=timeout, cancel=cancel,
+                                  on_progress=lambda p: loop.call_soon_threadsafe(latest.__setitem__, "p", p))
+        finally:
+            dest.release()
 
     async def report() -> None:
         while True:
@@ -177,12 +186,7 @@ async def _run(rt: Any, src: Any, dst: Any, uid: str, target_obj: Mapping[str, A
 
     reporter = asyncio.create_task(report())
     try:
-        return await src.call(
-            "migrate",
-            lambda c: migrate_vm.run(c, dest_raw, uid, target_uri, paths, frozenset(shared), bandwidth_mib=bandwidth,
-                                     timeout=timeout, cancel=cancel,
-                                     on_progress=lambda p: loop.call_soon_threadsafe(latest.__setitem__, "p", p)),
-            timeout=timeout + ABORT_GRACE_SECONDS, stream=True)
+        return await src.call("migrate", migrate_blocking, timeout=timeout + ABORT_GRACE_SECONDS, stream=True)
     except asyncio.CancelledError:
         cancel.set()  # the operator stops: libvirt aborts the job and the domain stays on the source
         raise
@@ -196,6 +200,7 @@ async def _run(rt: Any, src: Any, dst: Any, uid: str, target_obj: Mapping[str, A
                                                    "has the domain", {"unsettled": "1"}) from err
     finally:
         reporter.cancel()
+        dest.release_unused()  # the thread never began (no slot on the source, connection lost): ours to free
 
 
 async def _delete_leftovers(dst: Any, uid: str, target_view: plan.HostView) -> None:

@@ -227,6 +227,44 @@ _CLOSE_REASONS = {0: "an error on the connection", 1: "end of file from the host
                   2: "no keepalive answer from the host", 3: "closed by the client"}
 
 
+class Lease:
+    """A raw connection held open for another thread (HostConnection.lease). Thread-safe; released once."""
+
+    def __init__(self, host: HostConnection, live: _Live) -> None:
+        self._host, self._live = host, live
+        self._lock = threading.Lock()
+        self._state = "held"  # held → using → done, or held → done
+
+    def begin(self) -> libvirt.virConnect:
+        """Called by the thread that uses the connection, before its first call."""
+        with self._lock:
+            if self._state != "held":
+                raise AppError(ErrorCode.LIBVIRT_TIMEOUT, "the lease of the connection ended before its work began",
+                               {"host": self._host.name})
+            self._state = "using"
+        return self._live.conn
+
+    def release(self) -> None:
+        """Called by that thread when it is done (any thread; blocking: it may close a lost connection)."""
+        with self._lock:
+            if self._state == "done":
+                return
+            self._state = "done"
+        self._host._streams.release()
+        self._host._leave(self._live)
+
+    def release_unused(self) -> bool:
+        """Release a lease whose thread never began; False when it did (that thread releases it)."""
+        with self._lock:
+            if self._state != "held":
+                return False
+            self._state = "done"
+        self._host._streams.release()
+        threading.Thread(target=self._host._leave, args=(self._live,), daemon=True,
+                         name=f"libvirt-release-{self._host.name}").start()
+        return True
+
+
 class HostConnection:
     """A lazily opened, self-healing connection to one libvirt host.
 
@@ -497,6 +535,26 @@ class HostConnection:
                                f"(step: {operation})",
                                {"host": self.name, "operation": operation, "uri": self.uri,
                                 "step": operation}) from err
+
+    async def lease(self, operation: str) -> Lease:
+        """The raw connection for work another host's thread drives for a long time (the target side of a
+        live migration). Holds one stream slot and counts as a running call until released, so a lost
+        connection is retired but never closed under that thread (libvirt aborts the process on a call
+        into a closed connection). The driving thread calls `begin()` before using it and `release()`
+        when done; `release_unused()` frees a lease whose thread never began."""
+        live = await self._connected()
+        try:
+            await asyncio.wait_for(self._streams.acquire(), self.options.queue_timeout)
+        except (asyncio.TimeoutError, TimeoutError) as err:
+            raise AppError(ErrorCode.LIBVIRT_TIMEOUT,
+                           f"libvirt {operation} on {self.uri} waited {self.options.queue_timeout:.0f}s for one of "
+                           f"the host's {self._streams.size} stream slots (all busy)",
+                           {"host": self.name, "operation": operation, "uri": self.uri, "step": "queue"}) from err
+        if not self._enter(live):
+            self._streams.release()
+            raise AppError(ErrorCode.HOST_UNREACHABLE, f"connection to {self.uri} lost before {operation}",
+                           {"host": self.name, "operation": operation, "uri": self.uri})
+        return Lease(self, live)
 
     def in_flight(self) -> int:
         """Calls and streams running on this host now."""
