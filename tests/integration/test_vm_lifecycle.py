@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from tests.harness.kube import Kube, condition
+from tests.harness.kube import GROUP, Kube, condition
 from tests.harness.libvirt_module import libvirt
 
 VM = "virtualmachines"
@@ -290,8 +290,9 @@ def test_operator_never_writes_spec(kube, operator, namespace, host) -> None:
     assert obj["status"]["observedGeneration"] == 2
     assert obj["spec"]["runStrategy"] == "Always"
     managed = {(e["manager"], e.get("subresource")): e.get("fieldsV1") or {} for e in obj["metadata"]["managedFields"]}
-    # The operator's writes: status through its own client, finalizer/annotations through kopf.
-    assert ("libvirt-operator", "status") in managed and ("kopf", None) in managed
+    # The operator's writes: status and its finalizer through its own client; kopf writes nothing on a
+    # VirtualMachine (no handler state, no finalizer of its own).
+    assert ("libvirt-operator", "status") in managed and ("libvirt-operator", None) in managed
     for (manager, _sub), fields in managed.items():
         if manager in ("libvirt-operator", "kopf"):
             assert "f:spec" not in fields, (manager, fields)
@@ -499,3 +500,21 @@ def test_thin_volumes_that_overcommit_a_pool_are_reported(kube, operator, namesp
     delete_and_wait(kube, namespace, "small")
     kube.delete(HOST, hv)
 
+
+
+def test_a_vm_left_by_an_older_version_with_kopfs_finalizer_is_torn_down_and_released(kube, operator, namespace,
+                                                                                        host) -> None:
+    """Upgrade path: older operators put kopf's finalizer on every VM. This one keeps no kopf state on
+    VirtualMachines; such a VM must neither stay Terminating forever nor lose its teardown."""
+    kopf_finalizer = f"{GROUP}/finalizer"
+    kube.create(VM, {"metadata": {"name": "legacy", "finalizers": [kopf_finalizer]},
+                     "spec": {"hostRef": host, "memory": "128Mi",
+                              "disks": [{"name": "root", "volume": {"size": "64Mi"}}]}}, namespace)
+    obj = wait_printable(kube, namespace, "legacy", "Running")
+    uid = obj["metadata"]["uid"]
+    assert any(u == uid for u, _ in domains(operator, host).values())
+    kube.wait_for(lambda: kopf_finalizer not in kube.get(VM, "legacy", namespace)["metadata"].get("finalizers", []),
+                  timeout=15, what="kopf's finalizer removed by kopf (no handler needs it)")
+    delete_and_wait(kube, namespace, "legacy")
+    assert not any(u == uid for u, _ in domains(operator, host).values())  # torn down, not just released
+    assert not [v for v in volumes(operator, host) if uid in v]

@@ -129,7 +129,7 @@ async def migrate(body: kopf.Body, meta: kopf.Meta, spec: kopf.Spec, status: kop
                                lambda c: domains.remove_stale_copy(c, uid, source_view.shared_pools))
             except AppError as err:
                 log.warning("source volumes of a migrated VM not deleted", uid=uid, host=source, code=err.code.value)
-        st.retry.schedule(uid, 0)  # the VM's reconcile refreshes its status on the new host
+        st.retry.add(uid)  # the VM's reconcile refreshes its status on the new host
     except AppError as err:
         outcome = "failed" if new.get("phase") == "Running" else "refused"
         MIGRATIONS.labels(outcome).inc()

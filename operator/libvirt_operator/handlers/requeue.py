@@ -1,11 +1,14 @@
-"""Requeue with per-key exponential backoff, without holding a kopf worker.
+"""A keyed work queue: deduplicated, one worker per key at a time, per-key exponential backoff,
+requeue-after, bounded global concurrency (client-go's rate-limited work queue, on asyncio).
 
-kopf waits out a TemporaryError's delay inside the object's worker (a slot of
-settings.queueing.worker_limit), so objects parked on something missing would hold every slot and
-starve new objects. Instead a handler records the status, returns, and puts the key here; ONE loop
-(a heap of (due time, key), no task per key) re-runs the reconcile for the keys that are due, with
-bounded concurrency. Watch events that may unblock a key (a host, an ISOImage, a namespace changed)
-make it due at once (`wake`), without resetting its backoff.
+ONE loop (a heap of (due time, key), no task per key) runs `work(key)` for the keys that are due.
+Two ways in, kept apart on purpose:
+* `add(key)`: a trigger (a watch event, a host round, a finished migration). It never postpones a key
+  and is never lost: a key added while its work runs is run once more right after (client-go's
+  "dirty while processing").
+* `schedule` / `failed` / `done`: the result of the key's own work (requeue after, back off, healthy).
+Watch events that may unblock a waiting key (a host, an ISOImage, a namespace changed) make it due
+at once (`wake`), without resetting its backoff.
 
 Metrics (client-go's `workqueue_*`, label `name`): depth = keys due and not yet picked up (keys
 waiting out a backoff are "delayed", as in client-go), an add = a key put in the queue, a retry = a
@@ -17,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import heapq
 import itertools
+import math
 import time
 from collections.abc import Awaitable, Callable, Iterable
 
@@ -37,7 +41,7 @@ class Requeue:
         self._seq = itertools.count()
         self._changed: asyncio.Event | None = None
         self._inflight: set[str] = set()
-        self._rewake: set[str] = set()
+        self._again: dict[str, float] = {}       # running key → when a trigger asked for it again
         self._waited: dict[str, float] = {}      # popped key → seconds it waited after being due
         self.metrics = QueueMetrics(name, self.ready_count)
 
@@ -71,11 +75,25 @@ class Requeue:
         self.schedule(key, delay)
         return delay
 
-    def schedule(self, key: str, delay: float) -> None:
-        if key in self._rewake:  # woken while its reconcile ran: what it waited for may have come since
-            self._rewake.discard(key)
-            delay = 0.0
+    def running(self, key: str) -> bool:
+        return key in self._inflight
+
+    def add(self, key: str, delay: float = 0.0) -> None:
+        """A trigger: the key is due within `delay` (an earlier due time stays). While its work runs,
+        it is remembered and due again once that work ends, whatever the work decides."""
         due = time.monotonic() + max(0.0, delay)
+        if key in self._inflight:
+            self._again[key] = min(due, self._again.get(key, due))
+            return
+        if key in self._due and self._due[key] <= due:
+            return
+        self._put(key, due)
+
+    def schedule(self, key: str, delay: float) -> None:
+        """The key's own work decided when it runs next (replaces an earlier decision)."""
+        self._put(key, time.monotonic() + max(0.0, delay))
+
+    def _put(self, key: str, due: float) -> None:
         if key not in self._due:
             self.metrics.added()
         self._due[key] = due
@@ -88,8 +106,8 @@ class Requeue:
         now = time.monotonic()
         woke = False
         for key in keys:
-            if key in self._inflight:
-                self._rewake.add(key)
+            if key in self._inflight:  # what it waits for may have come after its work looked
+                self._again[key] = now
             elif key in self._due and self._due[key] > now:
                 self._due[key] = now
                 heapq.heappush(self._heap, (now, next(self._seq), key))
@@ -98,10 +116,15 @@ class Requeue:
             self._changed.set()
 
     def done(self, key: str) -> None:
-        """Healthy (or gone): no requeue, backoff reset."""
+        """Healthy (or gone): no requeue, backoff reset. A trigger that came while the key's work ran
+        still runs it again."""
         self._due.pop(key, None)
         self._attempts.pop(key, None)
-        self._rewake.discard(key)
+
+    def forget(self, key: str) -> None:
+        """The object is gone: nothing of the key stays."""
+        self.done(key)
+        self._again.pop(key, None)
 
     def reset(self, key: str) -> None:
         """The spec changed: the next failure starts at the base delay again."""
@@ -133,25 +156,31 @@ class Requeue:
         running: set[asyncio.Task[None]] = set()
 
         async def one(key: str) -> None:
-            self._inflight.add(key)
             token = self.metrics.started(self._waited.pop(key, 0.0))
             try:
                 await work(key)
             except asyncio.CancelledError:
                 raise
-            except Exception:  # noqa: BLE001  (the loop must survive anything)
-                log.exception("requeued reconcile failed", key=key)
+            except Exception:  # noqa: BLE001  (the loop must survive anything; the key is not dropped)
+                log.exception("reconcile crashed", key=key)
+                self.failed(key)
             finally:
                 self.metrics.finished(token)
                 self._inflight.discard(key)
-                self._rewake.discard(key)
+                again = self._again.pop(key, None)
+                if again is not None and not (key in self._due and self._due[key] <= again):
+                    self._put(key, again)
                 limit.release()
 
         try:
             while True:
                 self._changed.clear()
                 for key in self.pop_due():
+                    if key in self._inflight:  # one worker per key: it runs again when this one ends
+                        self._again[key] = min(time.monotonic(), self._again.get(key, math.inf))
+                        continue
                     await limit.acquire()
+                    self._inflight.add(key)
                     task = asyncio.create_task(one(key))
                     running.add(task)
                     task.add_done_callback(running.discard)

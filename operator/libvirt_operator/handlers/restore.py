@@ -85,7 +85,7 @@ async def restore(body: kopf.Body, meta: kopf.Meta, spec: kopf.Spec, status: kop
             if not reverted.found:
                 raise FinalError(AppError(ErrorCode.SNAPSHOT_NOT_FOUND,
                                       f"snapshot {lv_name} no longer exists on {host}", {"host": host}))
-        vm_state(rt).retry.schedule(vm_uid, 0)  # the VM reconcile checks the (reverted) definition against the spec
+        vm_state(rt).retry.add(vm_uid)  # the VM reconcile checks the (reverted) definition against the spec
     except FinalError as final:
         measure("restore", started, "failed")
         await _restore_failed(rt, body, new, final.error, generation, final=True)

@@ -1,8 +1,9 @@
-"""Our own finalizer, next to kopf's, on VirtualMachines and ISOImages.
+"""Our own finalizer on VirtualMachines and ISOImages.
 
-It is added by the spec-driven handlers (none can be added once a deletion started) and keeps an
-object whose teardown is blocked after kopf's finalizer is gone, so the retries run in a requeue
-loop instead of sleeping in a kopf worker.
+ISOImages: next to kopf's, added by the spec-driven handlers (none can be added once a deletion
+started); it keeps an image whose teardown is blocked after kopf's finalizer is gone, so the retries
+run in a queue instead of sleeping in a kopf worker. VirtualMachines: the only finalizer, added by
+the VM work item (handlers.vm_reconcile) before anything is placed or created.
 """
 
 from __future__ import annotations

@@ -1,46 +1,39 @@
-"""VirtualMachine handlers.
+"""VirtualMachine controller: what makes a VM be looked at. Every trigger only adds the VM's key
+(its uid) to the VM work queue (`VmState.retry`, handlers.requeue); the queue runs the one work item
+(handlers.vm_reconcile.reconcile_vm) for due keys, one worker per key, with per-key backoff.
 
-* create/update/resume → the full reconcile (placement, media, volumes, definition, power);
-  delete → teardown behind the finalizer (kopf adds it: settings.persistence.finalizer).
-* In-memory views of LibvirtHosts, VirtualMachines and ISOImages (watch-fed, `@kopf.on.event`,
-  below; kept in handlers.vm_state), used for placement and by the background loops.
-* One daemon per LibvirtHost (handlers.vm_hosts): lifecycle events mark VMs dirty; a round
-  refreshes them from ONE bulk libvirt call, a periodic full sweep refreshes all of the host's VMs.
-* Placement reads reservations from a per-host index (handlers.vm_state); a placement decision is
-  recorded at once (before define/start), so concurrent placements never share the same free capacity.
-* Waiting costs no kopf worker: a VM waiting on something (no host, host not ready, ISO not imported,
-  not schedulable, namespace refused, any retryable error) gets its status and the handler returns.
-  ONE requeue loop (handlers.requeue: a heap, per-VM exponential backoff, bounded concurrency;
-  started here, run by handlers.vm_retry) re-runs the same sync path for the VMs that are due,
-  and watch events (hosts, ISOImages, namespaces) make the parked ones due at once.
+Triggers: a VM watch event that needs a reconcile (first seen, spec generation, deletion, annotations:
+action request, force-release); a host's spec/readiness/labels change or an ISOImage change wakes the
+VMs waiting on them (debounced, `wake_loop`); an out-of-service host queues its VMs. kopf is the event
+source (`@kopf.on.event`), runs the per-host daemons (handlers.vm_hosts: power-state refresh from
+lifecycle events, the orphan check) and owns liveness; our own finalizer (handlers.teardown) holds a
+VM for its teardown, so kopf keeps no finalizer and no handler state on VirtualMachines.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Mapping
+import os
+from collections.abc import Mapping
 from typing import Any
 
 import kopf
 
 from ..core.api.common import GROUP, VERSION
-from ..core.errors import AppError
+from ..core.errors import ErrorCode
 from ..core.logs import get_logger
 from ..reconcile.runtime import Runtime
-from ..reconcile.vm import sync_vm
-from .instrument import reconciler
 from .iso import wake_deletions as wake_iso_deletions
-from .teardown import TEARDOWN_FINALIZER, hold_for_teardown, release_teardown
 from .startup import runtime_of
 from . import vm_hosts  # noqa: F401  (registers the per-host daemon host_vm_sync)
-from .vm_apply import action_request, apply_outcome
-from .vm_retry import retry_one, wake_loop
-from .vm_teardown import DELETE_RETRY_CAP_SECONDS, vm_held_for_teardown, teardown_vm
-from .vm_state import PLURAL, VmState, load_hosts, plain_copy, state_of
+from .vm_reconcile import reconcile_vm
+from .vm_state import PLURAL, VmState, plain_copy, state_of
 
 log = get_logger(__name__)
-RETRY_CONCURRENCY = 8                  # requeued reconciles running at once
+# VM reconciles running at once (each host's libvirt calls are bounded by its own call slots).
+WORKERS = int(os.environ.get("LIBVIRT_OPERATOR_VM_WORKERS", "32"))
+WAKE_DEBOUNCE_SECONDS = 0.2            # a burst of host/ISO events wakes the waiting VMs once
 
 
 # --------------------------------------------------------------------------------------------
@@ -61,7 +54,7 @@ async def watch_hosts(type: str | None, name: str, body: kopf.Body, memo: kopf.M
     if type != "DELETED" and _out_of_service(st.hosts[name]) and not _out_of_service(before):
         # Declared fenced: its VMs decide now whether they leave (hostFailurePolicy), whatever they wait for.
         for uid in sorted(st.on_host.get(name) or ()):
-            st.retry.schedule(uid, 0)
+            st.retry.add(uid)
     st.wake_host(name)
 
 
@@ -90,37 +83,68 @@ async def watch_isos(type: str | None, name: str, namespace: str, body: kopf.Bod
 
 @kopf.on.event(GROUP, VERSION, PLURAL)
 async def watch_vms(type: str | None, uid: str, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
-    st = state_of(runtime_of(memo))
+    rt = runtime_of(memo)
+    st = state_of(rt)
     before = st.vms.get(uid)
     if type == "DELETED" or (before is not None and before.get("spec") != dict(body.get("spec") or {})):
         # A blocked ISOImage deletion (handlers.iso) may wait for this VM: look again at once.
         names = _iso_refs(before) | _iso_refs(body)
         if names:
-            wake_iso_deletions(runtime_of(memo), body["metadata"]["namespace"], names)
+            wake_iso_deletions(rt, body["metadata"]["namespace"], names)
     if type == "DELETED":
         st.forget(uid)
-    else:
-        st.vms[uid] = plain_copy(body)
-        st.index(uid)
-        if vm_held_for_teardown(st.vms[uid]):
-            if uid not in st.retry:
-                st.retry.schedule(uid, 0)  # e.g. after a restart: nobody else will look at it
-            elif before is None or not vm_held_for_teardown(before):
-                st.retry.wake([uid])  # just handed over by kopf: not after an old waiting backoff
-            elif ((before or {}).get("metadata") or {}).get("annotations") != body["metadata"].get("annotations"):
-                st.retry.wake([uid])  # e.g. the force-release annotation
-        elif action_request(before) != action_request(st.vms[uid]):
-            # kopf ignores annotations under its own storage prefix (ours): no update handler runs for
-            # an action request. The requeue loop runs the full reconcile, which executes it (never the
-            # host's round: a graceful stop may take the grace period and would hold up the host's VMs).
-            st.retry.schedule(uid, 0)
+        return
+    vm = st.vms[uid] = plain_copy(body)
+    st.index(uid)
+    reason = needs_reconcile(before, vm)
+    if reason == "spec":
+        st.retry.reset(uid)  # a new spec: the backoff starts over
+    if reason is not None:
+        st.retry.add(uid)
+    _ensure_loops(rt, st)
+
+
+def needs_reconcile(before: Mapping[str, Any] | None, after: Mapping[str, Any]) -> str | None:
+    """Why this watch event queues the VM, or None (our own status writes, resyncs: no reconcile)."""
+    if before is None:
+        return "new"  # created, or first seen after a (re)start
+    old, new = before.get("metadata") or {}, after.get("metadata") or {}
+    if old.get("generation") != new.get("generation"):
+        return "spec"
+    if bool(old.get("deletionTimestamp")) != bool(new.get("deletionTimestamp")):
+        return "deletion"
+    if old.get("annotations") != new.get("annotations"):
+        return "annotations"  # an action request, the force-release annotation
+    if new.get("deletionTimestamp") and old.get("finalizers") != new.get("finalizers"):
+        return "finalizers"
+    return None
+
+
+def _ensure_loops(rt: Runtime, st: VmState) -> None:
+    """The queue's loop and the wake loop, started from a handler so they inherit kopf's context
+    (Kubernetes Event posting)."""
     if st.parked_task is None or st.parked_task.done():
-        # Started from a handler so they inherit kopf's context (Kubernetes Event posting).
-        rt = runtime_of(memo)
         st.parked_task = asyncio.create_task(
-            st.retry.run(lambda key: retry_one(rt, st, key), concurrency=RETRY_CONCURRENCY), name="vm-requeue-loop")
+            st.retry.run(lambda key: reconcile_vm(rt, st, key), concurrency=WORKERS), name="vm-work-queue")
     if st.wake_task is None or st.wake_task.done():
         st.wake_task = asyncio.create_task(wake_loop(st), name="vm-wake-loop")
+
+
+async def wake_loop(st: VmState) -> None:
+    """Host/namespace changes wake every waiting VM, ISOImage changes those waiting for media (debounced)."""
+    while True:
+        waits = {asyncio.ensure_future(st.parked_wake.wait()), asyncio.ensure_future(st.media_wake.wait())}
+        try:
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in waits:
+                task.cancel()
+        await asyncio.sleep(WAKE_DEBOUNCE_SECONDS)
+        everything = st.parked_wake.is_set()
+        st.parked_wake.clear()
+        st.media_wake.clear()
+        st.retry.wake([uid for uid, code in st.parked.items()
+                       if everything or code is ErrorCode.ISO_NOT_FOUND])
 
 
 def _iso_refs(vm: Mapping[str, Any] | None) -> set[str]:
@@ -128,80 +152,6 @@ def _iso_refs(vm: Mapping[str, Any] | None) -> set[str]:
     disks = ((vm or {}).get("spec") or {}).get("disks") or []
     return {ref["name"] for disk in disks
             if (ref := ((disk or {}).get("cdrom") or {}).get("isoImageRef") or {}).get("name")}
-
-
-def _current(st: VmState, body: Mapping[str, Any]) -> dict[str, Any]:
-    """The freshest copy: the cache has our own status writes, the handler's body may not."""
-    uid = (body.get("metadata") or {}).get("uid")
-    cached = st.vms.get(uid) if uid else None
-    return cached if cached is not None else plain_copy(body)
-
-
-# --------------------------------------------------------------------------------------------
-# Spec-driven reconcile
-# --------------------------------------------------------------------------------------------
-
-@contextlib.asynccontextmanager
-async def _locked_vm(memo: kopf.Memo, meta: kopf.Meta,
-                     body: kopf.Body) -> AsyncIterator[tuple[Runtime, VmState, dict[str, Any]]]:
-    """The shared start of the spec-driven handlers: hosts loaded, this VM's lock held, its freshest copy."""
-    rt = runtime_of(memo)
-    st = state_of(rt)
-    await load_hosts(rt, st)
-    async with st.lock(meta["uid"]):
-        yield rt, st, _current(st, body)
-
-
-@kopf.on.resume(GROUP, VERSION, PLURAL)
-@kopf.on.create(GROUP, VERSION, PLURAL)
-@kopf.on.update(GROUP, VERSION, PLURAL)
-@reconciler("virtualmachine", "VirtualMachine")
-async def reconcile_vm(body: kopf.Body, meta: kopf.Meta, memo: kopf.Memo, patch: kopf.Patch, **_: Any) -> None:
-    """Never raises TemporaryError for a VM that waits: kopf would sleep out the delay in this
-    object's worker. The status says what it waits for; `apply_outcome` queues the retry (`st.retry`)."""
-    async with _locked_vm(memo, meta, body) as (rt, st, vm):
-        if vm["metadata"].get("deletionTimestamp"):
-            return
-        if TEARDOWN_FINALIZER not in (meta.get("finalizers") or []):
-            # Our own patch, not a kopf patch function: kopf keeps a patch function whose patch failed
-            # for its next cycle, and runs no handler of the object (its deletion either) meanwhile.
-            await hold_for_teardown(rt, PLURAL, meta)
-        st.retry.reset(meta["uid"])  # a new spec (or a restart): the backoff starts over
-        outcome = await sync_vm(vm, rt, st.view(rt))
-        await apply_outcome(rt, st, vm, outcome)
-
-
-@kopf.on.delete(GROUP, VERSION, PLURAL)
-@reconciler("virtualmachine", "VirtualMachine")
-async def delete_vm_handler(body: kopf.Body, meta: kopf.Meta, memo: kopf.Memo, patch: kopf.Patch, retry: int,
-                            **_: Any) -> None:
-    async with _locked_vm(memo, meta, body) as (rt, st, vm):
-        vm["metadata"] = dict(body.get("metadata") or {})  # annotations (force-release) from the event
-        released = await teardown_vm(rt, st, vm)
-    if released:
-        # Our finalizer goes first, by itself, while kopf's still holds the object: a patch function
-        # in kopf's final patch can lose a resourceVersion race, and kopf never comes back to an object
-        # without its own finalizer.
-        try:
-            await rt.kube.remove_finalizer(PLURAL, meta["namespace"], meta["name"], TEARDOWN_FINALIZER)
-        except AppError as err:
-            log.info("removing the teardown finalizer failed; kopf's patch tries again", uid=meta["uid"],
-                     code=err.code.value, error=err.message)
-            patch.fns.append(release_teardown)
-        return
-    if TEARDOWN_FINALIZER in (meta.get("finalizers") or []):
-        # A TemporaryError would make kopf sleep out its delay in this object's worker for as long as
-        # the host stays away. Our finalizer keeps the object once kopf's is gone; the requeue loop
-        # retries the teardown and removes it (`_retry_teardown`).
-        return
-    # Deleted before our finalizer was added: kopf's is all that holds it.
-    st = state_of(runtime_of(memo))
-    st.retry.done(meta["uid"])
-    error = (vm.get("status") or {}).get("error") or {}
-    raise kopf.TemporaryError(error.get("message") or "deletion blocked",
-                              delay=min(DELETE_RETRY_CAP_SECONDS, 2.0 * 2 ** min(retry, 4)))
-
-
 
 
 @kopf.on.cleanup()

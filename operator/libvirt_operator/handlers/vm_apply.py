@@ -31,8 +31,8 @@ def _action_pending(vm: Mapping[str, Any] | None, status: Mapping[str, Any]) -> 
 
 
 async def apply_outcome(rt: Runtime, st: VmState, vm: dict[str, Any], outcome: VmOutcome, *, full: bool = True) -> None:
-    """`full`: the outcome of a full reconcile (handler, requeue loop), which executes action requests;
-    a host round's (`full=False`) only refreshes power state."""
+    """`full`: the outcome of the VM's own work item (the queue's full reconcile), which executes action
+    requests and decides when the key runs next; a host round's (`full=False`) only refreshes power state."""
     meta = vm["metadata"]
     uid = meta["uid"]
     ended_with(outcome.error, outcome.requeue_after)  # the reconcile's result, when one runs this
@@ -52,16 +52,21 @@ async def apply_outcome(rt: Runtime, st: VmState, vm: dict[str, Any], outcome: V
         st.parked[uid] = error.code  # re-checked at once when a host, an ISOImage or a namespace changes
     else:
         st.parked.pop(uid, None)
-    if error is not None and (error.retryable or error.code in TENANCY_CODES):
-        st.retry.failed(uid)  # the requeue loop runs the full reconcile again after the backoff
+    retry = error is not None and (error.retryable or error.code in TENANCY_CODES)
+    if not full:
+        # A host round is not the VM's work item: it never drops or postpones a queued key (a spec
+        # change or an action request may be waiting in the queue), it only adds.
+        if retry and uid not in st.retry:
+            st.retry.add(uid, st.retry.delay_for(st.retry.attempts(uid) + 1))
+        elif _action_pending(st.vms.get(uid), outcome.status):
+            st.retry.add(uid)  # only the full reconcile executes a request
+    elif retry:
+        st.retry.failed(uid)  # the queue runs the full reconcile again after the backoff
     elif action_request(st.vms.get(uid)) != action_request(vm):
-        # An action request came in while this reconcile ran on the older object (the requeue loop
-        # found the lock taken and left it to us): run again, or the request would wait forever.
+        # An action request came in while this reconcile ran on the older object: run again.
         st.retry.schedule(uid, 0)
     elif _action_pending(st.vms.get(uid), outcome.status):
-        # Only a full reconcile executes a request; a host round that saw it (after the requeue loop
-        # found the lock taken) must hand it back, never drop the key the watch queued for it.
-        st.retry.schedule(uid, 0 if not full else BUSY_RETRY_SECONDS)
+        st.retry.schedule(uid, BUSY_RETRY_SECONDS)
     else:
         st.retry.done(uid)
     if outcome.requeue_after is not None:

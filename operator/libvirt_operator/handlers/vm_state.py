@@ -103,7 +103,7 @@ class VmState:
         self.locks.pop(uid, None)
         self.requeue.pop(uid, None)
         self.parked.pop(uid, None)
-        self.retry.done(uid)
+        self.retry.forget(uid)
         self.index(uid)
 
     def placed(self, uid: str, reservation: plan.Reservation | None) -> None:

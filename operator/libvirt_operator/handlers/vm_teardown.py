@@ -1,5 +1,7 @@
-"""VM teardown attempts behind the teardown finalizer: one attempt (the delete handler's and the
-requeue loop's), and the requeue loop's retry of a blocked teardown."""
+"""A deleted VM's teardown, as the VM's work item: the domain and volumes the operator created go,
+then the teardown finalizer (ours: the only one on a VirtualMachine). Blocked (its host is gone or
+unreachable): the status says so and the queue tries again, woken by host changes and by the
+force-release annotation."""
 
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ from ..core.logs import get_logger
 from ..reconcile.runtime import Runtime
 from ..reconcile.status import merge_patch
 from ..reconcile.vm_delete import delete_vm
-from .teardown import TEARDOWN_FINALIZER, held_for_teardown
+from .teardown import TEARDOWN_FINALIZER
 from .vm_state import BUSY_RETRY_SECONDS, PLURAL, VmState, load_hosts, vm_log_fields
 
 log = get_logger(__name__)
@@ -21,9 +23,7 @@ DELETE_RETRY_CAP_SECONDS = 10.0  # so a force-release annotation is honoured qui
 
 
 async def teardown_vm(rt: Runtime, st: VmState, vm: dict[str, Any]) -> bool:
-    """One teardown attempt (the caller holds the VM's lock); True when the VM may go. When blocked
-    (its host is gone or unreachable) the status says so and the requeue loop tries again, woken
-    by host changes and by the force-release annotation."""
+    """One teardown attempt (the caller holds the VM's lock); True when the VM may go."""
     meta = vm["metadata"]
     uid = meta["uid"]
     outcome = await delete_vm(vm, rt, st.view())
@@ -46,10 +46,12 @@ async def teardown_vm(rt: Runtime, st: VmState, vm: dict[str, Any]) -> bool:
 
 
 def vm_held_for_teardown(vm: Mapping[str, Any]) -> bool:
-    return held_for_teardown(vm.get("metadata") or {})
+    """Deleting, and our finalizer still holds it: the teardown is the queue's to run."""
+    meta = vm.get("metadata") or {}
+    return bool(meta.get("deletionTimestamp")) and TEARDOWN_FINALIZER in (meta.get("finalizers") or [])
 
 
-async def retry_teardown(rt: Runtime, st: VmState, uid: str) -> None:
+async def tear_down(rt: Runtime, st: VmState, uid: str) -> None:
     lock = st.lock(uid)
     if lock.locked():
         st.retry.schedule(uid, BUSY_RETRY_SECONDS)
@@ -64,5 +66,5 @@ async def retry_teardown(rt: Runtime, st: VmState, uid: str) -> None:
             if await teardown_vm(rt, st, vm):
                 await rt.kube.remove_finalizer(PLURAL, meta["namespace"], meta["name"], TEARDOWN_FINALIZER)
         except AppError as err:
-            log.info("VM teardown retry failed", **vm_log_fields(vm), code=err.code.value, error=err.message)
+            log.info("VM teardown failed", **vm_log_fields(vm), code=err.code.value, error=err.message)
             st.retry.failed(uid, at_most=DELETE_RETRY_CAP_SECONDS)

@@ -164,7 +164,7 @@ async def _delete_unplaced(body: Mapping[str, Any], rt: Runtime, view: ClusterVi
 
 async def _deletion_blocked(err: AppError, status: dict[str, Any], generation: int, rt: Runtime,
                             events: list[Event]) -> DeleteOutcome:
-    """The VM stays (Terminating, DeletionBlocked) until the requeue loop's next attempt succeeds."""
+    """The VM stays (Terminating, DeletionBlocked) until the work queue's next attempt succeeds."""
     err_status = await error_status(err, status.get("error"), "VirtualMachine", rt.remediator)
     message = human_message(err, err_status)
     conditions = summarize(status.get("conditions") or [], ready=False, reason=err.reason, message=message,

@@ -12,6 +12,7 @@ import base64
 import functools
 import time
 import urllib.parse
+from collections.abc import Mapping
 from typing import Any
 
 from kubernetes_asyncio import client, config
@@ -122,35 +123,41 @@ class KubeClient:
             raise api_error(err, f"reading namespace {name}") from err
         return dict(result.items[0].metadata.labels or {}) if result.items else None
 
-    async def _json_patch(self, plural: str, namespace: str, name: str, ops: list[dict[str, Any]]) -> None:
-        await self.custom.patch_namespaced_custom_object(
+    async def _json_patch(self, plural: str, namespace: str, name: str, ops: list[dict[str, Any]]) -> Any:
+        return await self.custom.patch_namespaced_custom_object(
             GROUP, VERSION, namespace, plural, name, ops, field_manager=FIELD_MANAGER,
             _content_type="application/json-patch+json")
 
     async def add_finalizer(self, plural: str, namespace: str, name: str, finalizer: str, attempts: int = 3) -> bool:
+        """Add one finalizer; False when the object is gone or being deleted (`ensure_finalizer`)."""
+        return await self.ensure_finalizer(plural, namespace, name, finalizer, attempts) is not None
+
+    async def ensure_finalizer(self, plural: str, namespace: str, name: str, finalizer: str,
+                               attempts: int = 3, known: Mapping[str, Any] | None = None) -> dict[str, Any] | None:
         """Add one finalizer (a JSON patch with the object's resourceVersion as precondition: a concurrent
-        change is re-read, never overwritten). False when the object is gone or being deleted (the
-        apiserver refuses new finalizers then)."""
-        for _ in range(attempts):
-            obj = await self.get_object(plural, name, namespace)
+        change is re-read, never overwritten). Returns the object carrying it, as written or read; None
+        when the object is gone or being deleted (the apiserver refuses new finalizers then). `known`: a
+        cached copy to try first (no read when it is current)."""
+        for attempt in range(attempts + (known is not None)):
+            obj = dict(known) if attempt == 0 and known is not None else await self.get_object(plural, name, namespace)
             meta = (obj or {}).get("metadata") or {}
             if obj is None or meta.get("deletionTimestamp"):
-                return False
+                return None
             finalizers = list(meta.get("finalizers") or [])
             if finalizer in finalizers:
-                return True
+                return obj
             add = ({"op": "add", "path": "/metadata/finalizers/-", "value": finalizer} if finalizers else
                    {"op": "add", "path": "/metadata/finalizers", "value": [finalizer]})
             ops = [{"op": "test", "path": "/metadata/resourceVersion", "value": meta.get("resourceVersion")}, add]
             try:
-                await self._json_patch(plural, namespace, name, ops)
+                written = await self._json_patch(plural, namespace, name, ops)
             except ApiException as err:
                 if err.status == 404:
-                    return False
+                    return None
                 if err.status in (409, 422):
                     continue  # changed meanwhile (or now being deleted): read again
                 raise api_error(err, f"adding finalizer {finalizer} to {plural} {namespace}/{name}") from err
-            return True
+            return written if isinstance(written, dict) else obj
         raise AppError(ErrorCode.KUBERNETES_API_ERROR,
                        f"adding finalizer {finalizer} to {plural} {namespace}/{name}: the object kept changing",
                        {"status": 409})
