@@ -75,23 +75,23 @@ class Requeue:
         self.schedule(key, delay)
         return delay
 
-    def running(self, key: str) -> bool:
-        return key in self._inflight
-
     def add(self, key: str, delay: float = 0.0) -> None:
         """A trigger: the key is due within `delay` (an earlier due time stays). While its work runs,
         it is remembered and due again once that work ends, whatever the work decides."""
         due = time.monotonic() + max(0.0, delay)
         if key in self._inflight:
             self._again[key] = min(due, self._again.get(key, due))
-            return
-        if key in self._due and self._due[key] <= due:
-            return
-        self._put(key, due)
+        else:
+            self._put_by(key, due)
 
     def schedule(self, key: str, delay: float) -> None:
         """The key's own work decided when it runs next (replaces an earlier decision)."""
         self._put(key, time.monotonic() + max(0.0, delay))
+
+    def _put_by(self, key: str, due: float) -> None:
+        """Due by `due`: an earlier due time stays."""
+        if not (key in self._due and self._due[key] <= due):
+            self._put(key, due)
 
     def _put(self, key: str, due: float) -> None:
         if key not in self._due:
@@ -168,8 +168,8 @@ class Requeue:
                 self.metrics.finished(token)
                 self._inflight.discard(key)
                 again = self._again.pop(key, None)
-                if again is not None and not (key in self._due and self._due[key] <= again):
-                    self._put(key, again)
+                if again is not None:
+                    self._put_by(key, again)
                 limit.release()
 
         try:

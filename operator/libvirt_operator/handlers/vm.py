@@ -123,8 +123,8 @@ def needs_reconcile(before: Mapping[str, Any] | None, after: Mapping[str, Any]) 
 def _ensure_loops(rt: Runtime, st: VmState) -> None:
     """The queue's loop and the wake loop, started from a handler so they inherit kopf's context
     (Kubernetes Event posting)."""
-    if st.parked_task is None or st.parked_task.done():
-        st.parked_task = asyncio.create_task(
+    if st.queue_task is None or st.queue_task.done():
+        st.queue_task = asyncio.create_task(
             st.retry.run(lambda key: reconcile_vm(rt, st, key), concurrency=WORKERS), name="vm-work-queue")
     if st.wake_task is None or st.wake_task.done():
         st.wake_task = asyncio.create_task(wake_loop(st), name="vm-wake-loop")
@@ -159,7 +159,7 @@ async def stop_vm_loops(memo: kopf.Memo, **_: Any) -> None:
     rt = memo.get("runtime")
     if rt is None or "vm" not in rt.extras:
         return
-    for task in (rt.extras["vm"].parked_task, rt.extras["vm"].wake_task):
+    for task in (rt.extras["vm"].queue_task, rt.extras["vm"].wake_task):
         if task is not None and not task.done():
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):

@@ -42,7 +42,7 @@ class VmState:
         self.parked_wake = asyncio.Event()                 # a host or namespace changed: wake every parked VM
         self.media_wake = asyncio.Event()                  # an ISOImage changed: wake the VMs waiting for media
         self.retry = Requeue(RETRY_BASE_SECONDS, RETRY_CAP_SECONDS, name="virtualmachine")  # uid → next full reconcile
-        self.parked_task: asyncio.Task[None] | None = None
+        self.queue_task: asyncio.Task[None] | None = None
         self.wake_task: asyncio.Task[None] | None = None
         self.hosts_loaded = False
         self.hosts_loading = asyncio.Lock()
