@@ -403,7 +403,7 @@ def test_an_event_refreshes_only_its_vm_and_subscribing_happens_once(kube, opera
                                                                        monkeypatch) -> None:
     from prometheus_client import REGISTRY
 
-    from libvirt_operator.handlers import vm_hosts
+    from libvirt_operator.handlers import vm_hosts, vm_reconcile
 
     def subscribes() -> float:
         return REGISTRY.get_sample_value("libvirt_operator_libvirt_calls_total",
@@ -414,14 +414,14 @@ def test_an_event_refreshes_only_its_vm_and_subscribing_happens_once(kube, opera
         wait_printable(kube, namespace, f"ev{i}", "Running")
     time.sleep(0.5)
     refreshes: Counter[str] = Counter()
-    real = vm_hosts.sync_vm
+    real = vm_reconcile.sync_vm
 
     async def counting(body, rt, view, **kw):
-        if kw.get("observed") is not None:  # a host round's refresh, not a spec-driven reconcile
+        if kw.get("observed") is not None:  # a run that used a host round's sighting
             refreshes[body["metadata"]["uid"]] += 1
         return await real(body, rt, view, **kw)
 
-    monkeypatch.setattr(vm_hosts, "sync_vm", counting)
+    monkeypatch.setattr(vm_reconcile, "sync_vm", counting)
     before = subscribes()
     t0 = time.monotonic()
     for _ in range(3):

@@ -1,9 +1,11 @@
 """The VM controller's host rounds (handlers.vm_hosts.resync_host) and its placement index (VmState),
-with a fake libvirt connection: an event refreshes only the VM it names, from one bulk call; the
-periodic full sweep still refreshes everything; placement decisions count before status lands."""
+with a fake libvirt connection: a round is a trigger (it queues keys with what its one bulk call saw,
+and writes nothing); an event queues only the VM it names; the sweeps still cover everything; a run
+trusts a sighting only if nothing acted on the VM since; placement decisions count before status lands."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections import Counter
 from typing import Any
@@ -12,9 +14,10 @@ import pytest
 
 from libvirt_operator.core.api.vm import VirtualMachineSpec
 from libvirt_operator.core.domain import DomainObservation, PowerState
+from libvirt_operator.core.errors import AppError, ErrorCode
 from libvirt_operator.core.settings import Settings
 from libvirt_operator.handlers import vm_hosts
-from libvirt_operator.handlers.vm_state import BUSY_RETRY_SECONDS, VmState
+from libvirt_operator.handlers.vm_state import HostSighting, VmState
 from libvirt_operator.reconcile import actions, plan
 from libvirt_operator.reconcile.runtime import Runtime
 from libvirt_operator.reconcile.vm_types import VmOutcome
@@ -44,70 +47,108 @@ def vm_obj(uid: str, host: str | None = "h", printable: str = "Running", **statu
 
 
 @pytest.fixture
-def world(monkeypatch):
+def world():
     st = VmState()
     for uid, host in (("a", "h"), ("b", "h"), ("c", "h"), ("x", "other")):
         st.vms[uid] = vm_obj(uid, host)
         st.index(uid)
-    refreshed: list[str] = []
-
-    async def fake_sync(body, rt, view, *, observed=None, now=None):
-        assert observed is not None  # a host round passes what the bulk call saw
-        refreshed.append(body["metadata"]["uid"])
-        return VmOutcome(dict(body["status"]), [], None, None)
-
-    monkeypatch.setattr(vm_hosts, "sync_vm", fake_sync)
     rt = Runtime(settings=Settings(knowledge_base_enabled=False), pool=None, kube=None)  # type: ignore[arg-type]
-    return rt, st, FakeConn(["a", "b", "c"]), refreshed
+    return rt, st, FakeConn(["a", "b", "c"])
 
 
-async def test_event_round_refreshes_only_the_vms_it_names_from_one_bulk_call(world) -> None:
-    rt, st, conn, refreshed = world
+def queued(st: VmState) -> list[str]:
+    """The keys a round handed to the work queue (due now), each with the round's sighting."""
+    keys = sorted(st.retry.pop_due())
+    assert all(st.sightings[k].host == "h" for k in keys)
+    return keys
+
+
+async def test_a_round_queues_only_the_vms_its_events_name_from_one_bulk_call(world) -> None:
+    rt, st, conn = world
     await vm_hosts.resync_host(rt, st, "h", conn)  # the first round is a full sweep
-    assert sorted(refreshed) == ["a", "b", "c"] and conn.calls == {"list_domains": 1}
+    assert queued(st) == ["a", "b", "c"] and conn.calls == {"list_domains": 1}
+    assert st.sightings["a"].domain == DomainObservation(PowerState.RUNNING, uuid="a")
 
-    refreshed.clear()
     wait = await vm_hosts.resync_host(rt, st, "h", conn)  # woken with nothing dirty: asks libvirt nothing
-    assert refreshed == [] and conn.calls == {"list_domains": 1}
+    assert queued(st) == [] and conn.calls == {"list_domains": 1}
     assert vm_hosts.RESYNC_SECONDS - 1 < wait <= vm_hosts.RESYNC_SECONDS
 
     st.dirty["h"] = {"b", "a-domain-no-vm-accounts-for"}
     await vm_hosts.resync_host(rt, st, "h", conn)
-    assert refreshed == ["b"] and conn.calls == {"list_domains": 2}
+    assert queued(st) == ["b"] and conn.calls == {"list_domains": 2}
     assert not st.dirty.get("h")
 
 
-async def test_due_requeues_and_the_periodic_full_sweep(world) -> None:
-    rt, st, conn, refreshed = world
+async def test_due_requeues_and_the_sweeps(world) -> None:
+    rt, st, conn = world
     await vm_hosts.resync_host(rt, st, "h", conn)
-    refreshed.clear()
+    queued(st)
     st.requeue["c"] = time.monotonic() - 0.1
     st.requeue["a"] = time.monotonic() + 3
     wait = await vm_hosts.resync_host(rt, st, "h", conn)
-    assert refreshed == ["c"]  # due; `a` is not yet
+    assert queued(st) == ["c"] and "c" not in st.requeue  # due (its run decides anew); `a` is not yet
     assert 2 < wait <= 3  # the daemon sleeps until `a` is due
 
-    refreshed.clear()
-    st.full_synced["h"] -= vm_hosts.RESYNC_SECONDS  # the safety net: every VM of the host, one bulk call
+    # The 10 s sweep (one bulk call) queues the VMs whose domain changed since their last sighting…
+    conn.observed["b"] = DomainObservation(PowerState.SHUTOFF, uuid="b")
+    st.full_synced["h"] -= vm_hosts.RESYNC_SECONDS
     calls = conn.calls["list_domains"]
     await vm_hosts.resync_host(rt, st, "h", conn)
-    assert sorted(refreshed) == ["a", "b", "c"] and conn.calls["list_domains"] == calls + 1
+    assert queued(st) == ["b"] and conn.calls["list_domains"] == calls + 1
+    assert st.requeue["a"] > time.monotonic()  # a deadline not due stays
+    # … and, as the safety net, every VM of the host now and then.
+    st.full_synced["h"] -= vm_hosts.RESYNC_SECONDS
+    st.swept_all["h"] -= vm_hosts.EVERYTHING_SECONDS
+    await vm_hosts.resync_host(rt, st, "h", conn)
+    assert queued(st) == ["a", "b", "c"]
 
 
-async def test_an_event_for_a_vm_a_handler_holds_stays_dirty(world) -> None:
-    rt, st, conn, refreshed = world
+async def test_a_round_never_postpones_a_queued_key_and_writes_no_status(world) -> None:
+    """A round is only a trigger: a key its work item scheduled for later becomes due now, a key already
+    due stays due, and no VM status is written by the round (rt.kube is None: a write would fail)."""
+    rt, st, conn = world
+    st.retry.schedule("a", 30)
+    st.retry.add("b")
     await vm_hosts.resync_host(rt, st, "h", conn)
-    refreshed.clear()
-    async with st.lock("a"):
-        st.dirty["h"] = {"a"}
-        wait = await vm_hosts.resync_host(rt, st, "h", conn)
-        assert refreshed == [] and st.dirty["h"] == {"a"} and wait == BUSY_RETRY_SECONDS
-    await vm_hosts.resync_host(rt, st, "h", conn)
-    assert refreshed == ["a"] and not st.dirty.get("h")
+    assert queued(st) == ["a", "b", "c"]
+
+
+async def test_a_host_that_cannot_be_listed_queues_its_vms_with_that_error(world) -> None:
+    rt, st, _ = world
+    st.vms["c"]["status"]["printableStatus"] = "Unknown"  # already reported: not queued again
+    err = AppError(ErrorCode.HOST_UNREACHABLE, "the host does not answer")
+    vm_hosts._report_host_lost(st, "h", err)
+    assert queued(st) == ["a", "b"] and st.sightings["a"].error is err and st.sightings["a"].domain is None
+
+
+def test_a_run_uses_a_sighting_only_when_nothing_acted_on_the_vm_since() -> None:
+    st = VmState()
+    vm = vm_obj("a", "h", observedGeneration=1)
+    seen = DomainObservation(PowerState.RUNNING, uuid="a")
+    taken = time.monotonic()
+    sighting = HostSighting("h", taken, domain=seen)
+    assert st.fresh("a", vm, sighting) is sighting
+    assert st.fresh("a", vm, None) is None
+    assert st.fresh("a", vm, HostSighting("elsewhere", taken, domain=seen)) is None  # it moved meanwhile
+
+    async def hold() -> None:  # a migration, a snapshot, another run: whoever held the VM's lock
+        async with st.lock("a"):
+            pass
+    asyncio.run(hold())
+    assert st.fresh("a", vm, sighting) is None  # taken before that holder let go: may predate its actions
+    later = HostSighting("h", time.monotonic(), domain=seen)
+    assert st.fresh("a", vm, later) is later
+
+    assert st.fresh("a", vm_obj("a", "h", observedGeneration=0), later) is None  # a new spec: the full path
+    request = vm_obj("a", "h", observedGeneration=1)
+    request["metadata"]["annotations"] = {actions.ACTION_REQUEST_ANNOTATION: '{"action": "stop", "id": "r1"}'}
+    assert st.fresh("a", request, later) is None  # only the full path executes a request
+    st.parked["a"] = ErrorCode.ISO_NOT_FOUND
+    assert st.fresh("a", vm, later) is None
 
 
 async def test_orphan_check_runs_with_the_full_sweep(world) -> None:
-    rt, st, conn, _ = world
+    rt, st, conn = world
     await vm_hosts.resync_host(rt, st, "h", conn)  # every domain is accounted for: no host patch
     checked = st.orphan_checked["h"]
     assert st.orphan_candidates["h"] == set()
@@ -169,26 +210,3 @@ def test_a_burst_of_placements_spreads_within_capacity() -> None:
         if p.host:
             view.placed(uid, plan.placement_reservation(spec, p.host, uid))
     assert chosen == {"a": 10, "b": 10, None: 1}
-
-
-
-async def test_a_host_round_hands_back_an_action_request_it_cannot_execute(world) -> None:
-    """Regression (CI, stop 19): the watch queued the VM for its action request, the requeue loop found
-    the host round holding the VM and backed off, and the round's healthy outcome then dropped the key:
-    the stop request waited forever. A host round never executes requests, so it must hand them back."""
-    rt, st, conn, refreshed = world
-    request = '{"action": "stop", "id": "r1"}'
-    st.vms["a"]["metadata"]["annotations"] = {actions.ACTION_REQUEST_ANNOTATION: request}
-    st.retry.schedule("a", BUSY_RETRY_SECONDS)  # what the work queue does when the lock is taken
-    await vm_hosts.resync_host(rt, st, "h", conn)
-    assert "a" in refreshed and "a" in st.retry
-    assert st.retry.pop_due() == ["a"]  # due now: the full reconcile runs at once
-
-    # Executed (status.lastAction final for that id), and a new spec queued meanwhile: a healthy round
-    # leaves the key where it is. Only the VM's own work item (the full reconcile) takes a key out of
-    # the queue: a round that did would lose the spec change.
-    st.vms["a"]["status"]["lastAction"] = {"id": "r1", "phase": "Succeeded"}
-    st.retry.add("a")
-    st.full_synced["h"] -= vm_hosts.RESYNC_SECONDS
-    await vm_hosts.resync_host(rt, st, "h", conn)
-    assert st.retry.pop_due() == ["a"]

@@ -1,7 +1,7 @@
 """VirtualMachineMigration handlers: move a running VM to another host, live, once.
 
-The VM's own lock is held for the whole move, so neither its reconcile nor a host round touches the
-domain while libvirt moves it. status.migrationTargetHost on the VM is written before the copy starts
+The VM's own lock is held for the whole move, so its reconcile keeps off the domain while libvirt
+moves it (and a host round's look from before the move does not count after it). status.migrationTargetHost on the VM is written before the copy starts
 and status.host after libvirt has switched (reconcile.vm_migration.settle covers an operator killed in
 between). A failure is rolled back by libvirt (the domain keeps running on the source) and reported
 with MIGRATION_FAILED; the migration is not retried (create a new object)."""

@@ -49,7 +49,7 @@ async def error_fields(rt: Runtime, err: AppError, previous: Mapping[str, Any] |
 
 @contextlib.asynccontextmanager
 async def holding_vm(rt: Runtime, vm_uid: str) -> AsyncIterator[None]:
-    """The VM's own lock (handlers.vm_state): its reconcile and host rounds keep off the domain meanwhile."""
+    """The VM's own lock (handlers.vm_state): its reconcile keeps off the domain meanwhile (and ignores what a host round saw before)."""
     async with vm_state(rt).lock(vm_uid):
         yield
 

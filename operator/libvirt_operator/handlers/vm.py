@@ -5,8 +5,9 @@
 Triggers: a VM watch event that needs a reconcile (first seen, spec generation, deletion, annotations:
 action request, force-release); a host's spec/readiness/labels change or an ISOImage change wakes the
 VMs waiting on them (debounced, `wake_loop`); an out-of-service host queues its VMs. kopf is the event
-source (`@kopf.on.event`), runs the per-host daemons (handlers.vm_hosts: power-state refresh from
-lifecycle events, the orphan check) and owns liveness; our own finalizer (handlers.teardown) holds a
+source (`@kopf.on.event`), runs the per-host daemons (handlers.vm_hosts: one bulk look at a host's
+domains after lifecycle events and periodically, which queues the VMs with what it saw; the orphan
+check) and owns liveness; our own finalizer (handlers.teardown) holds a
 VM for its teardown, so kopf keeps no finalizer and no handler state on VirtualMachines.
 """
 

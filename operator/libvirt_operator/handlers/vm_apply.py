@@ -30,9 +30,8 @@ def _action_pending(vm: Mapping[str, Any] | None, status: Mapping[str, Any]) -> 
     return actions.pending_request((vm.get("metadata") or {}).get("annotations"), status.get("lastAction")) is not None
 
 
-async def apply_outcome(rt: Runtime, st: VmState, vm: dict[str, Any], outcome: VmOutcome, *, full: bool = True) -> None:
-    """`full`: the outcome of the VM's own work item (the queue's full reconcile), which executes action
-    requests and decides when the key runs next; a host round's (`full=False`) only refreshes power state."""
+async def apply_outcome(rt: Runtime, st: VmState, vm: dict[str, Any], outcome: VmOutcome) -> None:
+    """The outcome of the VM's work item, which also decides when the key runs next."""
     meta = vm["metadata"]
     uid = meta["uid"]
     ended_with(outcome.error, outcome.requeue_after)  # the reconcile's result, when one runs this
@@ -53,14 +52,7 @@ async def apply_outcome(rt: Runtime, st: VmState, vm: dict[str, Any], outcome: V
     else:
         st.parked.pop(uid, None)
     retry = error is not None and (error.retryable or error.code in TENANCY_CODES)
-    if not full:
-        # A host round is not the VM's work item: it never drops or postpones a queued key (a spec
-        # change or an action request may be waiting in the queue), it only adds.
-        if retry and uid not in st.retry:
-            st.retry.add(uid, st.retry.delay_for(st.retry.attempts(uid) + 1))
-        elif _action_pending(st.vms.get(uid), outcome.status):
-            st.retry.add(uid)  # only the full reconcile executes a request
-    elif retry:
+    if retry:
         st.retry.failed(uid)  # the queue runs the full reconcile again after the backoff
     elif action_request(st.vms.get(uid)) != action_request(vm):
         # An action request came in while this reconcile ran on the older object: run again.

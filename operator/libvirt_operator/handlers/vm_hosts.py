@@ -1,10 +1,13 @@
-"""Per-host: lifecycle events + bulk resync.
+"""Per-host: lifecycle events + bulk look at the host's domains, feeding the VM work queue.
 
 One daemon per LibvirtHost: subscribes (once per connection) to the host's domain lifecycle
-events. An event marks its domain's VM dirty; within ~0.1 s a round refreshes the dirty VMs (and
-those whose requeue is due) from ONE bulk libvirt call. Every RESYNC_SECONDS a full sweep
-refreshes all of the host's VMs (and checks for orphaned domains). Status is patched only when
-it changed.
+events. An event marks its domain's VM dirty; within ~0.1 s a round asks the host ONE bulk
+libvirt call and queues the dirty VMs (and those whose requeue is due) with what it saw
+(`HostSighting`); their work items (handlers.vm_reconcile) refresh the status from it without
+asking the host again. Every RESYNC_SECONDS a full sweep does the same for the host's VMs whose
+domain changed (all of them every EVERYTHING_SECONDS) and checks for orphaned domains. A host that
+cannot be listed queues its VMs with that error (power state Unknown). The round writes no VM
+status itself; it removes the stale copies a fenced host left (and clears them from the VMs).
 """
 
 from __future__ import annotations
@@ -25,19 +28,15 @@ from ..core.errors import AppError
 from ..core.logs import get_logger
 from ..core.metrics import DOMAIN_EVENTS, VM_RESYNC_SECONDS
 from ..reconcile import plan
-from ..reconcile.failures import error_status, human_message
 from ..reconcile.vm_failover import STALE_HOSTS, remove_stale_copies
 from ..reconcile.runtime import Runtime
-from ..reconcile.vm import sync_vm
-from ..reconcile.vm_status import host_lost_status
-from ..reconcile.vm_types import VmOutcome
 from .startup import runtime_of
-from .vm_apply import apply_outcome
 from .vm_orphans import check_orphans
-from .vm_state import BUSY_RETRY_SECONDS, PLURAL, VmState, vm_log_fields, state_of
+from .vm_state import BUSY_RETRY_SECONDS, PLURAL, HostSighting, VmState, state_of
 
 log = get_logger(__name__)
 RESYNC_SECONDS = 10.0                  # full sweep of a host's VMs: the safety net for lost events
+EVERYTHING_SECONDS = 60.0              # … in which every VM is queued, changed or not
 ORPHAN_CHECK_SECONDS = RESYNC_SECONDS  # free when every domain is accounted for
 EVENT_DEBOUNCE_SECONDS = 0.1
 HOST_RETRY_CAP_SECONDS = 60.0         # a host that does not answer: 5 s, 10 s, … (its probe's Ready change wakes)
@@ -80,6 +79,7 @@ async def host_vm_sync(name: str, stopped: kopf.DaemonStopped, memo: kopf.Memo, 
                     conn.on_connect.append(hook)
                     hooked, subscribed = conn, False
                     st.full_synced.pop(name, None)  # a new connection: events may have been missed
+                    st.swept_all.pop(name, None)
                 try:
                     if not subscribed:  # once per connection; reconnects re-subscribe through `hook`
                         await conn.call("subscribe", lambda c: domains.subscribe_lifecycle(c, on_event))
@@ -90,8 +90,9 @@ async def host_vm_sync(name: str, stopped: kopf.DaemonStopped, memo: kopf.Memo, 
                     failures += 1
                     log.info("host resync failed", kind="LibvirtHost", name=name, code=err.code.value,
                              error=err.message, attempt=failures)
-                    st.full_synced.pop(name, None)  # once it answers again, refresh everything
-                    await _report_host_lost(rt, st, name, err)
+                    st.full_synced.pop(name, None)  # once it answers again, look at everything
+                    st.swept_all.pop(name, None)
+                    _report_host_lost(st, name, err)
                     timeout = min(HOST_RETRY_CAP_SECONDS, RESYNC_SECONDS / 2 * 2 ** min(failures - 1, 8))
                 except Exception:  # noqa: BLE001  (the loop must survive anything)
                     log.exception("host resync crashed", kind="LibvirtHost", name=name)
@@ -107,30 +108,22 @@ async def host_vm_sync(name: str, stopped: kopf.DaemonStopped, memo: kopf.Memo, 
         st.host_wake.pop(name, None)
         st.dirty.pop(name, None)
         st.full_synced.pop(name, None)
+        st.swept_all.pop(name, None)
         if hooked is not None:
             with contextlib.suppress(ValueError):
                 hooked.on_connect.remove(hook)
 
 
-async def _report_host_lost(rt: Runtime, st: VmState, host: str, err: AppError) -> None:
-    """The host could not be listed: its VMs' power state is Unknown until it answers again."""
-    for vm in [v for v in st.vms.values() if (v.get("status") or {}).get("host") == host
-               and not v["metadata"].get("deletionTimestamp")]:
-        uid = vm["metadata"]["uid"]
-        lock = st.lock(uid)
-        if lock.locked():
+def _report_host_lost(st: VmState, host: str, err: AppError) -> None:
+    """The host could not be listed: its VMs' power state is Unknown until it answers again. Their
+    work items write that (`HostSighting.error`); VMs already shown Unknown are not queued again."""
+    now = time.monotonic()
+    for uid in sorted(st.on_host.get(host) or ()):
+        vm = st.vms.get(uid)
+        if vm is None or vm["metadata"].get("deletionTimestamp") \
+                or (vm.get("status") or {}).get("printableStatus") == "Unknown":
             continue
-        async with lock:
-            current = st.vms.get(uid)
-            if current is None or (current.get("status") or {}).get("printableStatus") == "Unknown":
-                continue
-            previous = (current.get("status") or {}).get("error")
-            err_state = await error_status(err, previous, "VirtualMachine", rt.remediator)
-            new = host_lost_status(current, err, err_state)
-            events = [] if (previous or {}).get("code") == err.code.value else [
-                ("Warning", err.reason, human_message(err, err_state))]
-            with contextlib.suppress(AppError):
-                await apply_outcome(rt, st, current, VmOutcome(new, events, None, None), full=False)
+        st.sighted(uid, HostSighting(host, now, error=err))
 
 
 async def _wait_any(wake: asyncio.Event, stopped: kopf.DaemonStopped, timeout: float) -> None:
@@ -148,78 +141,53 @@ async def _wait_any(wake: asyncio.Event, stopped: kopf.DaemonStopped, timeout: f
 async def resync_host(rt: Runtime, st: VmState, host: str, conn: Any) -> float:
     """One round for a host; returns seconds until the next round is due.
 
-    A full sweep (every RESYNC_SECONDS, and after a (re)connect or a failed round) refreshes every
-    VM on the host. Other rounds refresh only the VMs named by lifecycle events since the last
-    round (`st.dirty`) and those whose requeue deadline has passed. Either way the host is asked
-    ONE bulk list_domains, never one lookup per VM; a round with nothing to do asks nothing."""
+    The round asks the host ONE bulk list_domains (never one lookup per VM; a round with nothing to
+    do asks nothing) and hands what it saw to the VMs' work items: it queues their keys with a
+    `HostSighting` and writes no VM status itself. Which VMs: those named by lifecycle events since
+    the last round (`st.dirty`) and those whose requeue deadline has passed; in a full sweep (every
+    RESYNC_SECONDS, and after a (re)connect or a failed round) every VM of the host whose domain
+    looks different from what its last sighting showed, and every EVERYTHING_SECONDS all of them."""
     now = time.monotonic()
     full = now - st.full_synced.get(host, -math.inf) >= RESYNC_SECONDS
+    everything = full and now - st.swept_all.get(host, -math.inf) >= EVERYTHING_SECONDS
     # With the full sweep (same cadence), so a wake-up in between never costs a bulk call of its own.
     orphan_check_due = full or now - st.orphan_checked.get(host, 0.0) >= ORPHAN_CHECK_SECONDS
     dirty = st.dirty.pop(host, set())
     on_host = st.on_host.get(host) or set()
+    named = {uid for uid in dirty if uid in on_host}
+    named.update(uid for uid, deadline in st.requeue.items() if deadline <= now and uid in on_host)
     if full:
         st.full_synced[host] = now
-        targets = set(on_host)
-    else:
-        targets = {uid for uid in dirty if uid in on_host}
-        targets.update(uid for uid, deadline in st.requeue.items() if deadline <= now and uid in on_host)
-    # VMs being deleted are the delete handler's (their teardown events cost no round either).
+        if everything:
+            st.swept_all[host] = now
+    targets = set(on_host) if full else named
+    # VMs being deleted are their teardown's (their teardown events cost no round either).
     targets = {uid for uid in targets
                if (vm := st.vms.get(uid)) is not None and not vm["metadata"].get("deletionTimestamp")}
-    busy = {uid for uid in targets if (lock := st.locks.get(uid)) is not None and lock.locked()}
-    targets -= busy  # a handler holds these right now: look again shortly, without asking libvirt now
     stale = set(st.stale_on.get(host) or ())
     if targets or orphan_check_due or stale:
         started = time.perf_counter()
         if stale:  # copies of VMs that left this host while it was out of service: gone first
             await _remove_stale_copies(rt, st, host, conn, stale)
         observed = await conn.call("list_domains", domains.list_domains)
+        taken = time.monotonic()
         if orphan_check_due:
             await check_orphans(rt, st, host, conn, observed)
-        for uid in targets:
-            vm = st.vms.get(uid)
-            if vm is None or vm["metadata"].get("deletionTimestamp"):
-                continue
-            status = vm.get("status") or {}
-            if status.get("host") != host:
-                continue
+        for uid in sorted(targets):
+            status = (st.vms[uid].get("status") or {})
             obs = observed.get(uid, ABSENT)
             if not obs.exists and (not status.get("domainUUID") or uid in st.parked):
-                continue  # not defined yet: the spec-driven reconcile (and the parked loop) is on it
-            lock = st.lock(uid)
-            if lock.locked():
-                busy.add(uid)  # a handler is working on it right now
-                continue
-            async with lock:
-                current = st.vms.get(uid)
-                if current is None or current["metadata"].get("deletionTimestamp"):
-                    continue
-                try:
-                    outcome = await sync_vm(current, rt, st.view(rt), observed=obs)
-                    await apply_outcome(rt, st, current, outcome, full=False)
-                except AppError as err:
-                    log.info("VM resync failed", **vm_log_fields(current), host=host, code=err.code.value,
-                             error=err.message)
+                continue  # not defined yet: its work item (or its wait for what it needs) is on it
+            if uid in named or everything or st.last_sighted.get(uid) != obs:
+                st.requeue.pop(uid, None)  # its work item decides anew
+                st.sighted(uid, HostSighting(host, taken, domain=obs))
         VM_RESYNC_SECONDS.labels(host).observe(time.perf_counter() - started)
         st.dirty_queue.worked(time.perf_counter() - started)
-    # Events for VMs a handler holds stay dirty (it may have observed the domain before the event,
-    # and its status may not show the host yet); other events for domains no VM on this host
-    # accounts for are dropped: the full sweep and the orphan check cover those.
-    for uid in dirty - targets:
-        lock = st.locks.get(uid)
-        vm = st.vms.get(uid)
-        if lock is not None and lock.locked() and vm is not None and not vm["metadata"].get("deletionTimestamp"):
-            busy.add(uid)
-    if busy:
-        st.dirty.setdefault(host, set()).update(busy)
     now = time.monotonic()
     waits = [RESYNC_SECONDS - (now - st.full_synced.get(host, now))]
-    if busy:
-        waits.append(BUSY_RETRY_SECONDS)
     for uid, deadline in st.requeue.items():
         if uid in on_host:
-            # Due but not refreshed (held by a handler, or not defined yet): not a busy loop.
+            # Due but not sighted (not defined yet): its work item is on it; not a busy loop.
             waits.append(deadline - now if deadline > now else BUSY_RETRY_SECONDS)
     return min(waits)
 

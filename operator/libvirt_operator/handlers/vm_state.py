@@ -8,13 +8,17 @@ share the same free capacity."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import math
+import time
 from collections.abc import Mapping
 from typing import Any
 
+from ..core.domain import DomainObservation
 from ..core.errors import AppError, ErrorCode
 from ..core.logs import get_logger
 from ..core.workqueue import QueueMetrics
-from ..reconcile import plan
+from ..reconcile import actions, plan
 from ..reconcile.runtime import Runtime
 from ..reconcile.tenancy import namespace_labels_of
 from ..reconcile.vm_placement import record_placement
@@ -28,6 +32,30 @@ RETRY_BASE_SECONDS = 2.0
 RETRY_CAP_SECONDS = 60.0
 
 
+@dataclasses.dataclass(frozen=True)
+class HostSighting:
+    """What a host round saw of one VM's domain, handed to the VM's next run with its key: the run
+    uses it instead of asking the host again, if nothing acted on the VM since (`VmState.fresh`).
+    `error`: the host could not be listed at all."""
+
+    host: str
+    taken_at: float                        # monotonic
+    domain: DomainObservation | None = None
+    error: AppError | None = None
+
+
+class VmLock(asyncio.Lock):
+    """The VM's lock (its work item, a migration, a snapshot or restore, an address refresh: whoever
+    acts on its domain holds it), remembering when it was last released: a sighting taken before
+    then may predate that holder's actions."""
+
+    released_at = -math.inf
+
+    def release(self) -> None:
+        super().release()
+        self.released_at = time.monotonic()
+
+
 class VmState:
     """Per-process state of the VM controller (kept in Runtime.extras)."""
 
@@ -35,7 +63,9 @@ class VmState:
         self.hosts: dict[str, dict[str, Any]] = {}
         self.vms: dict[str, dict[str, Any]] = {}           # uid → object
         self.isos: dict[tuple[str, str], dict[str, Any]] = {}
-        self.locks: dict[str, asyncio.Lock] = {}
+        self.locks: dict[str, VmLock] = {}
+        self.sightings: dict[str, HostSighting] = {}       # uid → a host round's look, for its next run
+        self.last_sighted: dict[str, DomainObservation] = {}  # uid → what the last sighting handed over saw
         self.requeue: dict[str, float] = {}                # uid → monotonic deadline
         self.host_wake: dict[str, asyncio.Event] = {}      # host → wake its daemon
         self.parked: dict[str, ErrorCode] = {}             # uid → what it waits for (placement/media/host)
@@ -51,6 +81,7 @@ class VmState:
         self.dirty: dict[str, set[str]] = {}               # host → uids named by lifecycle events
         self.dirty_queue = QueueMetrics("virtualmachine_events", lambda: sum(map(len, list(self.dirty.values()))))
         self.full_synced: dict[str, float] = {}            # host → monotonic time of the last full sweep
+        self.swept_all: dict[str, float] = {}              # host → … of the last sweep that queued every VM
         # Indexes over `vms` (kept by `index`): uids by status.host, and reservations by host.
         self.on_host: dict[str, set[str]] = {}
         self.stale_on: dict[str, set[str]] = {}            # host → uids with a stale copy there (staleDomainHosts)
@@ -60,8 +91,31 @@ class VmState:
         self._host_of: dict[str, str] = {}                 # uid → key in on_host
         self._reserved_at: dict[str, str] = {}             # uid → key in reserved_on
 
-    def lock(self, uid: str) -> asyncio.Lock:
-        return self.locks.setdefault(uid, asyncio.Lock())
+    def lock(self, uid: str) -> VmLock:
+        return self.locks.setdefault(uid, VmLock())
+
+    def sighted(self, uid: str, sighting: HostSighting) -> None:
+        """A host round's trigger: queue the VM's key with what the round saw."""
+        self.sightings[uid] = sighting
+        if sighting.domain is not None:
+            self.last_sighted[uid] = sighting.domain
+        self.retry.add(uid)
+
+    def fresh(self, uid: str, vm: Mapping[str, Any], sighting: HostSighting | None) -> HostSighting | None:
+        """The sighting, if the run may use it instead of asking the host: taken on the VM's host after
+        anyone last acted on the VM, and the VM needs no more than a power-state refresh (no new
+        generation; an action request or a waiting VM takes the full path)."""
+        if sighting is None:
+            return None
+        meta, status = vm.get("metadata") or {}, vm.get("status") or {}
+        lock = self.locks.get(uid)
+        if (status.get("host") != sighting.host
+                or (lock is not None and sighting.taken_at <= lock.released_at)
+                or int(meta.get("generation") or 0) != int(status.get("observedGeneration") or 0)
+                or uid in self.parked
+                or actions.pending_request(meta.get("annotations"), status.get("lastAction")) is not None):
+            return None
+        return sighting
 
     def index(self, uid: str) -> None:
         """Re-file one VM after its cached object (or status) changed: O(1)."""
@@ -101,6 +155,8 @@ class VmState:
         self.vms.pop(uid, None)
         self.pending.pop(uid, None)
         self.locks.pop(uid, None)
+        self.sightings.pop(uid, None)
+        self.last_sighted.pop(uid, None)
         self.requeue.pop(uid, None)
         self.parked.pop(uid, None)
         self.retry.forget(uid)
