@@ -17,7 +17,7 @@ from libvirt_operator.core.domain import DomainObservation, PowerState
 from libvirt_operator.core.errors import AppError, ErrorCode
 from libvirt_operator.core.settings import Settings
 from libvirt_operator.handlers import vm_hosts
-from libvirt_operator.handlers.vm_state import HostSighting, VmState
+from libvirt_operator.handlers.vm_state import BUSY_RETRY_SECONDS, HostSighting, VmState
 from libvirt_operator.reconcile import actions, plan
 from libvirt_operator.reconcile.runtime import Runtime
 from libvirt_operator.reconcile.vm_types import VmOutcome
@@ -111,6 +111,22 @@ async def test_a_round_never_postpones_a_queued_key_and_writes_no_status(world) 
     st.retry.add("b")
     await vm_hosts.resync_host(rt, st, "h", conn)
     assert queued(st) == ["a", "b", "c"]
+
+
+async def test_an_event_for_a_vm_someone_holds_waits_for_them(world) -> None:
+    """What the round sees while a run (or a migration) holds the VM may predate its actions: the VM is
+    looked at again once they let go, not handed a sighting its run would have to discard."""
+    rt, st, conn = world
+    await vm_hosts.resync_host(rt, st, "h", conn)
+    queued(st)
+    async with st.lock("a"):
+        st.dirty["h"] = {"a"}
+        wait = await vm_hosts.resync_host(rt, st, "h", conn)
+        assert queued(st) == [] and st.dirty["h"] == {"a"} and wait == BUSY_RETRY_SECONDS
+    await vm_hosts.resync_host(rt, st, "h", conn)
+    assert queued(st) == ["a"] and not st.dirty.get("h")
+    assert st.fresh("a", st.vms["a"] | {"status": st.vms["a"]["status"] | {"observedGeneration": 1}},
+                    st.sightings["a"]) is not None
 
 
 async def test_a_host_that_cannot_be_listed_queues_its_vms_with_that_error(world) -> None:

@@ -165,6 +165,7 @@ async def resync_host(rt: Runtime, st: VmState, host: str, conn: Any) -> float:
     targets = {uid for uid in targets
                if (vm := st.vms.get(uid)) is not None and not vm["metadata"].get("deletionTimestamp")}
     stale = set(st.stale_on.get(host) or ())
+    busy: set[str] = set()
     if targets or orphan_check_due or stale:
         started = time.perf_counter()
         if stale:  # copies of VMs that left this host while it was out of service: gone first
@@ -178,13 +179,23 @@ async def resync_host(rt: Runtime, st: VmState, host: str, conn: Any) -> float:
             obs = observed.get(uid, ABSENT)
             if not obs.exists and (not status.get("domainUUID") or uid in st.parked):
                 continue  # not defined yet: its work item (or its wait for what it needs) is on it
+            if (lock := st.locks.get(uid)) is not None and lock.locked():
+                # Someone acts on it right now: what we saw may predate that (the run would not use
+                # it). Look again once they let go, rather than have the run ask the host itself.
+                if uid in named:
+                    busy.add(uid)
+                continue
             if uid in named or everything or st.last_sighted.get(uid) != obs:
                 st.requeue.pop(uid, None)  # its work item decides anew
                 st.sighted(uid, HostSighting(host, taken, domain=obs))
         VM_RESYNC_SECONDS.labels(host).observe(time.perf_counter() - started)
         st.dirty_queue.worked(time.perf_counter() - started)
+    if busy:
+        st.dirty.setdefault(host, set()).update(busy)
     now = time.monotonic()
     waits = [RESYNC_SECONDS - (now - st.full_synced.get(host, now))]
+    if busy:
+        waits.append(BUSY_RETRY_SECONDS)
     for uid, deadline in st.requeue.items():
         if uid in on_host:
             # Due but not sighted (not defined yet): its work item is on it; not a busy loop.
