@@ -153,3 +153,26 @@ def test_a_host_change_concerns_ready_images_and_those_waiting_for_that_host() -
     assert not waits_for(named, ErrorCode.HOST_UNREACHABLE, {"hv-2"})
     assert waits_for(named, ErrorCode.HOST_UNREACHABLE, {"hv-1"})  # its host is Ready now: at once
     assert not waits_for(named, ErrorCode.ISO_CHECKSUM_MISMATCH, {"hv-1"})
+
+
+async def test_operator_exit_stops_a_running_import_before_the_queue_goes(monkeypatch) -> None:
+    rt = FakeRuntime()
+    stopped = asyncio.Event()
+
+    async def long_import(namespace, name, uid, generation, spec, status, rt, should_stop, hosts) -> IsoOutcome:
+        while not should_stop():  # as the downloader and the uploads check it
+            await asyncio.sleep(0.01)
+        stopped.set()
+        return IsoOutcome(dict(status), None, False, aborted=True, written=dict(status))
+
+    monkeypatch.setattr(iso_reconcile, "reconcile_iso", long_import)
+    await event(rt, image(), "ADDED")  # starts the queue's loop, which runs the import
+    st = state_of(rt)  # type: ignore[arg-type]
+    for _ in range(200):
+        if "u1" in st.stops:
+            break
+        await asyncio.sleep(0.01)
+    assert "u1" in st.stops, "the import never started"
+    await iso_handlers.stop_iso_queue(memo={"runtime": rt})
+    assert stopped.is_set()  # it stopped by itself (its partial files go), not just cancelled
+    assert st.queue_task is not None and st.queue_task.done()
