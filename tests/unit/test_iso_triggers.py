@@ -35,10 +35,15 @@ def image(generation: int = 1, status: dict[str, Any] | None = None, **meta: Any
 class FakeKube:
     def __init__(self) -> None:
         self.status_patches: list[dict[str, Any]] = []
+        self.removed: list[str] = []
 
     async def patch_status(self, plural: str, namespace: str, name: str, patch: dict[str, Any]) -> dict[str, Any]:
         self.status_patches.append(patch)
         return {}
+
+    async def remove_finalizer(self, plural: str, namespace: str, name: str, finalizer: str) -> bool:
+        self.removed.append(finalizer)
+        return True
 
     async def ensure_finalizer(self, plural: str, namespace: str, name: str, finalizer: str,
                                known: Any = None) -> dict[str, Any]:
@@ -176,3 +181,29 @@ async def test_operator_exit_stops_a_running_import_before_the_queue_goes(monkey
     await iso_handlers.stop_iso_queue(memo={"runtime": rt})
     assert stopped.is_set()  # it stopped by itself (its partial files go), not just cancelled
     assert st.queue_task is not None and st.queue_task.done()
+
+
+async def test_a_deletion_blocked_by_a_vm_waits_for_that_vm_then_releases_the_image(rt: FakeRuntime,
+                                                                                    monkeypatch) -> None:
+    users = ["installer"]
+
+    async def delete_iso(namespace, name, uid, status, rt, *, force=False) -> None:
+        if users:
+            raise AppError(ErrorCode.ISO_IN_USE, f"ISOImage {name} is used by VirtualMachine {users[0]}")
+
+    monkeypatch.setattr(iso_reconcile, "delete_iso", delete_iso)
+    events: list[str] = []
+    monkeypatch.setattr("kopf.event", lambda obj, **kw: events.append(kw["reason"]))
+    st = state_of(rt)  # type: ignore[arg-type]
+    await event(rt, image(**DELETING, finalizers=[TEARDOWN_FINALIZER]), "ADDED")
+    assert queued(rt) == ["u1"]
+    await iso_reconcile.reconcile_iso_key(rt, st, "u1")
+    await iso_reconcile.reconcile_iso_key(rt, st, "u1")  # still blocked: no second write, no second Event
+    assert rt.kube.status_patches == [rt.kube.status_patches[0]] and len(events) == 1
+    assert rt.kube.status_patches[0]["phase"] == "Deleting" and rt.kube.removed == []
+    assert queued(rt) == []  # not retried in a loop while the VM stays …
+    users.clear()
+    vm_references_changed(rt, "ns", ["img"])  # type: ignore[arg-type]
+    assert queued(rt) == ["u1"]  # … but at once when it goes
+    await iso_reconcile.reconcile_iso_key(rt, st, "u1")
+    assert rt.kube.removed == [TEARDOWN_FINALIZER]

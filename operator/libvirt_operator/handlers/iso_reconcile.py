@@ -34,7 +34,7 @@ from ..reconcile.iso_delete import deletion_blocked_status, delete_iso
 from ..reconcile.runtime import Runtime
 from ..reconcile.status import merge_patch
 from .instrument import ended_with, reconciler, working
-from .iso_state import BUSY_RETRY_SECONDS, DELETE_RETRY_CAP_SECONDS, PLURAL, IsoState
+from .iso_state import BUSY_RETRY_SECONDS, DELETE_RETRY_CAP_SECONDS, IN_USE_RECHECK_SECONDS, PLURAL, IsoState
 from .teardown import TEARDOWN_FINALIZER
 
 log = get_logger(__name__)
@@ -77,14 +77,18 @@ async def _tear_down(rt: Runtime, st: IsoState, obj: dict[str, Any]) -> None:
     except AppError as err:
         log.info("ISOImage deletion blocked", code=err.code.value, error=err.message)
         ended_with(err)
-        if st.queue.attempts(uid) == 0:  # the first refusal of this deletion
-            kopf.event(obj, type="Warning", reason=err.reason, message=err.message)
         new = await deletion_blocked_status(err, status, meta.get("generation") or 0, rt)
         patch = merge_patch(status, new)
-        if patch:
+        if patch:  # blocked, or blocked by something else now
             await rt.kube.patch_status(PLURAL, namespace, name, patch)
             st.written[uid] = new
-        st.queue.failed(uid, at_most=DELETE_RETRY_CAP_SECONDS)  # woken at once by a VM change
+            kopf.event(obj, type="Warning", reason=err.reason, message=err.message)
+        if err.code is ErrorCode.ISO_IN_USE:
+            # A change of any VM that uses it adds the key at once (handlers.vm): no retry storm of
+            # every blocked image while the VMs stay, only a slow safety net.
+            st.queue.schedule(uid, IN_USE_RECHECK_SECONDS)
+        else:  # a host that did not answer: back off
+            st.queue.failed(uid, at_most=DELETE_RETRY_CAP_SECONDS)
         return
     await rt.kube.remove_finalizer(PLURAL, namespace, name, TEARDOWN_FINALIZER)
     st.queue.done(uid)  # its DELETED event forgets the key

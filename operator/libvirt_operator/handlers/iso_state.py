@@ -20,7 +20,8 @@ PLURAL = "isoimages"
 # slots, --max-concurrent-imports, bound the downloads within them). Not the VM queue's workers.
 WORKERS = int(os.environ.get("LIBVIRT_OPERATOR_ISO_WORKERS", "8"))
 BUSY_RETRY_SECONDS = 0.5
-DELETE_RETRY_CAP_SECONDS = 30.0       # a blocked deletion looks again at least this often
+DELETE_RETRY_CAP_SECONDS = 30.0       # a deletion blocked by a host looks again at least this often
+IN_USE_RECHECK_SECONDS = 60.0         # one blocked by a VM is woken by that VM; this is the safety net
 # Per-key backoff = the status' retry.nextRetryTime (reconcile.failures.retry_delay: 5 s … 300 s).
 RETRY_BASE_SECONDS = retry_delay(1)
 RETRY_CAP_SECONDS = retry_delay(1_000)
