@@ -132,6 +132,8 @@ async def _import(rt: Runtime, st: IsoState, obj: dict[str, Any]) -> None:
         if st.stops.get(uid) is stop:
             del st.stops[uid]
     ended_with(outcome.error)
+    if uid not in st.isos:
+        return  # gone meanwhile (forgotten): nothing to record
     st.written[uid] = dict(outcome.written)
     if outcome.aborted:  # stopped on request (deletion, exit): nothing was decided, look again
         st.queue.schedule(uid, BUSY_RETRY_SECONDS)
