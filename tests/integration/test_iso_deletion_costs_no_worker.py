@@ -2,9 +2,9 @@
 
 An ISOImage a VM still uses cannot be deleted (ISO_IN_USE). kopf would sleep out a TemporaryError's
 delay inside the object's worker, so more blocked deletions than kopf has workers would stop new
-objects. The delete handler records DeletionBlocked and returns (kopf's finalizer goes); the operator's
-own finalizer (virt.libvirt-operator.io/teardown) keeps the image, and one requeue loop retries it,
-woken when a VM that referenced it goes.
+objects. The ISO work queue records DeletionBlocked and moves on; the operator's own finalizer
+(virt.libvirt-operator.io/teardown, the only one: kopf keeps none on ISOImages) keeps the image, and
+the queue runs its teardown again when a VM that referenced it goes.
 
 Real parts: the session's apiserver and in-process operator, libvirt test:// hosts. The images are
 never imported (their source is a refused private address): nothing to delete on a host, only the
@@ -68,7 +68,7 @@ def test_blocked_iso_deletions_do_not_delay_a_valid_vm(kube, operator, namespace
                                                    disks=[{"name": "cd", "cdrom": {"isoImageRef": {"name": isos[i]}}}])),
                           range(BLOCKED)))
 
-        # Our finalizer is added at creation, next to kopf's.
+        # Our finalizer is added by the first reconcile of each image.
         kube.wait_for(lambda: sum(TEARDOWN in (o["metadata"].get("finalizers") or [])
                                   for o in _list(kube, namespace, ISO)) == BLOCKED,
                       timeout=120, interval=2, what="every ISOImage holds the teardown finalizer")
@@ -79,7 +79,7 @@ def test_blocked_iso_deletions_do_not_delay_a_valid_vm(kube, operator, namespace
             items = _list(kube, namespace, ISO)
             ok = len(items) == BLOCKED and all(
                 (condition(o, "Ready") or {}).get("reason") == "DeletionBlocked"
-                # kopf's finalizer is gone: its delete handler returned (no worker sleeps on it)
+                # only ours holds it (no kopf finalizer, no worker sleeping on it)
                 and o["metadata"].get("finalizers") == [TEARDOWN] for o in items)
             return items if ok else None
 

@@ -14,7 +14,7 @@ import pytest
 
 from libvirt_operator.adapters.libvirt.volumes import volume_name
 from tests.harness.http_server import TestHTTPServer
-from tests.harness.kube import condition
+from tests.harness.kube import GROUP, condition
 from tests.harness.pytest_operator import loopback_downloads
 
 try:
@@ -123,6 +123,24 @@ def test_import_makes_the_volume_on_the_host(kube, namespace, operator, host, ht
     kube.delete("isoimages", "boot", namespace)
     kube.wait_for(lambda: kube.get("isoimages", "boot", namespace) is None, timeout=30, what="ISOImage gone")
     assert vol not in pool_volumes(conn)
+
+
+def test_an_image_left_by_an_older_version_with_kopfs_finalizer_is_imported_torn_down_and_released(
+        kube, namespace, operator, host, http, cache_dir, conn, iso_sha) -> None:
+    """Upgrade path: older operators put kopf's finalizer on every ISOImage. This one keeps no kopf state
+    on ISOImages; such an image must neither stay Terminating forever nor lose its teardown."""
+    kopf_finalizer = f"{GROUP}/finalizer"
+    body = iso_body("legacy", http.url("/image"), iso_sha, host)
+    body["metadata"]["finalizers"] = [kopf_finalizer]
+    kube.create("isoimages", body, namespace)
+    kube.wait_condition("isoimages", "legacy", "Ready", "True", namespace=namespace, timeout=IMPORT_TIMEOUT)
+    vol = volume_name(namespace, "legacy", f"sha256:{iso_sha}")
+    assert vol in pool_volumes(conn)
+    kube.wait_for(lambda: kube.get("isoimages", "legacy", namespace)["metadata"].get("finalizers") ==
+                  [f"{GROUP}/teardown"], timeout=15, what="kopf's finalizer removed by kopf, ours holds the image")
+    kube.delete("isoimages", "legacy", namespace)
+    kube.wait_for(lambda: kube.get("isoimages", "legacy", namespace) is None, timeout=30, what="ISOImage gone")
+    assert vol not in pool_volumes(conn)  # torn down, not just released
 
 
 def test_wrong_checksum_stalls_and_leaves_nothing(kube, namespace, operator, host, http, cache_dir, conn,

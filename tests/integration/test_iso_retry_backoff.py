@@ -2,8 +2,8 @@
 defect 5): a permanent failure is final until the spec changes, and retries back off exponentially,
 also against a dead host.
 
-Under load the timer is handed a copy of the status older than the operator's own last write (no
-error, an older observedGeneration) and used to start the import again on every tick. The tests
+Under load a watch delivers a copy of the status older than the operator's own last write (no error,
+an older observedGeneration); an earlier version started the import again on every such copy. The tests
 write such a stale status themselves (that is the copy a lagging watch delivers) and count what the
 operator does: requests on the loopback HTTP server, attempts recorded in status.retry.
 
@@ -74,7 +74,7 @@ def test_a_permanent_failure_is_fetched_once_until_the_spec_changes(kube, operat
         assert obj["status"]["error"]["code"] == "ISO_CHECKSUM_MISMATCH"
         assert http.count("/image") == 1
 
-        # ~12 s (6 timer ticks) of stale copies: none of them starts another download.
+        # ~12 s of stale copies: none of them starts another download.
         deadline = time.monotonic() + 12
         while time.monotonic() < deadline:
             write_stale_status(kube, namespace, "bad")

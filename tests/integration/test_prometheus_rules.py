@@ -97,7 +97,7 @@ CASES: dict[str, tuple[list[tuple[str, str]], int, int, dict[str, str], str]] = 
                                         ('controller_runtime_reconcile_errors_total{controller="libvirthost",job="j",instance="i"}', "7x40")], 10, 20,
                                        {"controller": "virtualmachine"}, "0.05"),
     "LibvirtOperatorWorkQueueGrowing": ([('workqueue_depth{name="virtualmachine",job="j",instance="i"}', "0+2x40"),
-                                         ('workqueue_depth{name="isoimage_teardown",job="j",instance="i"}', "50x40")], 12, 30,
+                                         ('workqueue_depth{name="isoimage",job="j",instance="i"}', "50x40")], 12, 30,
                                         {"name": "virtualmachine", "job": "j", "instance": "i"}, "60"),
     "LibvirtOperatorKnowledgeBaseDegraded": ([('libvirt_operator_knowledge_base_healthy{job="j",instance="i"}', "1 0x30")], 10, 20,
                                              {}, "0"),

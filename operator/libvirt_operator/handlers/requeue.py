@@ -61,6 +61,12 @@ class Requeue:
     def attempts(self, key: str) -> int:
         return self._attempts.get(key, 0)
 
+    def restore(self, key: str, attempts: int) -> None:
+        """Failures in a row counted before this process knew the key (a status written before a
+        restart): the next failure backs off from there."""
+        if attempts > 0:
+            self._attempts[key] = attempts
+
     def delay_for(self, attempt: int) -> float:
         return min(self.cap, self.base * (2 ** max(0, attempt - 1)))
 

@@ -71,6 +71,11 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
     settings.watching.server_timeout = 300
     settings.watching.client_timeout = 330
     settings.queueing.worker_limit = int(os.environ.get("LIBVIRT_OPERATOR_WORKER_LIMIT", "200"))
+    # A deleted LibvirtHost waits for its daemons (probe loop, VM round) to stop before kopf's finalizer
+    # goes; they stop within a second of kopf's signal, but kopf's defaults would look again only
+    # after 60 s (cancellation_polling).
+    settings.background.instant_exit_timeout = max(settings.background.instant_exit_timeout or 0, 1.0)
+    settings.background.cancellation_polling = min(settings.background.cancellation_polling, 2.0)
     ensure_event_thread()
     initialise_series(CONTROLLERS)
     op_settings: Settings = memo.get("settings") or Settings()

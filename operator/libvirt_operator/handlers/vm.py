@@ -25,7 +25,7 @@ from ..core.api.common import GROUP, VERSION
 from ..core.errors import ErrorCode
 from ..core.logs import get_logger
 from ..reconcile.runtime import Runtime
-from .iso import wake_deletions as wake_iso_deletions
+from .iso import vm_references_changed
 from .startup import runtime_of
 from . import vm_hosts  # noqa: F401  (registers the per-host daemon host_vm_sync)
 from .vm_reconcile import reconcile_vm
@@ -88,10 +88,10 @@ async def watch_vms(type: str | None, uid: str, body: kopf.Body, memo: kopf.Memo
     st = state_of(rt)
     before = st.vms.get(uid)
     if type == "DELETED" or (before is not None and before.get("spec") != dict(body.get("spec") or {})):
-        # A blocked ISOImage deletion (handlers.iso) may wait for this VM: look again at once.
+        # A blocked ISOImage deletion (handlers.iso) may wait for this VM: queue it.
         names = _iso_refs(before) | _iso_refs(body)
         if names:
-            wake_iso_deletions(rt, body["metadata"]["namespace"], names)
+            vm_references_changed(rt, body["metadata"]["namespace"], names)
     if type == "DELETED":
         st.forget(uid)
         return
