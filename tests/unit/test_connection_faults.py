@@ -155,3 +155,48 @@ async def test_callers_of_a_hung_host_share_one_bounded_connect_then_fail_at_onc
     finally:
         await pool.close_all()
         silent.close()
+
+
+async def test_calls_beyond_one_connections_share_spread_over_more_connections() -> None:
+    """libvirtd serves at most max_client_requests (5) requests of one connection at once: with more call
+    slots than CALLS_PER_CONNECTION, calls run on extra connections (opened when the others are full), never
+    more than the slots need; the probe and event subscriptions stay on the main connection; closing the
+    host closes them all and leaves no key directory."""
+    from libvirt_operator.adapters.libvirt.connection import CALLS_PER_CONNECTION
+
+    before = _cred_dirs()
+    pool = HostPool()
+    creds = {"ssh-privatekey": b"not a key", "known_hosts": b""}
+    conn = await pool.ensure("spread", ConnectOptions(uri="test:///default", max_concurrent_calls=12, credentials=creds))
+    main = await conn.call("probe", lambda c: c)
+    running: dict[int, int] = {}
+    peak: dict[int, int] = {}
+    import threading
+    lock = threading.Lock()
+
+    def slow(c):
+        with lock:
+            running[id(c)] = running.get(id(c), 0) + 1
+            peak[id(c)] = max(peak.get(id(c), 0), running[id(c)])
+        time.sleep(0.3)
+        with lock:
+            running[id(c)] -= 1
+        return id(c)
+
+    await asyncio.gather(*(conn.call("slow", slow) for _ in range(12)))  # opens the extras
+    deadline = time.monotonic() + 5
+    while len(conn._extras) < 2 and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    assert len(conn._extras) == 2, "12 slots at 4 calls per connection: the main one and 2 extras"
+    peak.clear()
+    used = await asyncio.gather(*(conn.call("slow", slow) for _ in range(12)))
+    assert len(set(used)) == 3 and max(peak.values()) <= CALLS_PER_CONNECTION, peak
+    # pinned to the main connection, however busy it is
+    for op in ("probe", "subscribe", "open-console"):
+        assert await conn.call(op, lambda c: c) is main
+    assert len(conn._extras) == 2  # never more than the slots need
+    await pool.close_all()
+    deadline = time.monotonic() + 3
+    while _cred_dirs() - before and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    assert not _cred_dirs() - before, "an extra connection's key directory was left behind"

@@ -42,7 +42,9 @@ async def delete_vm(body: Mapping[str, Any], rt: Runtime, view: ClusterView) -> 
     if not host:
         return await _delete_unplaced(body, rt, view, status, generation, force)
     host_obj = view.hosts.get(host)
-    default_pool = plan.HostView.from_object(host_obj).default_pool if host_obj else "default"
+    host_view = plan.HostView.from_object(host_obj) if host_obj else None
+    default_pool = host_view.default_pool if host_view else "default"
+    shared = sorted(host_view.shared_pools) if host_view else None  # unknown host: refresh every pool
     # Where to look for volumes named with the VM's uid (the adapter adds its domain's disks' pools).
     # Pools from status only widen the search: a name without this uid is never deleted.
     pools = {default_pool}
@@ -61,7 +63,7 @@ async def delete_vm(body: Mapping[str, Any], rt: Runtime, view: ClusterView) -> 
                            {"host": host})
         if not uid:
             raise AppError(ErrorCode.INVALID_SPEC, "the VirtualMachine has no uid", {"host": host})
-        deleted = await conn.call("teardown", lambda c: domains.teardown(c, uid, sorted(pools)))
+        deleted = await conn.call("teardown", lambda c: domains.teardown(c, uid, sorted(pools), shared))
     except AppError as err:
         if force:
             return DeleteOutcome(True, None, [("Warning", "ForceReleased",
@@ -129,7 +131,8 @@ async def _delete_unplaced(body: Mapping[str, Any], rt: Runtime, view: ClusterVi
         try:
             if conn is None:
                 conn = await host_connection(rt, name, host_obj)
-            return name, could_be_there, await conn.call("teardown", lambda c: domains.teardown(c, uid, pools)), None
+            shared = sorted(hv.shared_pools)
+            return name, could_be_there, await conn.call("teardown", lambda c: domains.teardown(c, uid, pools, shared)), None
         except AppError as err:
             if not (could_be_there and hv.ready):
                 log.info("host not searched for an unplaced VM's leftovers", host=name, uid=uid,

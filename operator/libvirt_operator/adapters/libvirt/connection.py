@@ -42,12 +42,21 @@ class ConnectOptions:
     """What is needed to open a connection. `credentials` holds Secret data (never logged)."""
 
     uri: str
-    max_concurrent_calls: int = 4
+    max_concurrent_calls: int = 16  # spread over ceil(16 / CALLS_PER_CONNECTION) connections
     credentials: Mapping[str, bytes] = dataclasses.field(default_factory=dict, repr=False)
     call_timeout: float = 60.0       # one call, from the moment it runs (not while it waits for a slot)
     connect_timeout: float = 20.0    # one connect attempt (ssh's own ConnectTimeout is half of it)
     max_concurrent_streams: int = 2  # uploads/downloads: their own slots, apart from the call slots
     queue_timeout: float = 300.0     # waiting for a free slot
+
+
+# libvirtd serves at most `max_client_requests` (default 5) requests of one client connection at once and
+# reads no more from its socket meanwhile: more call slots than that on one connection only queue inside
+# the daemon. Calls are therefore spread over ceil(slots / CALLS_PER_CONNECTION) connections to the host.
+CALLS_PER_CONNECTION = 4
+# Calls that stay on the main connection: the ones whose result is bound to it (event subscriptions,
+# console streams) and the probe, which tests that connection. Streams (stream=True) stay there too.
+MAIN_CONNECTION_ONLY = frozenset({"subscribe", "open-console", "probe"})
 
 
 class _CredentialFiles:
@@ -290,6 +299,9 @@ class HostConnection:
         self._closed = False
         self._calls = _Slots(options.max_concurrent_calls)
         self._streams = _Slots(options.max_concurrent_streams)
+        self._extras: list[_Live] = []  # more connections for calls (see CALLS_PER_CONNECTION)
+        self._extra_opening = False
+        self._extra_creds: set[_CredentialFiles] = set()  # of extras being opened (their ssh is stopped on close)
         self.uri = _display_uri(options.uri)
         self.on_connect: list[Callable[[libvirt.virConnect], None]] = []
         self.on_lost: list[Callable[[str], None]] = []  # called on libvirt's event thread
@@ -301,6 +313,32 @@ class HostConnection:
     # -- connecting --------------------------------------------------------------------------
     def _connect_blocking(self, attempt: concurrent.futures.Future[_Live]) -> None:
         """One connect attempt (its own daemon thread); the result goes to `attempt`."""
+        try:
+            live = self._open_blocking(attempt)
+            with self._lock:
+                current = self._connecting is attempt and not self._closed
+                if current:
+                    self._live, self._connecting, self._connect_creds = live, None, None
+            if not current:  # abandoned (overdue, or the host was removed) meanwhile
+                _dispose(live)
+                raise AppError(ErrorCode.HOST_UNREACHABLE, f"connection to {self.uri} abandoned",
+                               {"host": self.name, "operation": "connect", "uri": self.uri})
+            HOST_CONNECTED.labels(self.name).set(1)
+            for hook in list(self.on_connect):
+                try:
+                    hook(live.conn)
+                except Exception:  # noqa: BLE001  (a subscriber's failure is not a failed connect)
+                    log.exception("on_connect hook failed", host=self.name)
+            attempt.set_result(live)
+        except BaseException as err:  # noqa: BLE001  (handed to the waiters)
+            with self._lock:
+                if self._connecting is attempt:
+                    self._connecting, self._connect_creds = None, None
+            attempt.set_exception(err)
+
+    def _open_blocking(self, attempt: concurrent.futures.Future[_Live] | None) -> _Live:
+        """Open one connection (a worker thread). `attempt`: the main connection's connect attempt (its
+        credential files are tracked so that an overdue ssh can be stopped); None: an extra connection."""
         creds: _CredentialFiles | None = None
         try:
             ensure_event_thread()  # keepalives and close callbacks need libvirt's event loop
@@ -310,7 +348,10 @@ class HostConnection:
                 creds = _CredentialFiles(self.options.credentials, self.options.connect_timeout)
                 uri = creds.uri_for(parsed)
                 with self._lock:
-                    self._connect_creds = creds
+                    if attempt is not None:
+                        self._connect_creds = creds
+                    else:
+                        self._extra_creds.add(creds)
             started = time.perf_counter()
             try:
                 conn = libvirt.openAuth(uri, [[libvirt.VIR_CRED_AUTHNAME, libvirt.VIR_CRED_PASSPHRASE],
@@ -337,28 +378,67 @@ class HostConnection:
                 conn.setKeepAlive(5, 3)
             with contextlib.suppress(libvirt.libvirtError):
                 conn.registerCloseCallback(self._on_close, live)
-            with self._lock:
-                current = self._connecting is attempt and not self._closed
-                if current:
-                    self._live, self._connecting, self._connect_creds = live, None, None
-            if not current:  # abandoned (overdue, or the host was removed) meanwhile
-                _dispose(live)
-                raise AppError(ErrorCode.HOST_UNREACHABLE, f"connection to {self.uri} abandoned",
-                               {"host": self.name, "operation": "connect", "uri": self.uri})
-            HOST_CONNECTED.labels(self.name).set(1)
-            for hook in list(self.on_connect):
-                try:
-                    hook(conn)
-                except Exception:  # noqa: BLE001  (a subscriber's failure is not a failed connect)
-                    log.exception("on_connect hook failed", host=self.name)
-            attempt.set_result(live)
-        except BaseException as err:  # noqa: BLE001  (handed to the waiters)
-            with self._lock:
-                if self._connecting is attempt:
-                    self._connecting, self._connect_creds = None, None
+            return live
+        except BaseException:
             if creds is not None:
+                with self._lock:
+                    self._extra_creds.discard(creds)
                 creds.remove()
-            attempt.set_exception(err)
+            raise
+
+    # -- extra connections (calls beyond CALLS_PER_CONNECTION) -----------------------------------
+    def _wanted_connections(self) -> int:
+        return max(1, -(-self._calls.size // CALLS_PER_CONNECTION))
+
+    def _open_extras(self) -> None:
+        """Open the extra connections the call slots need, one after the other (its own daemon thread);
+        each joins the others as soon as it is open. The first burst that fills the main connection
+        brings the host up to its full set; a failure stops (the next full burst tries again)."""
+        try:
+            while True:
+                with self._lock:
+                    if self._closed or 1 + len(self._extras) >= self._wanted_connections():
+                        return
+                live: _Live | None = None
+                try:
+                    live = self._open_blocking(None)
+                except BaseException as err:  # noqa: BLE001  (calls keep using the connections there are)
+                    log.info("extra libvirt connection not opened", host=self.name,
+                             error=getattr(err, "message", None) or type(err).__name__)
+                    return
+                with self._lock:
+                    keep = not self._closed and not live.retired
+                    if keep:
+                        self._extras.append(live)
+                    if live.creds is not None:
+                        self._extra_creds.discard(live.creds)
+                if not keep:
+                    _dispose(live)
+                    return
+        finally:
+            with self._lock:
+                self._extra_opening = False
+
+    def _pick_and_enter(self, main: _Live, operation: str, stream: bool) -> _Live | None:
+        """The connection for one call, entered (counted as running on it); None when `main` is closed.
+        The least busy of the main connection and the open extras; the missing extras are opened in the
+        background when all of them carry CALLS_PER_CONNECTION calls and fewer than the slots need are open."""
+        with self._lock:
+            if main.closed:
+                return None
+            target = main
+            if not stream and operation not in MAIN_CONNECTION_ONLY:
+                for extra in self._extras:
+                    if not extra.retired and not extra.closed and extra.in_flight < target.in_flight:
+                        target = extra
+                lanes = 1 + sum(1 for e in self._extras if not e.retired)
+                if (target.in_flight >= CALLS_PER_CONNECTION and lanes < self._wanted_connections()
+                        and not self._extra_opening and not self._closed):
+                    self._extra_opening = True
+                    threading.Thread(target=self._open_extras, daemon=True,
+                                     name=f"libvirt-connect-extra-{self.name}").start()
+            target.in_flight += 1
+            return target
 
     async def _connected(self) -> _Live:
         """The live connection, opening it (single-flight) when needed."""
@@ -423,6 +503,8 @@ class HostConnection:
             was_current = self._live is live
             if was_current:
                 self._live = None
+            with contextlib.suppress(ValueError):
+                self._extras.remove(live)
             first = not live.retired
             live.retired = True
             close_now = live.in_flight == 0 and not live.closed
@@ -514,11 +596,12 @@ class HostConnection:
                                f"for one of the host's {slots.size} {kind} slots (all busy)",
                                {"host": self.name, "operation": operation, "uri": self.uri,
                                 "step": "queue"}) from err
-            if not self._enter(live):  # closed meanwhile (retired and idle): take the next one
+            target = self._pick_and_enter(live, operation, stream)
+            if target is None:  # closed meanwhile (retired and idle): take the next one
                 slots.release()
                 continue
             done: asyncio.Future[T] = loop.create_future()
-            threading.Thread(target=self._run_blocking, args=(live, operation, fn, slots, loop, done),
+            threading.Thread(target=self._run_blocking, args=(target, operation, fn, slots, loop, done),
                              daemon=True, name=f"libvirt-{self.name}-{operation}").start()
             try:
                 return await asyncio.wait_for(done, timeout)
@@ -569,13 +652,16 @@ class HostConnection:
             live, self._live = self._live, None
             creds = self._connect_creds
             self._connecting, self._connect_creds = None, None
+            extras, opening = list(self._extras), list(self._extra_creds)
         if creds is not None:
             creds.kill_ssh()
             creds.remove()
-        if live is not None:
-            self._retire(live)
-            if abort and live.creds is not None and live.in_flight:
-                live.creds.kill_ssh()  # calls still running on a removed host: end them now
+        for pending in opening:  # an extra still connecting: its thread disposes of it (host closed)
+            pending.kill_ssh()
+        for lane in ([live] if live is not None else []) + extras:
+            self._retire(lane)
+            if abort and lane.creds is not None and lane.in_flight:
+                lane.creds.kill_ssh()  # calls still running on a removed host: end them now
         HOST_CONNECTED.labels(self.name).set(0)
 
 

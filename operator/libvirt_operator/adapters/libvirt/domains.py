@@ -167,6 +167,10 @@ def undefine(conn: libvirt.virConnect, uuid: str) -> bool:
         return False
     if not dom.isPersistent():
         return False
+    return _undefine(dom)
+
+
+def _undefine(dom: libvirt.virDomain) -> bool:
     for flags in (_UNDEFINE_FLAGS | libvirt.VIR_DOMAIN_UNDEFINE_NVRAM, _UNDEFINE_FLAGS, None):
         try:
             if flags is None:
@@ -213,16 +217,20 @@ class OwnDomain:
 def own_domain(conn: libvirt.virConnect, uid: str) -> OwnDomain | None:
     """The domain whose UUID is this uid (the VM's own), or None."""
     dom = _lookup(conn, uid)
-    if dom is None:
-        return None
+    return None if dom is None else _own(dom)[0]
+
+
+def _own(dom: libvirt.virDomain) -> tuple[OwnDomain, bool]:
+    """(what the domain uses, whether it is persistent)."""
     sources: dict[str, str] = {}
-    xmls = [dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)] if dom.isPersistent() else []
+    persistent = bool(dom.isPersistent())
+    xmls = [dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)] if persistent else []
     if dom.isActive():
         xmls.append(dom.XMLDesc(0))
     for xml in xmls:
         for disk, path in disk_sources(xml).items():
             sources.setdefault(disk, path)
-    return OwnDomain(dom.name(), sources)
+    return OwnDomain(dom.name(), sources), persistent
 
 
 def _legacy_volume(pool: libvirt.virStoragePool, own: OwnDomain | None, disk: str) -> libvirt.virStorageVol | None:
@@ -300,11 +308,14 @@ def _paths_used_by_others(conn: libvirt.virConnect, uid: str) -> set[str]:
 
 
 def delete_owned_volumes(conn: libvirt.virConnect, uid: str, pools: Iterable[str],
-                         own: OwnDomain | None) -> list[str]:
+                         own: OwnDomain | None, refresh: Iterable[str] | None = None) -> list[str]:
     """Delete the VM's volumes, decided from the host alone: (a) every volume named with its uid in
     the given pools and in the pools its domain's disks live in; (b) volumes of the earlier naming
     scheme that its own domain used for the matching disk, unless another domain uses that file too.
-    Missing pools/volumes are fine. Returns the names deleted."""
+    Missing pools/volumes are fine. Returns the names deleted. `refresh`: the pools refreshed before
+    listing (None: all of them); a pool only this host uses lists every volume created through its
+    daemon without one (its daemon refreshes it at start), while a pool shared with other hosts learns
+    of their volumes only on a refresh."""
     prefix = owned_volume_prefix(uid)
     targets: dict[str, libvirt.virStorageVol] = {}
     legacy: dict[str, libvirt.virStorageVol] = {}
@@ -324,8 +335,9 @@ def delete_owned_volumes(conn: libvirt.virConnect, uid: str, pools: Iterable[str
         pool = find_pool(conn, pool_name)
         if pool is None or not pool.isActive():
             continue
-        with contextlib.suppress(libvirt.libvirtError):
-            pool.refresh(0)
+        if refresh is None or pool_name in refresh:
+            with contextlib.suppress(libvirt.libvirtError):
+                pool.refresh(0)
         for vol in pool.listAllVolumes(0):
             if vol.name().startswith(prefix):
                 targets.setdefault(vol.path(), vol)
@@ -351,13 +363,29 @@ def delete_owned_volumes(conn: libvirt.virConnect, uid: str, pools: Iterable[str
     return deleted
 
 
-def teardown(conn: libvirt.virConnect, uuid: str, pools: Iterable[str]) -> list[str]:
+def teardown(conn: libvirt.virConnect, uuid: str, pools: Iterable[str],
+             shared_pools: Iterable[str] | None = None) -> list[str]:
     """Delete path in one call: read what the VM's own domain uses, power off, undefine (with NVRAM),
-    delete the VM's volumes (see `delete_owned_volumes`). Never a volume because status lists it."""
-    own = own_domain(conn, uuid)
-    destroy(conn, uuid)
-    undefine(conn, uuid)
-    return delete_owned_volumes(conn, uuid, pools, own)
+    delete the VM's volumes (see `delete_owned_volumes`). Never a volume because status lists it.
+    `shared_pools`: the host's pools other hosts see too, the only ones refreshed before the volumes are
+    listed (None: every pool searched; a refresh locks the pool and reads every file in it, which adds up
+    when a hundred VMs go at once)."""
+    dom = _lookup(conn, uuid)
+    own: OwnDomain | None = None
+    if dom is not None:  # one lookup for all steps: a teardown in a burst of 100 costs 5 fewer round trips
+        try:
+            own, persistent = _own(dom)
+            try:
+                dom.destroy()  # asked unconditionally: the daemon decides "not running" atomically
+            except libvirt.libvirtError as err:
+                if err.get_error_code() != libvirt.VIR_ERR_OPERATION_INVALID:  # not running
+                    raise
+            if persistent:
+                _undefine(dom)
+        except libvirt.libvirtError as err:
+            if err.get_error_code() not in _NOT_FOUND:  # undefined meanwhile: gone is what we want
+                raise
+    return delete_owned_volumes(conn, uuid, pools, own, None if shared_pools is None else set(shared_pools))
 
 
 def _local_pools(conn: libvirt.virConnect, shared_pools: Iterable[str]) -> list[str]:

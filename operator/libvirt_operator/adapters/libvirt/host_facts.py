@@ -63,7 +63,9 @@ def domain_usage(conn: libvirt.virConnect) -> DomainUsage:
     probe. The per-domain fallback (info()) only runs for drivers that do not report the vcpu or
     balloon groups (libvirt's test driver), and tolerates VIR_ERR_NO_DOMAIN."""
     count = cpus = memory = 0
-    for dom, stats in conn.getAllDomainStats(_STATS, 0):
+    # NOWAIT: a domain busy in a job (a start, a destroy) is reported from the daemon's memory instead of
+    # making the probe wait for that job (up to 30 s each: during a burst of starts the probe timed out).
+    for dom, stats in conn.getAllDomainStats(_STATS, libvirt.VIR_CONNECT_GET_ALL_DOMAINS_STATS_NOWAIT):
         state = stats.get("state.state")
         vcpus, max_kib = stats.get("vcpu.current"), stats.get("balloon.maximum")
         if state is None or ((vcpus is None or max_kib is None) and state in _ACTIVE):

@@ -79,8 +79,11 @@ class LibvirtHostSpec(ApiModel):
         default="default", min_length=1, max_length=253,
         description="Storage pool for new volumes and imported ISO images unless a resource names another.")
     max_concurrent_calls: int = Field(
-        default=4, ge=1, le=64,
-        description="At most this many blocking libvirt calls run against this host at once.")
+        default=16, ge=1, le=64,
+        description=("At most this many blocking libvirt calls run against this host at once. libvirtd serves at "
+                     "most max_client_requests (default 5) requests of one client connection at once, so the "
+                     "calls are spread over one connection per 4 of them; they take at most this many of the "
+                     "daemon's max_workers (default 20): lower it on a host other management clients share."))
     probe_interval_seconds: int = Field(
         default=30, ge=5, le=3600,
         description="How often the operator probes the host and resynchronises its domains.")
