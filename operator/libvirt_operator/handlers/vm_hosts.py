@@ -175,6 +175,7 @@ async def resync_host(rt: Runtime, st: VmState, host: str, conn: Any) -> float:
         if stale:  # copies of VMs that left this host while it was out of service: gone first
             await _remove_stale_copies(rt, st, host, conn, stale)
         observed = await conn.call("list_domains", domains.list_domains)
+        st.domains_listed(host, conn, observed)  # what the placement search may skip (VmState.absent_from)
         if orphan_check_due:
             await check_orphans(rt, st, host, conn, observed)
         for uid in targets:

@@ -81,7 +81,9 @@ async def find_own_domain(rt: Runtime, uid: str, hosts: list[str], view: Cluster
             return None
         return (name, details.observation) if details is not None else None
 
-    found = [f for f in await asyncio.gather(*(look(h) for h in sorted(hosts))) if f is not None]
+    # Hosts certain not to have it are not asked (in a burst of new VMs: none is).
+    unknown = [h for h in sorted(hosts) if view.absent_from is None or not view.absent_from(h, uid)]
+    found = [f for f in await asyncio.gather(*(look(h) for h in unknown)) if f is not None]
     if not found:
         return None
     if len(found) > 1:

@@ -35,6 +35,9 @@ class ClusterView:
     # afterwards (ours, or one another writer recorded first). None: nothing is recorded ahead
     # (callers outside the operator, e.g. tests driving sync_vm directly).
     record_placement: Callable[[Mapping[str, Any], dict[str, Any]], Awaitable[str]] | None = None
+    # (host, uid) → True when it is certain without asking libvirt that no domain of that UUID is on
+    # the host (handlers.vm_state.VmState.absent_from says why that can be known); None: always ask.
+    absent_from: Callable[[str, str], bool] | None = None
 
     async def labels_if_needed(self, hosts: list[plan.HostView], namespace: str) -> Mapping[str, str] | None:
         if self.namespace_labels is None or not plan.needs_namespace_labels(hosts, namespace):
