@@ -19,6 +19,7 @@ from libvirt_operator.handlers.vm_state import VmState
 from libvirt_operator.reconcile import plan
 from libvirt_operator.reconcile.runtime import Runtime
 from libvirt_operator.reconcile.vm_placement import find_own_domain, place
+from libvirt_operator.reconcile.vm_types import Stage
 
 MiB = 2**20
 HOSTS = ("h0", "h1", "h2")
@@ -102,16 +103,21 @@ async def test_a_domain_defined_before_the_operator_started_is_adopted_not_defin
     spec = VirtualMachineSpec.model_validate(st.vms["old"]["spec"])
     events: list[Any] = []
     status: dict[str, Any] = {}
-    host = await place(spec, st.vms["old"]["metadata"], 1, st.vms["old"], status, view, rt, events, None)
+    stage = Stage()
+    host = await place(spec, st.vms["old"]["metadata"], 1, st.vms["old"], status, view, rt, events, None, stage)
     assert host == "h1" and status["host"] == "h1"
-    assert [e[1] for e in events] == ["Adopted"]
+    assert [e[1] for e in events] == ["Adopted"] and not stage.placed_fresh  # the full path looks it up
     assert pool.asked() == {"h1": 1}  # the hosts whose list proves it absent are not asked
 
-    # A new VM in a burst: every host's list proves it absent, so no host is asked at all.
+    # A new VM in a burst: every host's list proves it absent, so no host is asked at all, and the
+    # full path need not look it up on the chosen host either.
     st.vms["new"] = vm_obj("new")
     st.index("new")
-    assert await find_own_domain(rt, "new", list(HOSTS), view) is None
+    events, status, stage = [], {}, Stage()
+    host = await place(spec, st.vms["new"]["metadata"], 1, st.vms["new"], status, view, rt, events, None, stage)
+    assert host in HOSTS and [e[1] for e in events] == ["Scheduled"] and stage.placed_fresh
     assert pool.asked() == {"h1": 1}
+    assert not st.absent_from(rt, host, "new")  # placed by this process: from now on always asked
 
 
 async def test_every_host_is_asked_when_a_list_cannot_prove_the_uuid_absent(world) -> None:

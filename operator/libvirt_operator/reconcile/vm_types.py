@@ -82,3 +82,7 @@ class Stage:
         self.start_failed = False
         # Placed, but the host no longer admits the VM (tenancy): the domain as it is, left alone.
         self.refused: DomainObservation | None = None
+        # Placed just now on a host the placement search knows has no domain of this VM (asked, or its
+        # bulk list proved it): the full path need not look it up before defining (only this VM's one
+        # worker defines its UUID, and it is here).
+        self.placed_fresh = False
