@@ -101,6 +101,9 @@ def _redact_event(_logger: object, _name: str, event: dict) -> dict:
 
 
 REDACT = _Redact()
+# Routine successes are dropped on the logger itself, before the redaction of every record (about 12
+# per VM in a burst: ~3 % of the event loop at 1000 VMs, mostly redaction and handler calls).
+logging.getLogger("kopf.objects").addFilter(_RoutineSuccess())
 logging.getLogger("kopf.objects").addFilter(REDACT)  # also without configure(): in-process operators
 
 

@@ -60,11 +60,32 @@ def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
 CONTROLLERS = ("virtualmachine", "isoimage", "libvirthost", "virtualmachinemigration")  # the names the handlers pass to @reconciler
 
 
+class LeanDiffBaseStorage(kopf.AnnotationsDiffBaseStorage):
+    """kopf's annotation diff-base, built without deep-copying what it throws away.
+
+    kopf builds the "essence" of EVERY watch event of every resource (handlers or not) by deep-copying
+    the whole body (status and managedFields included) and then deleting metadata and status. At 1000
+    VMs that was the largest single cost of the event loop (~6 events per VM). Same essence: copy only
+    what is kept (spec and the like, labels, annotations). With extra fields (handlers on status
+    fields: none today) kopf's own build runs."""
+
+    def build(self, *, body: Any, extra_fields: Any = None) -> Any:
+        if extra_fields:
+            return super().build(body=body, extra_fields=extra_fields)
+        meta = body.get("metadata") or {}
+        thin = {k: v for k, v in body.items() if k not in ("metadata", "status")}
+        thin["metadata"] = {k: meta[k] for k in ("labels", "annotations") if k in meta}
+        essence = kopf.DiffBaseStorage.build(self, body=thin)  # type: ignore[arg-type]
+        self.remove_annotations(essence, set(self.make_keys(self.key, body=body)))
+        self.remove_empty_stanzas(essence)
+        return essence
+
+
 @kopf.on.startup()
 async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
     settings.persistence.finalizer = FINALIZER
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
-    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix=GROUP)
+    settings.persistence.diffbase_storage = LeanDiffBaseStorage(prefix=GROUP)
     # Only warnings from kopf's own logs become Events; our transitions post their own Events
     # (explicit CamelCase reasons), so `kubectl describe` is not flooded by "Handler succeeded".
     settings.posting.level = logging.WARNING

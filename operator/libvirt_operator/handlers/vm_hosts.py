@@ -172,6 +172,7 @@ async def resync_host(rt: Runtime, st: VmState, host: str, conn: Any) -> float:
             await _remove_stale_copies(rt, st, host, conn, stale)
         observed = await conn.call("list_domains", domains.list_domains)
         taken = time.monotonic()
+        st.domains_listed(host, conn, observed)  # what the placement search may skip (VmState.absent_from)
         if orphan_check_due:
             await check_orphans(rt, st, host, conn, observed)
         for uid in sorted(targets):

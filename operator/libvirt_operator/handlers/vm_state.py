@@ -90,6 +90,11 @@ class VmState:
         self.pending: dict[str, plan.Reservation] = {}     # placement decisions (until the VM is gone)
         self._host_of: dict[str, str] = {}                 # uid → key in on_host
         self._reserved_at: dict[str, str] = {}             # uid → key in reserved_on
+        # The placement search's shortcut (`absent_from`): each host's domain UUIDs as this process's
+        # last bulk list saw them, with the connection they were listed over; and every VM this
+        # process has seen placed (status.host, or its own placement decision).
+        self.listed: dict[str, tuple[Any, frozenset[str]]] = {}
+        self.ever_placed: set[str] = set()
 
     def lock(self, uid: str) -> VmLock:
         return self.locks.setdefault(uid, VmLock())
@@ -128,6 +133,7 @@ class VmState:
         if host:
             self._host_of[uid] = host
             self.on_host.setdefault(host, set()).add(uid)
+            self.ever_placed.add(uid)
         for name in self._stale_at.pop(uid, frozenset()):
             self.stale_on.get(name, set()).discard(uid)
         stale = frozenset((vm.get("status") or {}).get("staleDomainHosts") or []) if vm is not None else frozenset()
@@ -149,6 +155,7 @@ class VmState:
         if reservation is not None:
             self._reserved_at[uid] = reservation.host
             self.reserved_on.setdefault(reservation.host, {})[uid] = reservation
+            self.ever_placed.add(uid)
 
     def forget(self, uid: str) -> None:
         """The VirtualMachine is gone."""
@@ -161,6 +168,7 @@ class VmState:
         self.parked.pop(uid, None)
         self.retry.forget(uid)
         self.index(uid)
+        self.ever_placed.discard(uid)  # a uid is never reused: no placement of it follows
 
     def placed(self, uid: str, reservation: plan.Reservation | None) -> None:
         """A placement decision (sync_vm, right after choose_host): counted by the next placement."""
@@ -174,6 +182,38 @@ class VmState:
         """Reservations on these hosts: O(VMs on them), no parsing (precomputed by `index`)."""
         return [r for h in hosts for uid, r in (self.reserved_on.get(h) or {}).items() if uid != exclude_uid]
 
+    def domains_listed(self, host: str, conn: Any, observed: Mapping[str, Any]) -> None:
+        """A bulk list_domains of `host` over `conn` (handlers.vm_hosts' round): what `absent_from` reads."""
+        self.listed[host] = (conn, frozenset(observed))
+
+    def absent_from(self, rt: Runtime | None, host: str, uid: str) -> bool:
+        """True when it is certain, without asking the host, that no domain with UUID `uid` is on
+        `host`; False when only libvirt can tell (the placement search then asks it: get_domain).
+
+        Why this process's last bulk list of the host is enough for a VM it has never seen placed:
+        the placement search looks for a domain that exists although the VM's status does not name
+        its host. Only a placement of this VM can have defined it (the domain UUID is the VM's
+        metadata.uid, never reused), and every placement is recorded in status before its define.
+        - A placement by an earlier operator process defined it before this process started (the
+          leader lease: an earlier leader exits before another one may act), hence before any list
+          this process took: every list of ours shows it.
+        - A placement by this process goes through `placed` (and its status through `index`) before
+          any define or migration of the VM, so `ever_placed` has the uid, and for such a VM every
+          candidate host is asked whatever its list showed (a status wiped since, a failover, a
+          migration target). A list racing with our own define does not matter for that reason.
+          One worker per key: no concurrent placement of the same VM either.
+        - The list must have been taken over the host's current connection: a changed URI or
+          credentials make a new HostConnection (maybe another machine), not trusted until listed.
+          A reconnect of the same connection reaches the same libvirtd, whose persistent domains do
+          not change by reconnecting.
+        - A host this process has not listed yet (just added, or a VM reconciled before the host's
+          first round after a start-up) is asked.
+        A UUID the list does show is asked too (it may be gone since; its power state decides)."""
+        if rt is None or uid in self.ever_placed:
+            return False
+        listed = self.listed.get(host)
+        return listed is not None and listed[0] is rt.pool.get(host) and uid not in listed[1]
+
     def wake_host(self, host: str | None) -> None:
         if host and host in self.host_wake:
             self.host_wake[host].set()
@@ -184,7 +224,8 @@ class VmState:
                            reserved=self.reserved, placed=self.placed,
                            namespace_labels=namespace_labels_of(rt).get if rt is not None else None,
                            record_placement=(lambda body, placed: self.record_placement(rt, body, placed))
-                           if rt is not None else None)
+                           if rt is not None else None,
+                           absent_from=(lambda host, uid: self.absent_from(rt, host, uid)) if rt is not None else None)
 
     async def record_placement(self, rt: Runtime, body: Mapping[str, Any], placed: dict[str, Any]) -> str:
         """reconcile.vm_placement.record_placement, then the cache shows the object as written (status and

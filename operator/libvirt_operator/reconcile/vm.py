@@ -73,9 +73,9 @@ async def sync_vm(body: Mapping[str, Any], rt: Runtime, view: ClusterView, *,
             stage.placed = True  # a VM that stays on its out-of-service host, or cannot leave it yet: still Scheduled
             leaving = departure(spec, status, view)
             if leaving is not None:
-                host = await place(spec, meta, generation, body, status, view, rt, events, leaving)
+                host = await place(spec, meta, generation, body, status, view, rt, events, leaving, stage)
         if not host:
-            host = await place(spec, meta, generation, body, status, view, rt, events, None)
+            host = await place(spec, meta, generation, body, status, view, rt, events, None, stage)
         stage.placed = True
         conditions = set_condition(status.get("conditions") or [], SCHEDULED, True, "Scheduled",
                                    f"placed on LibvirtHost {host}", generation)
@@ -114,7 +114,8 @@ async def sync_vm(body: Mapping[str, Any], rt: Runtime, view: ClusterView, *,
         if full:
             dtype = plan.domain_type_for(spec.domain_type, hv.domain_types, status.get("domainType"))
             status["domainType"] = dtype
-            details = await conn.call("get_domain", lambda c: domains.get_domain(c, uid))
+            # Placed just now where the search showed no domain of it: nothing to look up.
+            details = None if stage.placed_fresh else await conn.call("get_domain", lambda c: domains.get_domain(c, uid))
             if details is not None and details.observation.name and details.observation.name != dname:
                 dname = details.observation.name  # created under an earlier naming scheme: keep it
                 status["domainName"] = dname
@@ -158,11 +159,12 @@ async def sync_vm(body: Mapping[str, Any], rt: Runtime, view: ClusterView, *,
                                           details.live.definition_hash if details and details.live else None,
                                           observed.active)
             if redefine.define:
-                await conn.call("define", lambda c: domains.define(c, xml))
+                # The MACs libvirt chose, read in the same call (one thread hop, not two).
+                defined = await conn.call("define", lambda c: (domains.define(c, xml), domains.get_domain(c, uid))[1])
                 VM_OPERATIONS.labels("create" if details is None else "redefine").inc()
                 events.append(("Normal", "Defined" if details is None else "Redefined",
                                f"domain {dname} {'defined' if details is None else 'redefined'} on {host}"))
-                details = await conn.call("get_domain", lambda c: domains.get_domain(c, uid))  # MACs libvirt chose
+                details = defined
                 observed = details.observation if details else DomainObservation(PowerState.SHUTOFF, name=dname, uuid=uid)
             macs = details.macs if details else {}
         assert observed is not None

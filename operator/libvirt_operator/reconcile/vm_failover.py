@@ -48,6 +48,8 @@ def departure(spec: VirtualMachineSpec, status: Mapping[str, Any], view: Cluster
     host_obj = view.hosts.get(host)
     if not host or host_obj is None:
         return None
+    if not (host_obj.get("spec") or {}).get("outOfService"):
+        return None  # in service (HostView.out_of_service): no need to parse the host for every VM refresh
     hv = plan.HostView.from_object(host_obj)
     decision = plan.plan_failover(spec, hv)
     if decision is None:

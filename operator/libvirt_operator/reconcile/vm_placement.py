@@ -19,7 +19,7 @@ from .host import host_connection
 from .runtime import Runtime
 from .vm_failover import STALE_HOSTS, Departure, stale_hosts, vacate
 from .vm_status import SCHEDULED
-from .vm_types import ClusterView, Event
+from .vm_types import ClusterView, Event, Stage
 
 log = get_logger(__name__)
 
@@ -67,9 +67,12 @@ async def _reachable(rt: Runtime, name: str, host_obj: Mapping[str, Any] | None)
     return conn
 
 
-async def find_own_domain(rt: Runtime, uid: str, hosts: list[str], view: ClusterView) -> str | None:
+async def find_own_domain(rt: Runtime, uid: str, hosts: list[str], view: ClusterView,
+                          absent: set[str] | None = None) -> str | None:
     """The host among these that has a domain with UUID `uid` (a running one first), or None. Hosts
-    that cannot be asked are skipped: they are not placed on either (not Ready)."""
+    that cannot be asked are skipped: they are not placed on either (not Ready). `absent` gets the
+    hosts known to have no such domain (their answer, or their list: view.absent_from); not a host
+    that could not be asked."""
     async def look(name: str) -> tuple[str, DomainObservation] | None:
         conn = await _reachable(rt, name, view.hosts.get(name))
         if conn is None:
@@ -79,9 +82,19 @@ async def find_own_domain(rt: Runtime, uid: str, hosts: list[str], view: Cluster
         except AppError as err:
             log.info("could not look for the VM's domain on a host", host=name, uid=uid, code=err.code.value)
             return None
+        if details is None and absent is not None:
+            absent.add(name)
         return (name, details.observation) if details is not None else None
 
-    found = [f for f in await asyncio.gather(*(look(h) for h in sorted(hosts))) if f is not None]
+    # Hosts certain not to have it are not asked (in a burst of new VMs: none is).
+    unknown = []
+    for h in sorted(hosts):
+        if view.absent_from is not None and view.absent_from(h, uid):
+            if absent is not None:
+                absent.add(h)
+        else:
+            unknown.append(h)
+    found = [f for f in await asyncio.gather(*(look(h) for h in unknown)) if f is not None]
     if not found:
         return None
     if len(found) > 1:
@@ -93,19 +106,22 @@ async def find_own_domain(rt: Runtime, uid: str, hosts: list[str], view: Cluster
 
 async def place(spec: VirtualMachineSpec, meta: Mapping[str, Any], generation: int, body: Mapping[str, Any],
                 status: dict[str, Any], view: ClusterView, rt: Runtime, events: list[Event],
-                departure: Departure | None) -> str:
+                departure: Departure | None, stage: Stage | None = None) -> str:
     """Place an unplaced VM (or one leaving an out-of-service host: `departure`): its own domain found on a
     host wins; otherwise choose_host. The decision is recorded in status (status.host + Scheduled) before
     anything exists on the host, and returned (another writer's recorded placement wins). A VM that
-    leaves vacates its old host only once a new one is chosen: with no other host, it stays as it was."""
+    leaves vacates its old host only once a new one is chosen: with no other host, it stays as it was.
+    `stage.placed_fresh` tells whether the chosen host is known to have no domain of this VM."""
     uid, namespace = str(meta.get("uid") or ""), str(meta.get("namespace") or "")
     views = [plan.HostView.from_object(h) for h in view.hosts.values()]
     avoid = departure.avoid if departure is not None else frozenset(stale_hosts(status))
     # A domain with this UUID already on a host this VM could be on (an earlier placement whose
     # status write was lost, or a status wiped since): that host, never a second domain. Never a
     # host it left (out of service, or still holding a stale copy).
+    absent: set[str] = set()
     host = await find_own_domain(rt, uid, [v.name for v in views if plan.matches_selector(v, spec)
-                                           and not v.out_of_service and v.name not in avoid], view)
+                                           and not v.out_of_service and v.name not in avoid], view, absent)
+    fresh = False
     if host is not None:
         events.append(("Normal", "Adopted", f"found its domain (UUID {uid}) on LibvirtHost {host}"))
     else:
@@ -119,6 +135,7 @@ async def place(spec: VirtualMachineSpec, meta: Mapping[str, Any], generation: i
             raise placement.error
         host = placement.host
         assert host is not None
+        fresh = host in absent
         events.append(("Normal", "Scheduled", f"placed on LibvirtHost {host}"))
     if departure is not None:
         await vacate(rt, departure, meta, status, events)
@@ -140,7 +157,9 @@ async def place(spec: VirtualMachineSpec, meta: Mapping[str, Any], generation: i
             status.pop("host", None)
             raise
         if recorded != host:  # another writer placed it first: theirs holds
-            host = recorded
+            host, fresh = recorded, False
             view.placed(uid, plan.placement_reservation(spec, host, uid))
             status["host"] = host
+    if stage is not None:
+        stage.placed_fresh = fresh
     return host

@@ -35,6 +35,9 @@ class ClusterView:
     # afterwards (ours, or one another writer recorded first). None: nothing is recorded ahead
     # (callers outside the operator, e.g. tests driving sync_vm directly).
     record_placement: Callable[[Mapping[str, Any], dict[str, Any]], Awaitable[str]] | None = None
+    # (host, uid) → True when it is certain without asking libvirt that no domain of that UUID is on
+    # the host (handlers.vm_state.VmState.absent_from says why that can be known); None: always ask.
+    absent_from: Callable[[str, str], bool] | None = None
 
     async def labels_if_needed(self, hosts: list[plan.HostView], namespace: str) -> Mapping[str, str] | None:
         if self.namespace_labels is None or not plan.needs_namespace_labels(hosts, namespace):
@@ -79,3 +82,7 @@ class Stage:
         self.start_failed = False
         # Placed, but the host no longer admits the VM (tenancy): the domain as it is, left alone.
         self.refused: DomainObservation | None = None
+        # Placed just now on a host the placement search knows has no domain of this VM (asked, or its
+        # bulk list proved it): the full path need not look it up before defining (only this VM's one
+        # worker defines its UUID, and it is here).
+        self.placed_fresh = False
