@@ -200,3 +200,33 @@ async def test_calls_beyond_one_connections_share_spread_over_more_connections()
     while _cred_dirs() - before and time.monotonic() < deadline:
         await asyncio.sleep(0.05)
     assert not _cred_dirs() - before, "an extra connection's key directory was left behind"
+
+
+async def test_a_test_driver_file_host_keeps_one_connection_so_every_call_sees_the_same_domains(tmp_path) -> None:
+    """libvirt's test driver gives each connection to a file URI its own world: a host on such a URI must
+    not spread its calls (a domain defined over one connection was 'not found' over another)."""
+    from libvirt_operator.adapters.libvirt.connection import shares_state_across_connections
+
+    assert shares_state_across_connections("qemu+ssh://root@kvm-1/system")
+    assert shares_state_across_connections("qemu:///system") and shares_state_across_connections("test:///default")
+    assert not shares_state_across_connections(f"test://{tmp_path}/host.xml")
+
+    node = tmp_path / "host.xml"
+    node.write_text("<node><cpu><nodes>1</nodes><sockets>1</sockets><cores>4</cores><threads>1</threads></cpu>"
+                    "<memory>8388608</memory></node>")
+    pool = HostPool()
+    conn = await pool.ensure("file", ConnectOptions(uri=f"test://{node}", max_concurrent_calls=16))
+    try:
+        def define(i: int):
+            def run(c):
+                c.defineXML(f"<domain type='test'><name>d{i}</name><memory>65536</memory>"
+                            "<os><type>hvm</type></os></domain>")
+                time.sleep(0.05)
+                return sorted(c.listDefinedDomains())
+            return run
+        await asyncio.gather(*(conn.call("define", define(i)) for i in range(24)))
+        seen = await asyncio.gather(*(conn.call("list", lambda c: sorted(c.listDefinedDomains())) for _ in range(16)))
+        assert all(len(s) == 24 for s in seen), [len(s) for s in seen]
+        assert conn._extras == []
+    finally:
+        await pool.close_all()

@@ -59,6 +59,14 @@ CALLS_PER_CONNECTION = 4
 MAIN_CONNECTION_ONLY = frozenset({"subscribe", "open-console", "probe"})
 
 
+def shares_state_across_connections(uri: str) -> bool:
+    """Whether two connections to `uri` see the same domains. A daemon (qemu://, any +transport) does;
+    libvirt's test driver keeps a private world per connection for a file URI (`test:///path.xml`), so
+    such a host gets no extra connections: a domain defined over one would be missing on the other."""
+    scheme, _, rest = uri.partition("://")
+    return scheme.split("+")[0] != "test" or rest.rstrip("/") == "/default"
+
+
 class _CredentialFiles:
     """Materialises Secret data as the files libvirt's transports read (0600, private 0700 dir).
 
@@ -388,6 +396,8 @@ class HostConnection:
 
     # -- extra connections (calls beyond CALLS_PER_CONNECTION) -----------------------------------
     def _wanted_connections(self) -> int:
+        if not shares_state_across_connections(self.options.uri):
+            return 1
         return max(1, -(-self._calls.size // CALLS_PER_CONNECTION))
 
     def _open_extras(self) -> None:
