@@ -1,7 +1,8 @@
 """Namespace labels for LibvirtHost namespaceSelector: a watch-fed cache (reconcile.tenancy).
 
 A label change wakes the VMs parked on placement (e.g. NamespaceNotAllowed), so labelling a namespace
-admits its VMs within about a second; placed VMs see the change at their host's next sweep.
+admits its VMs within about a second; the namespace's placed VMs are queued too (a host may no longer
+admit them: they are then never restarted).
 Needs list/watch on namespaces (manifests/deploy/20-clusterrole.yaml).
 """
 
@@ -24,4 +25,8 @@ async def watch_namespaces(type: str | None, name: str, body: kopf.Body, memo: k
         cache.forget(name)
         return
     if cache.update(name, (body.get("metadata") or {}).get("labels") or {}):
-        state_of(rt).parked_wake.set()
+        st = state_of(rt)
+        st.parked_wake.set()
+        for uid, vm in list(st.vms.items()):
+            if vm["metadata"].get("namespace") == name and (vm.get("status") or {}).get("host"):
+                st.retry.add(uid)

@@ -52,15 +52,18 @@ async def watch_hosts(type: str | None, name: str, body: kopf.Body, memo: kopf.M
     memo["hosts_changed"] = st.parked_wake  # host probes (handlers.host) wake parked VMs too
     if before is None or type == "DELETED" or _placement_view(before) != _placement_view(st.hosts[name]):
         st.parked_wake.set()  # not for a new lastProbeTime: every probe would re-run every parked VM
-    if type != "DELETED" and _out_of_service(st.hosts[name]) and not _out_of_service(before):
-        # Declared fenced: its VMs decide now whether they leave (hostFailurePolicy), whatever they wait for.
+    if before is None or type == "DELETED" or _admission_view(before) != _admission_view(st.hosts[name]):
+        # Its spec or labels changed (tenancy, pools, networks, declared out of service): the VMs placed
+        # there decide now (refused: never restarted; fenced: hostFailurePolicy), whatever they wait for.
         for uid in sorted(st.on_host.get(name) or ()):
             st.retry.add(uid)
     st.wake_host(name)
 
 
-def _out_of_service(host: Mapping[str, Any] | None) -> bool:
-    return bool(((host or {}).get("spec") or {}).get("outOfService"))
+def _admission_view(host: Mapping[str, Any]) -> tuple[Any, ...]:
+    """What decides whether a host keeps (and may restart) the VMs placed there."""
+    meta = host.get("metadata") or {}
+    return meta.get("labels"), bool(meta.get("deletionTimestamp")), host.get("spec")
 
 
 def _placement_view(host: Mapping[str, Any]) -> tuple[Any, ...]:
