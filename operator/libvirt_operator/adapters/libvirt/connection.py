@@ -1,6 +1,6 @@
 """Pooled libvirt connections, one per host, with bounded per-host concurrency.
 
-libvirt calls are blocking C calls: every call runs in a daemon thread of its host, bounded by the
+libvirt calls are blocking C calls: every call runs in a daemon thread (reused: .threads), bounded by the
 host's call slots (uploads: stream slots), so a slow or hung host can neither block kopf's event loop,
 starve the other hosts, nor keep the process from exiting.
 """
@@ -31,10 +31,12 @@ from ...core.logs import get_logger
 from ...core.metrics import HOST_CONNECTED, LIBVIRT_CALL_SECONDS, LIBVIRT_CALLS, LIBVIRT_CALLS_IN_FLIGHT
 from .errors import CONNECTION_LOST, classify_libvirt_error
 from .events import ensure_event_thread
+from .threads import CallThreads
 
 T = TypeVar("T")
 log = get_logger(__name__)
 libvirt.registerErrorHandler(lambda _ctx, _err: None, None)  # errors are raised, not printed
+CALL_THREADS = CallThreads()  # every host's calls; a hung call keeps its thread, the next call gets another
 
 
 @dataclasses.dataclass(frozen=True)
@@ -611,8 +613,8 @@ class HostConnection:
                 slots.release()
                 continue
             done: asyncio.Future[T] = loop.create_future()
-            threading.Thread(target=self._run_blocking, args=(target, operation, fn, slots, loop, done),
-                             daemon=True, name=f"libvirt-{self.name}-{operation}").start()
+            CALL_THREADS.submit(f"libvirt-{self.name}-{operation}", self._run_blocking,
+                                target, operation, fn, slots, loop, done)
             try:
                 return await asyncio.wait_for(done, timeout)
             except _Lost as lost:
