@@ -11,6 +11,7 @@ import glob
 import os
 import socket
 import tempfile
+import threading
 import time
 
 import pytest
@@ -87,21 +88,29 @@ async def test_in_flight_gauge_and_durations_show_the_call_not_the_queue() -> No
     def sample(name: str, op: str) -> float:
         return REGISTRY.get_sample_value(name, {"host": "gauge", "operation": op}) or 0.0
 
-    def slow(c):
-        time.sleep(0.6)
+    started, release = threading.Event(), threading.Event()
+
+    def slow(c):  # holds the only slot until the test has looked (no timing window to lose under load)
+        started.set()
+        release.wait(10)
         return c.getHostname()
 
     first = asyncio.create_task(conn.call("first", slow))
-    await asyncio.sleep(0.1)
+    for _ in range(200):
+        if started.is_set():
+            break
+        await asyncio.sleep(0.05)
     queued = asyncio.create_task(conn.call("queued", lambda c: c.getHostname()))
-    await asyncio.sleep(0.2)
+    await asyncio.sleep(0.3)
     assert sample("libvirt_operator_libvirt_calls_in_flight", "first") == 1
     assert sample("libvirt_operator_libvirt_calls_in_flight", "queued") == 0  # waiting, not running
+    await asyncio.sleep(0.7)
+    release.set()
     await asyncio.gather(first, queued)
     assert sample("libvirt_operator_libvirt_calls_in_flight", "first") == 0
-    assert sample("libvirt_operator_libvirt_call_duration_seconds_sum", "first") >= 0.6
-    # it waited ~0.5 s for the slot; its duration is the call alone
-    assert sample("libvirt_operator_libvirt_call_duration_seconds_sum", "queued") < 0.2
+    assert sample("libvirt_operator_libvirt_call_duration_seconds_sum", "first") >= 1.0
+    # it waited ~1 s for the slot; its duration is the call alone
+    assert sample("libvirt_operator_libvirt_call_duration_seconds_sum", "queued") < 0.5
     await pool.close_all()
 
 
