@@ -412,6 +412,29 @@ async def wait_all(api: Api, plural: str, namespace: str | None, n: int, timeout
         await asyncio.sleep(interval)
 
 
+class CpuMeter:
+    """CPU seconds (user + system, all threads) of the processes that share the machine's cores: who
+    spent the time of a phase. `bench` is this process (the client of the burst, the watch, the polls)."""
+
+    def __init__(self, pids: dict[str, int]) -> None:
+        self.pids = dict(pids)
+
+    def snapshot(self) -> dict[str, float]:
+        tick = os.sysconf("SC_CLK_TCK")
+        out = {"bench": time.process_time()}
+        for name, pid in self.pids.items():
+            try:
+                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            out[name] = (int(fields[11]) + int(fields[12])) / tick  # utime, stime
+        return out
+
+    @staticmethod
+    def spent(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+        return {k: round(after[k] - before[k], 2) for k in after if k in before}
+
+
 def pct(values: list[float], p: float) -> float:
     s = sorted(values)
     return s[min(len(s) - 1, max(0, math.ceil(p / 100 * len(s)) - 1))] if s else float("nan")
@@ -422,7 +445,7 @@ def pct(values: list[float], p: float) -> float:
 # --------------------------------------------------------------------------------------------
 
 async def operator_phase(api: Api, op: OperatorProcess, n: int, hosts: list[str], host_uris: list[str],
-                         tag: str, args: argparse.Namespace) -> dict[str, Any]:
+                         tag: str, args: argparse.Namespace, cpu: CpuMeter) -> dict[str, Any]:
     res: dict[str, Any] = {}
     for i, (name, uri) in enumerate(zip(hosts, host_uris)):
         await api.create(HOST_PLURAL, {"apiVersion": f"{GROUP}/{VERSION}", "kind": "LibvirtHost",
@@ -444,6 +467,7 @@ async def operator_phase(api: Api, op: OperatorProcess, n: int, hosts: list[str]
     bodies = [vm_body(i, hosts, tag) for i in range(n)]
 
     log(f"creating {n} VirtualMachines (concurrency {args.concurrency})")
+    cpu0 = cpu.snapshot()
     t0 = time.monotonic()
     created = await create_all(api, bodies, ns)
     t_created = time.monotonic()
@@ -452,6 +476,7 @@ async def operator_phase(api: Api, op: OperatorProcess, n: int, hosts: list[str]
     t_ready, polls = await wait_all(api, VM_PLURAL, ns, n, timeout, f"{n} VirtualMachines Ready=True", op=op,
                                     on_poll=lambda: rss_peak.append(op.rss_mib()[0]))
     res.update(created_seconds=t_created - t0, ready_seconds=t_ready - t0, list_polls=polls)
+    res["cpu_seconds_until_ready"] = CpuMeter.spent(cpu0, cpu.snapshot())
     log(f"  all {n} Ready=True {t_ready - t0:.2f}s after the first create")
     await asyncio.sleep(2.0)  # let trailing writes (kopf annotations, Events) land
     m1 = op.metrics()
@@ -538,7 +563,7 @@ async def operator_phase(api: Api, op: OperatorProcess, n: int, hosts: list[str]
 
 
 async def floor_phase(api: Api, n: int, hosts: list[str], tag: str, *, meta_patches: int, status_patches: int,
-                      events: int, label: str) -> dict[str, Any]:
+                      events: int, label: str, cpu: CpuMeter) -> dict[str, Any]:
     """No operator: per object, create then the given writes in sequence; same concurrency."""
     ns = f"floor-{label}-{tag}"
     await api.create_namespace(ns)
@@ -571,14 +596,16 @@ async def floor_phase(api: Api, n: int, hosts: list[str], tag: str, *, meta_patc
                 "lastTimestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "count": 1})
             writes["events"] += 1
 
+    cpu0 = cpu.snapshot()
     t0 = time.monotonic()
     await asyncio.gather(*(one(i, b) for i, b in enumerate(bodies)))
     took = time.monotonic() - t0
+    spent = CpuMeter.spent(cpu0, cpu.snapshot())
     # clean up: release the finalizer, delete
     await asyncio.gather(*(api.merge_patch(VM_PLURAL, ns, b["metadata"]["name"], {"metadata": {"finalizers": None}})
                            for b in bodies))
     await asyncio.gather(*(api.delete(VM_PLURAL, ns, b["metadata"]["name"]) for b in bodies))
-    return {"seconds": took, "writes_per_vm": {k: v / n for k, v in writes.items()},
+    return {"seconds": took, "writes_per_vm": {k: v / n for k, v in writes.items()}, "cpu_seconds": spent,
             "meta_patches": meta_patches, "status_patches": status_patches, "events": events}
 
 
@@ -605,7 +632,8 @@ async def run_one(n: int, args: argparse.Namespace) -> dict[str, Any]:
             os.environ["VM_SCALE_BENCH_PROFILE"] = f"{args.profile}.{n}"
         op = OperatorProcess(cp.kubeconfig_path, workdir, args.log_level)
         op.wait_metrics()
-        result["operator"] = await operator_phase(api, op, n, hosts, uris, tag, args)
+        cpu = CpuMeter({"etcd": cp._etcd.pid, "kube-apiserver": cp._apiserver.pid, "operator": op.proc.pid})
+        result["operator"] = await operator_phase(api, op, n, hosts, uris, tag, args, cpu)
         op.stop()
         result["operator_log"] = str(op.log_path)
         op = None
@@ -621,13 +649,13 @@ async def run_one(n: int, args: argparse.Namespace) -> dict[str, Any]:
         ev_obs = round(opr["events_per_vm"])
         log(f"floor (min): create + finalizer patch + 1 status patch per VM, no operator")
         result["floor_min"] = await floor_phase(api, n, hosts, tag, meta_patches=1, status_patches=1, events=0,
-                                                label="min")
+                                                label="min", cpu=cpu)
         log(f"  {result['floor_min']['seconds']:.2f}s")
         log(f"floor (observed): create + {max(1, meta_obs)} metadata patch(es) + {max(1, status_obs)} status "
             f"patch(es) + {ev_obs} Event(s) per VM")
         result["floor_observed"] = await floor_phase(api, n, hosts, tag, meta_patches=max(1, meta_obs),
                                                      status_patches=max(1, status_obs), events=ev_obs,
-                                                     label="obs")
+                                                     label="obs", cpu=cpu)
         log(f"  {result['floor_observed']['seconds']:.2f}s")
         result["ratio_min"] = opr["ready_seconds"] / result["floor_min"]["seconds"]
         result["ratio_observed"] = opr["ready_seconds"] / result["floor_observed"]["seconds"]
@@ -659,6 +687,8 @@ def report(r: dict[str, Any]) -> None:
     fm, fo = r["floor_min"], r["floor_observed"]
     print(f"floor (min, create+finalizer+status = 3 writes/VM): {fm['seconds']:.2f}s  -> ratio {r['ratio_min']:.1f}x")
     print(f"floor (observed writes/VM {fo['writes_per_vm']}): {fo['seconds']:.2f}s  -> ratio {r['ratio_observed']:.1f}x")
+    print(f"CPU seconds until all Ready: {o.get('cpu_seconds_until_ready')}; floor (min): "
+          f"{fm.get('cpu_seconds')}; floor (observed): {fo.get('cpu_seconds')}")
     print(f"operator writes per VM until Ready: {o['writes_per_vm_until_ready']}; after Ready: "
           f"{o['writes_per_vm_after_ready']}; Events/VM {o['events_per_vm']:.2f} {o['events_by_reason']}")
     print(f"managedFields (first 50 VMs): {o['managed_fields_sample50']}")

@@ -22,6 +22,38 @@ KINDS = {"libvirthosts": "LibvirtHost", "virtualmachines": "VirtualMachine", "is
 REPO = Path(__file__).resolve().parents[2]
 
 
+def cert_kubeconfig(controlplane: Any, user: str, group: str, directory: Path) -> Path:
+    """A kubeconfig for `user` in `group`, authenticated by a client cert from the cluster CA and embedded
+    in the file (as kubeadm's `kubeadm kubeconfig user` makes them)."""
+    import base64
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.x509.oid import ExtendedKeyUsageOID
+
+    from libvirt_operator.devenv.controlplane import _cert_pem, _issue, _key_pem, _name, _new_key
+
+    ca_cert = x509.load_pem_x509_certificate(controlplane.ca_cert_path.read_bytes())
+    ca_key = serialization.load_pem_private_key((controlplane.cert_dir / "ca.key").read_bytes(), None)
+    key = _new_key()
+    cert = _issue(subject=_name(user, group), key=key, issuer=ca_cert.subject, issuer_key=ca_key,
+                  eku=[ExtendedKeyUsageOID.CLIENT_AUTH])
+
+    def b64(data: bytes) -> str:
+        return base64.b64encode(data).decode()
+
+    cfg = {"apiVersion": "v1", "kind": "Config", "current-context": user,
+           "clusters": [{"name": "envtest", "cluster": {"server": controlplane.server_url,
+                                                         "certificate-authority-data": b64(_cert_pem(ca_cert))}}],
+           "users": [{"name": user, "user": {"client-certificate-data": b64(_cert_pem(cert)),
+                                             "client-key-data": b64(_key_pem(key))}}],
+           "contexts": [{"name": user, "context": {"cluster": "envtest", "user": user}}]}
+    path = directory / f"{user}.kubeconfig"
+    path.write_text(yaml.safe_dump(cfg))
+    path.chmod(0o600)
+    return path
+
+
 class Kube:
     def __init__(self, kubeconfig: str | Path) -> None:
         self.api = config.new_client_from_config(config_file=str(kubeconfig))

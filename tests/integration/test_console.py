@@ -11,6 +11,7 @@ import os
 import ssl
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.error
@@ -21,23 +22,20 @@ from typing import Any
 
 import pytest
 import yaml
-from cryptography import x509
-from cryptography.hazmat.primitives import serialization
-from cryptography.x509.oid import ExtendedKeyUsageOID
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 from prometheus_client import REGISTRY
 
 from libvirt_operator.core.api.common import SUBRESOURCES_GROUP, SUBRESOURCES_GROUP_VERSION
 from libvirt_operator.handlers.startup import CONSOLE_SERVER_KEY, current_memo
-from tests.harness.controlplane import _cert_pem, _issue, _key_pem, _name, _new_key
-from tests.harness.kube import REPO, Kube
+from tests.harness.kube import REPO, Kube, cert_kubeconfig
 from tests.harness.libvirt_module import libvirt
 from tests.harness.pytest_operator import CONSOLE_SERVICE, CONSOLE_SERVICE_NAMESPACE
 
 VM = "virtualmachines"
 APISERVICE = f"v1alpha1.{SUBRESOURCES_GROUP}"
 CONSOLE_ROLE = "libvirt-operator-console"
+MODULE_LOADED = time.time() - 1  # before the operator fixture starts the console server
 
 
 def opened_consoles(host: str) -> float:
@@ -57,7 +55,7 @@ def console_api(kube: Kube, operator: Any) -> int:
     caBundle of the operator's self-signed cert (so the apiserver verifies it here)."""
     server = current_memo()[CONSOLE_SERVER_KEY]
     port = server.port
-    ca_bundle = Path(server.cert_path).read_bytes()
+    ca_bundle = server.cert_pem
     with_retry = {"metadata": {"name": CONSOLE_SERVICE, "namespace": CONSOLE_SERVICE_NAMESPACE},
                   "spec": {"type": "ExternalName", "externalName": "localhost", "ports": [{"port": port}]}}
     try:
@@ -93,28 +91,7 @@ def console_api(kube: Kube, operator: Any) -> int:
 
 
 def user_kubeconfig(controlplane: Any, user: str, directory: Path) -> Path:
-    """A kubeconfig for `user`, authenticated by a client cert from the cluster CA (as kubeadm's
-    `kubeadm kubeconfig user` makes them)."""
-    ca_cert = x509.load_pem_x509_certificate(controlplane.ca_cert_path.read_bytes())
-    ca_key = serialization.load_pem_private_key((controlplane.cert_dir / "ca.key").read_bytes(), None)
-    key = _new_key()
-    cert = _issue(subject=_name(user, "console-testers"), key=key, issuer=ca_cert.subject, issuer_key=ca_key,
-                  eku=[ExtendedKeyUsageOID.CLIENT_AUTH])
-    import base64
-
-    def b64(data: bytes) -> str:
-        return base64.b64encode(data).decode()
-
-    cfg = {"apiVersion": "v1", "kind": "Config", "current-context": user,
-           "clusters": [{"name": "envtest", "cluster": {"server": controlplane.server_url,
-                                                         "certificate-authority-data": b64(_cert_pem(ca_cert))}}],
-           "users": [{"name": user, "user": {"client-certificate-data": b64(_cert_pem(cert)),
-                                             "client-key-data": b64(_key_pem(key))}}],
-           "contexts": [{"name": user, "context": {"cluster": "envtest", "user": user}}]}
-    path = directory / f"{user}.kubeconfig"
-    path.write_text(yaml.safe_dump(cfg))
-    path.chmod(0o600)
-    return path
+    return cert_kubeconfig(controlplane, user, "console-testers", directory)
 
 
 def token_kubeconfig(kube: Kube, controlplane: Any, namespace: str, account: str, directory: Path) -> Path:
@@ -294,6 +271,12 @@ def test_a_vm_on_a_host_without_console_support_gets_a_clear_error(
     kube.delete(VM, "vm", namespace)
     kube.wait_for(lambda: kube.get(VM, "vm", namespace) is None, timeout=30, what="VM deleted")
     kube.delete("libvirthosts", host)
+
+
+def test_the_generated_serving_key_is_in_no_file(console_api) -> None:
+    """The self-signed serving cert's key lives in the TLS context only: its directory went at start."""
+    left = [d for d in Path(tempfile.gettempdir()).glob("lvop-console-tls-*") if d.stat().st_ctime >= MODULE_LOADED]
+    assert left == [], f"the console's generated key was left on disk: {left}"
 
 
 def test_requests_that_bypass_the_apiserver_are_refused(console_api, controlplane) -> None:

@@ -5,6 +5,7 @@ is wrong, and no ssh process outlives its connection."""
 from __future__ import annotations
 
 import os
+import tempfile
 import time
 import uuid
 from collections.abc import Iterator
@@ -82,6 +83,10 @@ async def test_known_hosts_from_the_secret_lets_ssh_reach_the_daemon(sshd, libvi
         credentials=_credentials(sshd, sshd.known_hosts()), call_timeout=30))
     facts = await conn.call("probe", probe_host)
     assert facts.hypervisor.startswith("QEMU ")
+    # the private key left the disk once the connection was open (a SIGKILLed operator cleans up nothing)
+    key_line = sshd.client_key.read_bytes().splitlines()[1]
+    assert [p for p in Path(tempfile.gettempdir()).glob("lvop-cred-*/*") if key_line in p.read_bytes()] == []
+    # ... and the open connection goes on working without it;
     # it is the harness daemon behind sshd: its pool lives under the daemon's root
     pool_xml = await conn.call("pool", lambda c: c.storagePoolLookupByName("default").XMLDesc())
     assert str(libvirtd.pool_path) in pool_xml

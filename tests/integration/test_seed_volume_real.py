@@ -4,7 +4,9 @@ size but partial content; the next reconcile must upload it again rather than bo
 
 from __future__ import annotations
 
+import tempfile
 import uuid
+from pathlib import Path
 
 from libvirt_operator.adapters.libvirt import ConnectOptions, HostPool
 from libvirt_operator.adapters.libvirt.seed import build_seed_iso, ensure_seed, read_seed_iso
@@ -18,11 +20,11 @@ async def test_a_seed_cut_short_is_uploaded_again_and_a_good_one_is_reused(libvi
     host = await pool.ensure("seed", ConnectOptions(uri=libvirtd.uri, call_timeout=60))
     name = f"lvop-{uuid.uuid4()}--cidata-test"
     try:
-        path, uploaded = await ensure_seed(host, "default", name, FILES, spool_dir=str(tmp_path))
+        path, uploaded = await ensure_seed(host, "default", name, FILES)
         assert uploaded and path.endswith(name)
         # A second reconcile (or a restarted operator) builds the seed again (other timestamps inside)
         # and keeps the volume: a running guest's cdrom is never replaced under it.
-        assert await ensure_seed(host, "default", name, FILES, spool_dir=str(tmp_path)) == (path, False)
+        assert await ensure_seed(host, "default", name, FILES) == (path, False)
 
         # What kill -9 mid-upload leaves: the full-size volume, only its first part written.
         good = build_seed_iso(FILES)
@@ -31,10 +33,11 @@ async def test_a_seed_cut_short_is_uploaded_again_and_a_good_one_is_reused(libvi
         await upload_volume(host, "default", name, cut)
         assert read_seed_iso(await read_volume(host, "default", name, 2**20) or b"") != dict(FILES)
 
-        path2, uploaded2 = await ensure_seed(host, "default", name, FILES, spool_dir=str(tmp_path))
+        path2, uploaded2 = await ensure_seed(host, "default", name, FILES)
         assert uploaded2 and path2 == path
         assert read_seed_iso(await read_volume(host, "default", name, 2**20) or b"") == dict(FILES)
-        assert list(tmp_path.glob("lvop-seed-*")) == []  # the private spool file is gone
+        # user-data may hold secrets: the image was built in memory, no spool file is left anywhere
+        assert list(Path(tempfile.gettempdir()).glob("lvop-seed-*")) == []
     finally:
         await delete_volume(host, "default", name)
         await pool.close_all()

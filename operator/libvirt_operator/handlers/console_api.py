@@ -78,7 +78,7 @@ def _json(body: dict[str, Any]) -> Any:
 class RunningConsoleServer:
     runner: web.AppRunner
     port: int
-    cert_path: Path  # the serving cert (an APIService's caBundle, when it is self-signed)
+    cert_pem: bytes  # the serving cert (an APIService's caBundle, when it is self-signed)
     rt: Runtime
 
     async def cleanup(self) -> None:
@@ -234,17 +234,24 @@ async def start_console_server(settings: Settings, kubeconfig: str | None = None
     except BaseException:
         await kube.close()
         raise
-    if not (settings.console_cert_file and settings.console_key_file):
-        directory = Path(tempfile.mkdtemp(prefix="lvop-console-tls-"))
-        cert, key = self_signed_cert(list(settings.console_service_names) or ["localhost"], directory)
-    else:
-        cert, key = Path(settings.console_cert_file), Path(settings.console_key_file)
+    try:
+        if not (settings.console_cert_file and settings.console_key_file):
+            # the generated key lives in the TLS context only: its files go as soon as it is loaded, so
+            # no private key outlives the process on disk (not even after a SIGKILL)
+            with tempfile.TemporaryDirectory(prefix="lvop-console-tls-") as directory:
+                cert, key = self_signed_cert(list(settings.console_service_names) or ["localhost"], Path(directory))
+                ssl_context, cert_pem = _ssl_context(cert, key, requestheader), cert.read_bytes()
+        else:
+            cert, key = Path(settings.console_cert_file), Path(settings.console_key_file)
+            ssl_context, cert_pem = _ssl_context(cert, key, requestheader), cert.read_bytes()
+    except BaseException:
+        await kube.close()
+        raise
     rt = Runtime(settings=settings, pool=HostPool(), kube=kube)
     server = ConsoleServer(rt, requestheader)
     runner = web.AppRunner(server.app, access_log=None)  # an access log would carry user names per request
     await runner.setup()
-    site = web.TCPSite(runner, settings.console_address, settings.console_port or 0,
-                       ssl_context=_ssl_context(cert, key, requestheader))
+    site = web.TCPSite(runner, settings.console_address, settings.console_port or 0, ssl_context=ssl_context)
     try:
         await site.start()
     except BaseException:
@@ -253,7 +260,7 @@ async def start_console_server(settings: Settings, kubeconfig: str | None = None
         raise
     port = _bound_port(runner)
     log.info("console API serving", port=port, group=GROUP_VERSION)
-    return RunningConsoleServer(runner, port, cert, rt)
+    return RunningConsoleServer(runner, port, cert_pem, rt)
 
 
 def _bound_port(runner: web.AppRunner) -> int:

@@ -9,13 +9,18 @@ teardown finalizer (handlers.vm, handlers.vm_teardown) once a blocked VM deletio
 from __future__ import annotations
 
 import base64
+import contextlib
 import functools
+import os
+import shutil
+import tempfile
 import time
 import urllib.parse
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 from kubernetes_asyncio import client, config
+from kubernetes_asyncio.config import kube_config
 from kubernetes_asyncio.client.exceptions import ApiException
 
 from ...core.api.common import GROUP, VERSION
@@ -61,6 +66,23 @@ def _instrument(rest: Any) -> None:
     rest.request = timed
 
 
+@contextlib.contextmanager
+def _credential_files() -> Iterator[str]:
+    """A private directory for the certificate and key a kubeconfig embeds. kubernetes_asyncio writes them
+    to files it removes only at a clean exit (never after a SIGKILL), and reads them only while the client
+    is built: they go as soon as it is, so no key outlives the process on disk."""
+    directory = tempfile.mkdtemp(prefix="lvop-kubeconfig-")
+    try:
+        yield directory
+    finally:
+        # its content -> file cache would hand out the removed files to the next client (private name)
+        cache: dict[str, str] = getattr(kube_config, "_temp_files", {})
+        for content, name in list(cache.items()):
+            if os.path.dirname(name) == directory:
+                del cache[content]
+        shutil.rmtree(directory, ignore_errors=True)
+
+
 class KubeClient:
     def __init__(self, api: client.ApiClient) -> None:
         self.api = api
@@ -74,7 +96,10 @@ class KubeClient:
         try:
             config.load_incluster_config(client_configuration=cfg)
         except config.ConfigException:
-            await config.load_kube_config(config_file=kubeconfig, client_configuration=cfg)
+            with _credential_files() as directory:
+                await config.load_kube_config(config_file=kubeconfig, client_configuration=cfg,
+                                              temp_file_path=directory)
+                return cls(client.ApiClient(configuration=cfg))  # reads the files into its TLS context
         return cls(client.ApiClient(configuration=cfg))
 
     async def close(self) -> None:

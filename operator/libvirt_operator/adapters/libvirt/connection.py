@@ -174,6 +174,14 @@ class _CredentialFiles:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.kill(pid, signal.SIGKILL)
 
+    def forget_private_keys(self) -> None:
+        """Once the connection is open its key has done its work (ssh, libssh and TLS read it while
+        connecting only): it leaves the disk then, not when the connection closes, which a SIGKILLed
+        operator never does. The directory stays for the ssh pid file and log."""
+        for fname in ("id_key", "clientkey.pem"):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.path(fname))
+
     def remove(self) -> None:
         shutil.rmtree(self.dir, ignore_errors=True)
 
@@ -382,6 +390,8 @@ class HostConnection:
             finally:
                 LIBVIRT_CALL_SECONDS.labels(self.name, "connect").observe(time.perf_counter() - started)
             LIBVIRT_CALLS.labels(self.name, "connect", "ok").inc()
+            if creds is not None:
+                creds.forget_private_keys()
             live = _Live(conn, creds, self.uri)
             creds = None  # owned by `live` from here on
             with contextlib.suppress(libvirt.libvirtError):

@@ -8,10 +8,8 @@ the upload's duration and never logged."""
 
 from __future__ import annotations
 
-import contextlib
 import io
 import os
-import tempfile
 import xml.etree.ElementTree as ET
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -68,8 +66,8 @@ def read_seed_iso(image: bytes) -> dict[str, bytes] | None:
         iso.close()
 
 
-async def ensure_seed(host: HostConnection, pool: str, volume: str, files: Iterable[tuple[str, bytes]],
-                      spool_dir: str | None = None) -> tuple[str, bool]:
+async def ensure_seed(host: HostConnection, pool: str, volume: str,
+                      files: Iterable[tuple[str, bytes]]) -> tuple[str, bool]:
     """(path of the seed volume, whether it was uploaded now). The name is a digest of the content,
     but an existing volume is reused only when its bytes are the seed's: an operator killed during
     the upload leaves a volume of the right name and size with partial content."""
@@ -83,14 +81,15 @@ async def ensure_seed(host: HostConnection, pool: str, volume: str, files: Itera
         log.warning("cloud-init seed volume does not hold its content; uploading it again",
                     pool=pool, volume=volume, size=found[0])
     image = build_seed_iso(files)
-    fd, tmp = tempfile.mkstemp(prefix="lvop-seed-", suffix=".iso", dir=spool_dir)
+    # user-data may hold secrets: the image lives in an anonymous memory file, never on a disk
+    # (a file in a spool directory would outlive an operator killed during the upload)
+    fd = os.memfd_create("lvop-seed", os.MFD_CLOEXEC)
     try:
-        with os.fdopen(fd, "wb") as fh:  # mkstemp: mode 0600, only the operator reads it
+        with os.fdopen(fd, "wb", closefd=False) as fh:
             fh.write(image)
-        uploaded: UploadedVolume = await upload_volume(host, pool, volume, Path(tmp))  # replaces a bad one
+        uploaded: UploadedVolume = await upload_volume(host, pool, volume, Path(f"/proc/self/fd/{fd}"))
     finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
+        os.close(fd)
     return uploaded.path, True
 
 
