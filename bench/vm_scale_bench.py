@@ -474,7 +474,7 @@ async def operator_phase(api: Api, op: OperatorProcess, n: int, hosts: list[str]
     log(f"  created in {t_created - t0:.2f}s; waiting for Ready=True (LIST every 0.5 s)")
     timeout = args.ready_timeout or max(120.0, n * 0.6)
     t_ready, polls = await wait_all(api, VM_PLURAL, ns, n, timeout, f"{n} VirtualMachines Ready=True", op=op,
-                                    on_poll=lambda: rss_peak.append(op.rss_mib()[0]))
+                                    interval=args.poll_seconds, on_poll=lambda: rss_peak.append(op.rss_mib()[0]))
     res.update(created_seconds=t_created - t0, ready_seconds=t_ready - t0, list_polls=polls)
     res["cpu_seconds_until_ready"] = CpuMeter.spent(cpu0, cpu.snapshot())
     log(f"  all {n} Ready=True {t_ready - t0:.2f}s after the first create")
@@ -714,6 +714,8 @@ def main() -> None:
     ap.add_argument("--hosts", type=int, default=10)
     ap.add_argument("--concurrency", type=int, default=100,
                     help="requests in flight for the bench client (kubernetes_asyncio's pool in the operator is 100)")
+    ap.add_argument("--poll-seconds", type=float, default=0.5,
+                    help="LIST interval while waiting for Ready (each LIST of N VMs costs the shared cores)")
     ap.add_argument("--steady-seconds", type=float, default=25.0)
     ap.add_argument("--ready-timeout", type=float, default=0.0, help="default max(120, 0.6*N) s")
     ap.add_argument("--log-level", default="INFO", help="the operator's log level")

@@ -92,6 +92,10 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
     settings.watching.server_timeout = 300
     settings.watching.client_timeout = 330
     settings.queueing.worker_limit = int(os.environ.get("LIBVIRT_OPERATOR_WORKER_LIMIT", "200"))
+    # kopf keeps an object's watch worker idle for `idle_timeout` after its last event, holding one of
+    # the `worker_limit` slots; our watch handlers only cache and queue (microseconds), so at kopf's 5 s
+    # a burst of new objects waited for slots: 200 / 5 s capped a 1,000-VM burst at ~36 VMs/s.
+    settings.queueing.idle_timeout = float(os.environ.get("LIBVIRT_OPERATOR_WATCH_IDLE_SECONDS", "0.5"))
     # A deleted LibvirtHost waits for its daemons (probe loop, VM round) to stop before kopf's finalizer
     # goes; they stop within a second of kopf's signal, but kopf's defaults would look again only
     # after 60 s (cancellation_polling).
