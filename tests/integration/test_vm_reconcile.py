@@ -85,7 +85,8 @@ async def test_media_wait_then_define_idempotently_then_teardown_keeps_the_iso(s
     out = await sync_vm(vm_body(uid, out.status), rt, view)
     assert out.error is None, out.error
     assert out.status["printableStatus"] == "Running" and "error" not in out.status
-    assert {e[1] for e in out.events} >= {"Defined", "VolumesCreated", "Started"}
+    assert {e[1] for e in out.events} >= {"VolumesCreated", "Started"}
+    assert [e[2] for e in out.events if e[1] == "Started"] == ["domain ns_inst defined and started on h"]
     xml = await conn.call("xml", lambda c: c.lookupByUUIDString(uid).XMLDesc(0))
     root = ET.fromstring(xml)
     cdrom = root.find("devices/disk[@device='cdrom']")

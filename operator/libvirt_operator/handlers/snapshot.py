@@ -27,6 +27,7 @@ from ..reconcile.failures import human_message
 from ..reconcile.runtime import Runtime
 from .instrument import reconciler
 from .startup import runtime_of
+from .vm_state import VM_DELETED_HOOKS
 from .snapshot_common import (
     HOST_CALL_TIMEOUT, SNAPSHOTS, VMS, FinalError, REFUSED_CODES, connection_to, retry_delay, error_fields, holding_vm, measure,
 )
@@ -161,12 +162,8 @@ async def delete_snapshot(body: kopf.Body, meta: kopf.Meta, status: kopf.Status,
         kopf.event(body, type="Normal", reason="SnapshotDeleted", message=f"snapshot {lv_name} deleted on {host}")
 
 
-@kopf.on.event(GROUP, VERSION, VMS)
-async def watch_snapshot_sources(type: str | None, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+async def fail_snapshots_of_deleted_vm(rt: Runtime, body: Mapping[str, Any]) -> None:
     """A deleted VM took its volumes, and the snapshots inside them, along: its snapshots turn Failed."""
-    if type != "DELETED":
-        return
-    rt = runtime_of(memo)
     meta = body.get("metadata") or {}
     try:
         objs = await rt.kube.list_objects(SNAPSHOTS, meta.get("namespace"))
@@ -183,3 +180,6 @@ async def watch_snapshot_sources(type: str | None, body: kopf.Body, memo: kopf.M
         generation = int(obj["metadata"].get("generation") or 0)
         with contextlib.suppress(AppError):
             await _snapshot_failed(rt, obj, dict(status), err, generation, final=True)
+
+
+VM_DELETED_HOOKS.append(fail_snapshots_of_deleted_vm)

@@ -29,7 +29,7 @@ from .iso import vm_references_changed
 from .startup import runtime_of
 from . import vm_hosts  # noqa: F401  (registers the per-host daemon host_vm_sync)
 from .vm_reconcile import reconcile_vm
-from .vm_state import PLURAL, VmState, plain_copy, state_of
+from .vm_state import PLURAL, VM_DELETED_HOOKS, VmState, plain_copy, state_of
 
 log = get_logger(__name__)
 # VM reconciles running at once (each host's libvirt calls are bounded by its own call slots).
@@ -97,6 +97,8 @@ async def watch_vms(type: str | None, uid: str, body: kopf.Body, memo: kopf.Memo
             vm_references_changed(rt, body["metadata"]["namespace"], names)
     if type == "DELETED":
         st.forget(uid)
+        for hook in VM_DELETED_HOOKS:
+            await hook(rt, body)
         return
     vm = st.vms[uid] = plain_copy(body)
     st.index(uid)

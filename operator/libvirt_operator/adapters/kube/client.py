@@ -19,9 +19,11 @@ import urllib.parse
 from collections.abc import Iterator, Mapping
 from typing import Any
 
+from aiohttp.helpers import get_env_proxy_for_url
 from kubernetes_asyncio import client, config
 from kubernetes_asyncio.config import kube_config
 from kubernetes_asyncio.client.exceptions import ApiException
+from yarl import URL
 
 from ...core.api.common import GROUP, VERSION
 from ...core.errors import AppError, ErrorCode
@@ -83,6 +85,21 @@ def _credential_files() -> Iterator[str]:
         shutil.rmtree(directory, ignore_errors=True)
 
 
+def _api_client(cfg: client.Configuration) -> client.ApiClient:
+    """kubernetes_asyncio's session trusts the environment, so every request looked up ~/.netrc and the
+    proxy variables in a worker thread: two thread hops per request. The proxy for the API server is
+    looked up once, here; netrc never applies (the API server authenticates by cert or token)."""
+    if not cfg.proxy:
+        with contextlib.suppress(LookupError, ValueError):
+            proxy, auth = get_env_proxy_for_url(URL(cfg.host))
+            cfg.proxy = str(proxy)
+            if auth is not None:
+                cfg.proxy_headers = {"Proxy-Authorization": auth.encode()}
+    api = client.ApiClient(configuration=cfg)
+    api.rest_client.pool_manager._trust_env = False  # noqa: SLF001  (aiohttp has no setter)
+    return api
+
+
 class KubeClient:
     def __init__(self, api: client.ApiClient) -> None:
         self.api = api
@@ -99,8 +116,8 @@ class KubeClient:
             with _credential_files() as directory:
                 await config.load_kube_config(config_file=kubeconfig, client_configuration=cfg,
                                               temp_file_path=directory)
-                return cls(client.ApiClient(configuration=cfg))  # reads the files into its TLS context
-        return cls(client.ApiClient(configuration=cfg))
+                return cls(_api_client(cfg))  # reads the files into its TLS context
+        return cls(_api_client(cfg))
 
     async def close(self) -> None:
         await self.api.close()
