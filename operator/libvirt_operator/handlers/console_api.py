@@ -212,14 +212,15 @@ def self_signed_cert(dns_names: list[str], directory: Path) -> tuple[Path, Path]
     return cert_path, key_path
 
 
-def _ssl_context(cert: Path, key: Path, requestheader: RequestHeaderConfig) -> ssl.SSLContext:
+def _ssl_context(cert: Path, key: Path, requestheader: RequestHeaderConfig) -> tuple[ssl.SSLContext, bytes]:
+    """The serving TLS context and the serving cert's PEM (read now: a generated cert's files go next)."""
     ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     ctx.load_cert_chain(str(cert), str(key))
     ctx.load_verify_locations(cadata=requestheader.client_ca_pem)
     # OPTIONAL, not REQUIRED: a caller without a cert gets a readable 401 Status instead of a TLS
     # alert; one with a cert from another CA still fails the handshake.
     ctx.verify_mode = ssl.CERT_OPTIONAL
-    return ctx
+    return ctx, cert.read_bytes()
 
 
 async def start_console_server(settings: Settings, kubeconfig: str | None = None) -> RunningConsoleServer:
@@ -240,10 +241,10 @@ async def start_console_server(settings: Settings, kubeconfig: str | None = None
             # no private key outlives the process on disk (not even after a SIGKILL)
             with tempfile.TemporaryDirectory(prefix="lvop-console-tls-") as directory:
                 cert, key = self_signed_cert(list(settings.console_service_names) or ["localhost"], Path(directory))
-                ssl_context, cert_pem = _ssl_context(cert, key, requestheader), cert.read_bytes()
+                ssl_context, cert_pem = _ssl_context(cert, key, requestheader)
         else:
-            cert, key = Path(settings.console_cert_file), Path(settings.console_key_file)
-            ssl_context, cert_pem = _ssl_context(cert, key, requestheader), cert.read_bytes()
+            ssl_context, cert_pem = _ssl_context(Path(settings.console_cert_file), Path(settings.console_key_file),
+                                                 requestheader)
     except BaseException:
         await kube.close()
         raise
