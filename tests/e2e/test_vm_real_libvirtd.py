@@ -63,8 +63,7 @@ def test_blank_disk_vm_runs_and_delete_cleans_the_host(kube, operator, namespace
         assert condition(obj, "Ready")["status"] == "True" and condition(obj, "Ready")["reason"] == "Stopped"
         assert "startFailure" not in obj["status"] and "stopRequestedTime" not in obj["status"]
         assert dom.state()[0] == libvirt.VIR_DOMAIN_SHUTOFF
-        reasons = [e.reason for e in kube.events_for(namespace, "tiny")]
-        assert "ShuttingDown" in reasons and "Stopped" in reasons
+        kube.wait_events(namespace, "tiny", "ShuttingDown", "Stopped")
 
         kube.delete(VM, "tiny", namespace)
         kube.wait_for(lambda: kube.get(VM, "tiny", namespace) is None, timeout=60, what="VM deleted")

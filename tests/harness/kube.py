@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from kubernetes import client, config, utils
+from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 
 from libvirt_operator.devenv.resources import apply_crds
@@ -118,6 +118,16 @@ class Kube:
     def events_for(self, namespace: str, name: str) -> list[Any]:
         events = self.core.list_namespaced_event(namespace, field_selector=f"involvedObject.name={name}")
         return list(events.items)
+
+    def wait_events(self, namespace: str, name: str, *reasons: str, timeout: float = 30) -> list[str]:
+        """The object's Event reasons once all of `reasons` are among them.
+
+        The operator posts an Event after the status it reports (kopf queues Events), so a test that
+        has just seen the status waits for the Event rather than reading the list once."""
+        def seen() -> list[str] | None:
+            got = [e.reason for e in self.events_for(namespace, name)]
+            return got if set(reasons) <= set(got) else None
+        return self.wait_for(seen, timeout=timeout, what=f"Events {', '.join(reasons)} for {name}")
 
     # --- waiting ---
     @staticmethod

@@ -180,8 +180,7 @@ def test_a_fenced_host_s_vm_runs_on_the_other_host_with_its_disk_and_one_copy_at
         print(f"measured: out of service to Running on the other host {time.monotonic() - fenced_at:.1f}s")
         assert st["staleDomainHosts"] == [ha]
         assert DISK_MARKER_PRESENT in Serial(b.root / "log" / "qemu" / f"{namespace}_web-serial.log").next_boot()
-        reasons = [e.reason for e in kube.events_for(namespace, "web")]
-        assert "HostOutOfService" in reasons
+        kube.wait_events(namespace, "web", "HostOutOfService")
 
         # The VM whose disk is local to A waits, and says which disk cannot follow.
         st = kube.wait_for(lambda: (s := vm_status(kube, namespace, "local")).get("error", {}).get("code")
@@ -195,7 +194,7 @@ def test_a_fenced_host_s_vm_runs_on_the_other_host_with_its_disk_and_one_copy_at
         kube.wait_for(lambda: not vm_status(kube, namespace, "web").get("staleDomainHosts"), timeout=90,
                       what="the stale copy on A removed")
         assert not defined_on(a, web)
-        assert "StaleCopyRemoved" in [e.reason for e in kube.events_for(namespace, "web")]
+        kube.wait_events(namespace, "web", "StaleCopyRemoved")
         # The VM that waits is not started on A while A is out of service (the domain is reported as it is).
         time.sleep(2)
         st = vm_status(kube, namespace, "local")

@@ -4,7 +4,6 @@ libvirtd (QEMU/TCG) for the graceful-shutdown deadline, RestartRequired and the 
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import subprocess
@@ -113,7 +112,7 @@ def test_always_refuses_stop_and_the_vm_keeps_running(kube, operator, namespace,
     obj = act(kube, namespace, "always", "stop")
     assert last(obj)["phase"] == "Failed" and "set spec.runStrategy to Halted" in last(obj)["message"]
     assert stays(operator, host, uid, RUNNING)
-    assert "ActionRefused" in reasons(kube, namespace, "always")
+    kube.wait_events(namespace, "always", "ActionRefused")
 
     obj = act(kube, namespace, "always", "pause")
     assert last(obj)["phase"] == "Succeeded" and dom_state(operator, host, uid) == PAUSED
@@ -127,7 +126,7 @@ def test_always_refuses_stop_and_the_vm_keeps_running(kube, operator, namespace,
     assert last(obj)["phase"] == "Succeeded" and dom_state(operator, host, uid) == RUNNING
     assert obj["status"]["printableStatus"] == "Running"
     assert last(obj)["requestedBy"] == "tester"
-    assert {"ActionSucceeded"} <= set(reasons(kube, namespace, "always"))
+    kube.wait_events(namespace, "always", "ActionSucceeded")
 
 
 def test_rerun_on_failure_stop_holds_until_start(kube, operator, namespace, host) -> None:

@@ -125,8 +125,7 @@ def test_a_running_vm_moves_live_and_a_failed_move_rolls_back(kube, kubeconfig, 
         assert f"lvop-{uid}-data" not in volumes(a) and f"lvop-{uid}-data" in volumes(b)
         assert not vm_status(kube, namespace, "web").get("migrationTargetHost")
         assert watch.stop() == 1
-        reasons = [e.reason for e in kube.events_for(namespace, "web")]
-        assert "MigrationStarted" in reasons and "Migrated" in reasons
+        kube.wait_events(namespace, "web", "MigrationStarted", "Migrated")
 
         # Rolled back: A loses power during a slow copy back; the VM keeps running on B.
         watch = CopyWatch((a, b), uid)

@@ -171,7 +171,7 @@ def test_restore_puts_the_disk_back_and_deleting_cleans_the_host(kube, operator,
     assert snapshots_on_host(conn, uid) == [clean_name]
     volume = conn.storagePoolLookupByName("default").storageVolLookupByName(f"lvop-{uid}-data").path()
     assert clean_name in qcow2_snapshots(volume)
-    assert "SnapshotCreated" in reasons(kube, namespace, "clean")
+    kube.wait_events(namespace, "clean", "SnapshotCreated")
     assert argocd_health(obj) in ("Healthy", "")
 
     # 2. It boots: the disk is clean, the guest writes its marker; a power cycle shows it stayed.
@@ -214,7 +214,7 @@ def test_restore_puts_the_disk_back_and_deleting_cleans_the_host(kube, operator,
     print(f"measured: stop + restore after runStrategy Halted {time.monotonic() - started:.2f}s")
     assert obj["status"]["restoreTime"] and obj["status"]["restores"] == [{"name": "data", "target": "vda"}]
     assert condition(obj, "Ready")["status"] == "True" and "error" not in obj["status"]
-    assert "RestoreComplete" in reasons(kube, namespace, "back-to-clean")
+    kube.wait_events(namespace, "back-to-clean", "RestoreComplete")
     assert argocd_health(obj) in ("Healthy", "")
     assert conn.lookupByUUIDString(uid).state()[0] == SHUTOFF
     impatient = kube.get(RESTORE, "impatient", namespace)["status"]
@@ -287,7 +287,7 @@ def test_disks_that_cannot_be_snapshotted_are_refused_with_the_code(kube, operat
     error = obj["status"]["error"]
     assert error["code"] == "SNAPSHOT_UNSUPPORTED" and "disk data (vda)" in error["message"] and "raw" in error["message"]
     assert error["context"]["disk"] == "data"
-    assert "SnapshotUnsupported" in reasons(kube, namespace, "raw")
+    kube.wait_events(namespace, "raw", "SnapshotUnsupported")
     assert dom.snapshotNum(0) == 0  # nothing was taken
     assert metric("libvirt_operator_snapshot_operations_total", operation="create",
                   outcome="refused") == refused_before + 2
