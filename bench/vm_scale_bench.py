@@ -258,6 +258,25 @@ class Api:
         await self.request("POST", "/api/v1/namespaces", {"apiVersion": "v1", "kind": "Namespace",
                                                           "metadata": {"name": name}})
 
+    async def requests_served(self) -> Counter[str]:
+        """The API server's own count of the requests it served (apiserver_request_total), by
+        "VERB resource[/subresource]": what every client, the operator included, asked of it."""
+        import aiohttp
+        from prometheus_client.parser import text_string_to_metric_families
+
+        async with self.session.get(self.server + "/metrics", timeout=aiohttp.ClientTimeout(total=60)) as resp:
+            text = await resp.text()
+        out: Counter[str] = Counter()
+        for fam in text_string_to_metric_families(text):
+            if fam.name != "apiserver_request":
+                continue
+            for s in fam.samples:
+                if s.name != "apiserver_request_total":
+                    continue
+                res = s.labels.get("resource", "") + (f"/{s.labels['subresource']}" if s.labels.get("subresource") else "")
+                out[f"{s.labels.get('verb')} {res}"] += int(s.value)
+        return out
+
     async def list_events(self, namespace: str) -> list[dict[str, Any]]:
         return (await self.request("GET", f"/api/v1/namespaces/{namespace}/events", limited=False,
                                    timeout=120))["items"]
@@ -467,6 +486,7 @@ async def operator_phase(api: Api, op: OperatorProcess, n: int, hosts: list[str]
     bodies = [vm_body(i, hosts, tag) for i in range(n)]
 
     log(f"creating {n} VirtualMachines (concurrency {args.concurrency})")
+    served0 = await api.requests_served()
     cpu0 = cpu.snapshot()
     t0 = time.monotonic()
     created = await create_all(api, bodies, ns)
@@ -477,6 +497,9 @@ async def operator_phase(api: Api, op: OperatorProcess, n: int, hosts: list[str]
                                     interval=args.poll_seconds, on_poll=lambda: rss_peak.append(op.rss_mib()[0]))
     res.update(created_seconds=t_created - t0, ready_seconds=t_ready - t0, list_polls=polls)
     res["cpu_seconds_until_ready"] = CpuMeter.spent(cpu0, cpu.snapshot())
+    # every client's requests (the bench's own LIST polls and watch included), per VM
+    res["api_requests_per_vm_until_ready"] = {k: round(v / n, 2) for k, v in sorted(
+        ((await api.requests_served()) - served0).items()) if v}
     log(f"  all {n} Ready=True {t_ready - t0:.2f}s after the first create")
     await asyncio.sleep(2.0)  # let trailing writes (kopf annotations, Events) land
     m1 = op.metrics()
@@ -534,6 +557,7 @@ async def operator_phase(api: Api, op: OperatorProcess, n: int, hosts: list[str]
 
     # deletion
     log(f"  deleting {n} VMs")
+    served_del = await api.requests_served()
     t0 = time.monotonic()
     await asyncio.gather(*(api.delete(VM_PLURAL, ns, b["metadata"]["name"]) for b in bodies))
     deadline = time.monotonic() + max(120.0, n * 0.5)
@@ -547,6 +571,8 @@ async def operator_phase(api: Api, op: OperatorProcess, n: int, hosts: list[str]
                              f"--- operator log tail:\n{op.tail()}")
         await asyncio.sleep(0.5)
     res["delete_seconds"] = time.monotonic() - t0
+    res["api_requests_per_vm_deletion"] = {k: round(v / n, 2) for k, v in sorted(
+        ((await api.requests_served()) - served_del).items()) if v}
     m3 = op.metrics()
     res["vm_deletes_counted"] = int(metric_sum(m3, "libvirt_operator_vm_operations_total", operation="delete")
                                     - metric_sum(m0, "libvirt_operator_vm_operations_total", operation="delete"))
@@ -691,6 +717,8 @@ def report(r: dict[str, Any]) -> None:
           f"{fm.get('cpu_seconds')}; floor (observed): {fo.get('cpu_seconds')}")
     print(f"operator writes per VM until Ready: {o['writes_per_vm_until_ready']}; after Ready: "
           f"{o['writes_per_vm_after_ready']}; Events/VM {o['events_per_vm']:.2f} {o['events_by_reason']}")
+    print(f"API server requests per VM until Ready (all clients): {o.get('api_requests_per_vm_until_ready')}")
+    print(f"API server requests per VM during deletion: {o.get('api_requests_per_vm_deletion')}")
     print(f"managedFields (first 50 VMs): {o['managed_fields_sample50']}")
     print(f"libvirt calls during the burst: {o['libvirt_calls_burst']}")
     print(f"steady state {o['steady_seconds']:.0f}s: libvirt calls {o['libvirt_calls_steady']}, "

@@ -100,8 +100,11 @@ def test_always_vm_runs_then_delete_removes_domain_and_volumes(kube, operator, n
     assert st.get("firstBootTime") and "error" not in st
     assert domains(operator, host) == {dname: (uid, RUNNING)}
     assert volumes(operator, host) == sorted([f"lvop-{uid}-root", f"lvop-{uid}-data"])
-    kube.wait_for(lambda: {"Scheduled", "Started"} <= set(event_reasons(kube, namespace, "web")),
-                  what="Scheduled and Started events")
+    # Placed, defined and started in one pass: one Event says all three.
+    started = kube.wait_for(lambda: [e for e in kube.events_for(namespace, "web") if e.reason == "Started"],
+                            what="the Started Event")
+    assert [e.message for e in started] == [f"placed on LibvirtHost {host}; domain {dname} defined and started"]
+    assert not {"Scheduled", "Defined"} & set(event_reasons(kube, namespace, "web"))
 
     delete_and_wait(kube, namespace, "web")
     assert domains(operator, host) == {}

@@ -120,12 +120,16 @@ async def test_media_wait_then_define_idempotently_then_teardown_keeps_the_iso(s
 
 async def test_foreign_domain_with_the_same_name_is_reported_not_overwritten(setup) -> None:
     rt, conn, uri = setup
-    await conn.call("foreign", lambda c: c.defineXML(
-        "<domain type='test'><name>ns_inst</name><memory>65536</memory><os><type>hvm</type></os></domain>"))
+    foreign = await conn.call("foreign", lambda c: c.defineXML(
+        "<domain type='test'><name>ns_inst</name><memory>65536</memory><os><type>hvm</type></os></domain>"
+    ).XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE))
     view = ClusterView(hosts={"h": host_obj("h", uri)})
+    # No disk to make first: define itself meets the name (libvirt refuses it); said the same way.
     out = await sync_vm(vm_body(str(uuid.uuid4()), disks=[]), rt, view)
     assert out.error is not None and "already exists" in out.error.message and "not managed" in out.error.message
     assert out.status["printableStatus"] == "Provisioning"
+    assert await conn.call("foreign", lambda c: c.lookupByName("ns_inst").XMLDesc(
+        libvirt.VIR_DOMAIN_XML_INACTIVE)) == foreign  # untouched
 
 
 async def test_start_failure_backs_off(setup, monkeypatch) -> None:
@@ -218,5 +222,49 @@ async def test_concurrent_placements_see_each_other_before_any_status_lands(test
         outcomes = await asyncio.gather(*(sync_vm(b, rt, st.view()) for b in bodies))
         assert [o.error for o in outcomes] == [None] * 20
         assert Counter(o.status["host"] for o in outcomes) == {"a": 10, "b": 10}
+    finally:
+        await pool.close_all()
+
+
+@pytest.mark.parametrize("kind", ["running", "stopped", "transient"])
+async def test_teardown_removes_the_domain_as_found_and_the_volume_its_disk_uses(test_host_factory, kind) -> None:
+    """Teardown reads which files the domain uses from the domain itself (its running and its next
+    boot's definition): a volume in a pool the caller did not name is found through the disk."""
+    from libvirt_operator.adapters.libvirt import domains
+    from libvirt_operator.adapters.libvirt.domain_xml import build_domain_xml
+    from libvirt_operator.core.domain import DiskDefinition, DomainDefinition, Owner, volume_name
+
+    uri = test_host_factory("teardown", pools=("default", "other"))
+    pool = HostPool()
+    conn = await pool.ensure("h", ConnectOptions(uri=uri))
+    uid, bystander = str(uuid.uuid4()), str(uuid.uuid4())
+    try:
+        def make(c: Any) -> None:
+            for owner in (uid, bystander):
+                vol = c.storagePoolLookupByName("other").createXML(
+                    f"<volume><name>{volume_name(owner, 'data')}</name><capacity unit='MiB'>1</capacity>"
+                    "<target><format type='qcow2'/></target></volume>", 0)
+                xml = build_domain_xml(DomainDefinition(
+                    name=f"ns_{owner[:8]}", uuid=owner, vcpus=1, memory_bytes=64 << 20, type="test",
+                    firmware="bios", owner=Owner("ns", owner[:8], owner),
+                    disks=(DiskDefinition("data", "disk", vol.path()),)))
+                if kind == "transient":
+                    c.createXML(xml, 0)
+                else:
+                    dom = c.defineXML(xml)
+                    if kind == "running":
+                        dom.create()
+
+        await conn.call("make", make)
+        deleted = await conn.call("teardown", lambda c: domains.teardown(c, uid, ["default"], shared_pools=[]))
+        assert deleted == [volume_name(uid, "data")]
+
+        def left(c: Any) -> tuple[list[str], list[str]]:
+            return (sorted(d.UUIDString() for d in c.listAllDomains()),
+                    sorted(v.name() for v in c.storagePoolLookupByName("other").listAllVolumes()))
+        assert await conn.call("left", left) == ([bystander], [volume_name(bystander, "data")])
+        # Again: nothing left to do, nothing else touched.
+        assert await conn.call("teardown", lambda c: domains.teardown(c, uid, ["default"], shared_pools=[])) == []
+        assert await conn.call("left", left) == ([bystander], [volume_name(bystander, "data")])
     finally:
         await pool.close_all()

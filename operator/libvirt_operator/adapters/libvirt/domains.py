@@ -82,11 +82,24 @@ def get_domain(conn: libvirt.virConnect, uuid: str) -> DomainDetails | None:
     dom = _lookup(conn, uuid)
     if dom is None:
         return None
+    return _describe(dom, uuid, bool(dom.isPersistent()))
+
+
+_ACTIVE_STATES = {libvirt.VIR_DOMAIN_RUNNING, libvirt.VIR_DOMAIN_BLOCKED, libvirt.VIR_DOMAIN_PAUSED,
+                  libvirt.VIR_DOMAIN_SHUTDOWN, libvirt.VIR_DOMAIN_PMSUSPENDED}
+
+
+def _describe(dom: libvirt.virDomain, uuid: str, persistent: bool) -> DomainDetails:
+    """One round trip per fact: the state (whether it runs follows from it: no isActive call unless
+    the state is ambiguous), the persistent definition, the running one while it runs."""
     state, reason = dom.state()
     obs = observation(state, reason, dom.name(), uuid)
-    persistent = dom.isPersistent()
     inactive_xml = dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE) if persistent else None
-    live_xml = dom.XMLDesc(0) if dom.isActive() else None
+    if state == libvirt.VIR_DOMAIN_SHUTOFF:
+        active = False
+    else:
+        active = state in _ACTIVE_STATES or bool(dom.isActive())
+    live_xml = dom.XMLDesc(0) if active else None
     defined = parse_metadata(inactive_xml) if inactive_xml else DomainMetadata(None, None)
     live = parse_metadata(live_xml) if live_xml else None
     return DomainDetails(obs, defined, live, interface_macs(live_xml or inactive_xml or "<domain/>"))
@@ -103,14 +116,38 @@ def find_by_name(conn: libvirt.virConnect, name: str) -> tuple[str, DomainMetada
     return dom.UUIDString(), parse_metadata(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE))
 
 
-def define(conn: libvirt.virConnect, xml: str) -> str:
-    return conn.defineXML(xml).UUIDString()
+@dataclasses.dataclass(frozen=True)
+class NameTaken:
+    """define refused: another domain (another UUID) holds the name."""
+
+    uuid: str
+    metadata: DomainMetadata
+
+
+def define(conn: libvirt.virConnect, xml: str, uuid: str, name: str) -> DomainDetails | NameTaken:
+    """(Re)define the domain and describe it from the object defineXML returns (3 round trips, where a
+    define then a lookup took 7; in a burst each waits for one of the daemon's workers). libvirt itself
+    refuses a name another UUID holds: then whose it is (NameTaken), for the caller to say."""
+    try:
+        dom = conn.defineXML(xml)
+    except libvirt.libvirtError:
+        taken = find_by_name(conn, name)
+        if taken is not None and taken[0] != uuid:
+            return NameTaken(*taken)
+        raise
+    return _describe(dom, uuid, True)
 
 
 def start(conn: libvirt.virConnect, uuid: str) -> DomainObservation:
+    """Boot it; one that runs already is left as it is (the daemon answers that atomically: no
+    isActive round trip first)."""
     dom = conn.lookupByUUIDString(uuid)
-    if not dom.isActive():
+    try:
         dom.create()
+    except libvirt.libvirtError as err:
+        # "domain is already running" (or paused): fine; any other refusal is the start's failure
+        if err.get_error_code() != libvirt.VIR_ERR_OPERATION_INVALID or not dom.isActive():
+            raise
     return observation(*dom.state(), dom.name(), uuid)
 
 
@@ -217,20 +254,22 @@ class OwnDomain:
 def own_domain(conn: libvirt.virConnect, uid: str) -> OwnDomain | None:
     """The domain whose UUID is this uid (the VM's own), or None."""
     dom = _lookup(conn, uid)
-    return None if dom is None else _own(dom)[0]
+    return None if dom is None else _own(dom)
 
 
-def _own(dom: libvirt.virDomain) -> tuple[OwnDomain, bool]:
-    """(what the domain uses, whether it is persistent)."""
+def _own(dom: libvirt.virDomain) -> OwnDomain:
+    """What the domain's disks use, in both its definitions: the current XML (the running one while
+    it runs, else the persistent one) says by its `id` whether it runs, so the persistent one is
+    asked for only then, and no isActive/isPersistent round trip precedes them."""
     sources: dict[str, str] = {}
-    persistent = bool(dom.isPersistent())
-    xmls = [dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)] if persistent else []
-    if dom.isActive():
-        xmls.append(dom.XMLDesc(0))
+    current = dom.XMLDesc(0)
+    xmls = [current]
+    if ET.fromstring(current).get("id") not in (None, "-1"):  # running: its next boot's definition too
+        xmls.append(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE))
     for xml in xmls:
         for disk, path in disk_sources(xml).items():
             sources.setdefault(disk, path)
-    return OwnDomain(dom.name(), sources), persistent
+    return OwnDomain(dom.name(), sources)
 
 
 def _legacy_volume(pool: libvirt.virStoragePool, own: OwnDomain | None, disk: str) -> libvirt.virStorageVol | None:
@@ -331,9 +370,10 @@ def delete_owned_volumes(conn: libvirt.virConnect, uid: str, pools: Iterable[str
             legacy[path] = vol
         with contextlib.suppress(libvirt.libvirtError):
             pool_names.add(vol.storagePoolLookupByVolume().name())
+    active = {p.name(): p for p in conn.listAllStoragePools(libvirt.VIR_CONNECT_LIST_STORAGE_POOLS_ACTIVE)}
     for pool_name in sorted(pool_names):
-        pool = find_pool(conn, pool_name)
-        if pool is None or not pool.isActive():
+        pool = active.get(pool_name)  # one list: no lookup + isActive per pool
+        if pool is None:
             continue
         if refresh is None or pool_name in refresh:
             with contextlib.suppress(libvirt.libvirtError):
@@ -372,16 +412,15 @@ def teardown(conn: libvirt.virConnect, uuid: str, pools: Iterable[str],
     when a hundred VMs go at once)."""
     dom = _lookup(conn, uuid)
     own: OwnDomain | None = None
-    if dom is not None:  # one lookup for all steps: a teardown in a burst of 100 costs 5 fewer round trips
+    if dom is not None:  # one lookup for all steps (in a burst of 100 each round trip waits for a worker)
         try:
-            own, persistent = _own(dom)
+            own = _own(dom)
             try:
                 dom.destroy()  # asked unconditionally: the daemon decides "not running" atomically
             except libvirt.libvirtError as err:
                 if err.get_error_code() != libvirt.VIR_ERR_OPERATION_INVALID:  # not running
                     raise
-            if persistent:
-                _undefine(dom)
+            _undefine(dom)  # a transient domain is gone once destroyed: "not found" below
         except libvirt.libvirtError as err:
             if err.get_error_code() not in _NOT_FOUND:  # undefined meanwhile: gone is what we want
                 raise
