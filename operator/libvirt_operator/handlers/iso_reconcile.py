@@ -90,7 +90,7 @@ async def _tear_down(rt: Runtime, st: IsoState, obj: dict[str, Any]) -> None:
         else:  # a host that did not answer: back off
             st.queue.failed(uid, at_most=DELETE_RETRY_CAP_SECONDS)
         return
-    await rt.kube.remove_finalizer(PLURAL, namespace, name, TEARDOWN_FINALIZER)
+    await rt.kube.remove_finalizer(PLURAL, namespace, name, TEARDOWN_FINALIZER, seen=meta.get("finalizers") or [])
     st.queue.done(uid)  # its DELETED event forgets the key
 
 

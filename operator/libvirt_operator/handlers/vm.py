@@ -86,7 +86,7 @@ async def watch_isos(type: str | None, name: str, namespace: str, body: kopf.Bod
 
 
 @kopf.on.event(GROUP, VERSION, PLURAL)
-async def watch_vms(type: str | None, uid: str, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+async def watch_vms(type: str | None, uid: str, body: kopf.Body, memo: kopf.Memo, **kwargs: Any) -> None:
     rt = runtime_of(memo)
     st = state_of(rt)
     before = st.vms.get(uid)
@@ -98,7 +98,7 @@ async def watch_vms(type: str | None, uid: str, body: kopf.Body, memo: kopf.Memo
     if type == "DELETED":
         st.forget(uid)
         for hook in VM_DELETED_HOOKS:
-            await hook(rt, body)
+            await hook(rt, body, kwargs)  # kopf passes its indexes as keyword arguments
         return
     vm = st.vms[uid] = plain_copy(body)
     st.index(uid)

@@ -30,9 +30,10 @@ PLURAL = "virtualmachines"
 BUSY_RETRY_SECONDS = 0.5               # a dirty VM a handler was working on is looked at again
 RETRY_BASE_SECONDS = 2.0
 RETRY_CAP_SECONDS = 60.0
-# Called with the last body of a deleted VM, from the VM watch (one kopf handler per kind: each more
-# one costs every watch event of every VM its own invocation). Other kinds' handlers register here.
-VM_DELETED_HOOKS: list[Callable[[Runtime, Mapping[str, Any]], Awaitable[None]]] = []
+# Called with the last body of a deleted VM and kopf's indexes, from the VM watch (one kopf handler per
+# kind: each more one costs every watch event of every VM its own invocation). Other kinds' handlers
+# register here.
+VM_DELETED_HOOKS: list[Callable[[Runtime, Mapping[str, Any], Mapping[str, Any]], Awaitable[None]]] = []
 
 
 @dataclasses.dataclass(frozen=True)

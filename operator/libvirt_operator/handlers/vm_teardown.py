@@ -64,7 +64,8 @@ async def tear_down(rt: Runtime, st: VmState, uid: str) -> None:
         meta = vm["metadata"]
         try:
             if await teardown_vm(rt, st, vm):
-                await rt.kube.remove_finalizer(PLURAL, meta["namespace"], meta["name"], TEARDOWN_FINALIZER)
+                await rt.kube.remove_finalizer(PLURAL, meta["namespace"], meta["name"], TEARDOWN_FINALIZER,
+                                               seen=meta.get("finalizers") or [])
         except AppError as err:
             log.info("VM teardown failed", **vm_log_fields(vm), code=err.code.value, error=err.message)
             st.retry.failed(uid, at_most=DELETE_RETRY_CAP_SECONDS)

@@ -16,7 +16,7 @@ import shutil
 import tempfile
 import time
 import urllib.parse
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 from aiohttp.helpers import get_env_proxy_for_url
@@ -204,14 +204,26 @@ class KubeClient:
                        f"adding finalizer {finalizer} to {plural} {namespace}/{name}: the object kept changing",
                        {"status": 409})
 
-    async def remove_finalizer(self, plural: str, namespace: str, name: str, finalizer: str) -> bool:
+    async def remove_finalizer(self, plural: str, namespace: str, name: str, finalizer: str,
+                               seen: Sequence[str] | None = None) -> bool:
         """Remove one finalizer (a JSON patch that tests its position first, so a concurrent change of
-        the list fails instead of removing another one). False when it is not there (or the object is gone)."""
+        the list fails instead of removing another one). False when it is not there (or the object is gone).
+        `seen`: the finalizers as the caller's watch cache shows them, tried first without a GET (a
+        1,000-VM deletion reads 1,000 fewer objects); a stale list fails the test and is read afresh."""
+        if seen is not None and finalizer in seen:
+            removed = await self._remove_finalizer_at(plural, namespace, name, finalizer, list(seen).index(finalizer))
+            if removed is not None:
+                return removed
         obj = await self.get_object(plural, name, namespace)
         finalizers = list(((obj or {}).get("metadata") or {}).get("finalizers") or [])
         if finalizer not in finalizers:
             return False
-        index = finalizers.index(finalizer)
+        return bool(await self._remove_finalizer_at(plural, namespace, name, finalizer, finalizers.index(finalizer),
+                                                    stale_ok=False))
+
+    async def _remove_finalizer_at(self, plural: str, namespace: str, name: str, finalizer: str, index: int,
+                                   stale_ok: bool = True) -> bool | None:
+        """True: removed; False: the object is gone; None: not at that position (`stale_ok`)."""
         ops = [{"op": "test", "path": f"/metadata/finalizers/{index}", "value": finalizer},
                {"op": "remove", "path": f"/metadata/finalizers/{index}"}]
         try:
@@ -219,6 +231,8 @@ class KubeClient:
         except ApiException as err:
             if err.status == 404:
                 return False
+            if err.status == 422 and stale_ok:  # the test op failed: the list changed since it was seen
+                return None
             raise api_error(err, f"removing finalizer {finalizer} of {plural} {namespace}/{name}") from err
         return True
 
