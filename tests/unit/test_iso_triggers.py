@@ -41,7 +41,8 @@ class FakeKube:
         self.status_patches.append(patch)
         return {}
 
-    async def remove_finalizer(self, plural: str, namespace: str, name: str, finalizer: str) -> bool:
+    async def remove_finalizer(self, plural: str, namespace: str, name: str, finalizer: str,
+                             seen: Any = None) -> bool:
         self.removed.append(finalizer)
         return True
 
