@@ -141,16 +141,9 @@ class OperatorProcess:
         return fields.get("VmRSS", 0.0), fields.get("VmHWM", 0.0)
 
     def metrics(self) -> dict[str, dict[tuple[tuple[str, str], ...], float]]:
-        from prometheus_client.parser import text_string_to_metric_families
-
         self.check()
         with self._opener.open(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=10) as resp:
-            text = resp.read().decode()
-        out: dict[str, dict[tuple[tuple[str, str], ...], float]] = defaultdict(dict)
-        for fam in text_string_to_metric_families(text):
-            for s in fam.samples:
-                out[s.name][tuple(sorted(s.labels.items()))] = s.value
-        return out
+            return parse_metrics(resp.read().decode())
 
     def wait_metrics(self, timeout: float = 60) -> None:
         deadline = time.monotonic() + timeout
@@ -175,6 +168,17 @@ class OperatorProcess:
                 self.proc.kill()
                 self.proc.wait(10)
         self._log.close()
+
+
+def parse_metrics(text: str) -> dict[str, dict[tuple[tuple[str, str], ...], float]]:
+    """Prometheus text -> {sample name: {sorted labels: value}}."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    out: dict[str, dict[tuple[tuple[str, str], ...], float]] = defaultdict(dict)
+    for fam in text_string_to_metric_families(text):
+        for s in fam.samples:
+            out[s.name][tuple(sorted(s.labels.items()))] = s.value
+    return out
 
 
 def libvirt_calls(metrics: dict[str, Any]) -> Counter[str]:
@@ -262,19 +266,14 @@ class Api:
         """The API server's own count of the requests it served (apiserver_request_total), by
         "VERB resource[/subresource]": what every client, the operator included, asked of it."""
         import aiohttp
-        from prometheus_client.parser import text_string_to_metric_families
 
         async with self.session.get(self.server + "/metrics", timeout=aiohttp.ClientTimeout(total=60)) as resp:
-            text = await resp.text()
+            samples = parse_metrics(await resp.text()).get("apiserver_request_total", {})
         out: Counter[str] = Counter()
-        for fam in text_string_to_metric_families(text):
-            if fam.name != "apiserver_request":
-                continue
-            for s in fam.samples:
-                if s.name != "apiserver_request_total":
-                    continue
-                res = s.labels.get("resource", "") + (f"/{s.labels['subresource']}" if s.labels.get("subresource") else "")
-                out[f"{s.labels.get('verb')} {res}"] += int(s.value)
+        for labels, value in samples.items():
+            d = dict(labels)
+            out[f"{d.get('verb')} {d.get('resource', '')}" + (f"/{d['subresource']}" if d.get("subresource") else "")] \
+                += int(value)
         return out
 
     async def list_events(self, namespace: str) -> list[dict[str, Any]]:
@@ -491,7 +490,7 @@ async def operator_phase(api: Api, op: OperatorProcess, n: int, hosts: list[str]
     t0 = time.monotonic()
     created = await create_all(api, bodies, ns)
     t_created = time.monotonic()
-    log(f"  created in {t_created - t0:.2f}s; waiting for Ready=True (LIST every 0.5 s)")
+    log(f"  created in {t_created - t0:.2f}s; waiting for Ready=True (LIST every {args.poll_seconds:g} s)")
     timeout = args.ready_timeout or max(120.0, n * 0.6)
     t_ready, polls = await wait_all(api, VM_PLURAL, ns, n, timeout, f"{n} VirtualMachines Ready=True", op=op,
                                     interval=args.poll_seconds, on_poll=lambda: rss_peak.append(op.rss_mib()[0]))

@@ -145,10 +145,6 @@ def argocd_health(obj: dict[str, Any]) -> str:
     return str(result["status"])
 
 
-def reasons(kube: Kube, namespace: str, name: str) -> list[str]:
-    return [e.reason for e in kube.events_for(namespace, name)]
-
-
 def test_restore_puts_the_disk_back_and_deleting_cleans_the_host(kube, operator, namespace, host, boot_iso,
                                                                     conn, libvirtd) -> None:
     created_before = metric("libvirt_operator_snapshot_operations_total", operation="create", outcome="succeeded")

@@ -95,10 +95,7 @@ def _describe(dom: libvirt.virDomain, uuid: str, persistent: bool) -> DomainDeta
     state, reason = dom.state()
     obs = observation(state, reason, dom.name(), uuid)
     inactive_xml = dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE) if persistent else None
-    if state == libvirt.VIR_DOMAIN_SHUTOFF:
-        active = False
-    else:
-        active = state in _ACTIVE_STATES or bool(dom.isActive())
+    active = state in _ACTIVE_STATES or (state != libvirt.VIR_DOMAIN_SHUTOFF and bool(dom.isActive()))
     live_xml = dom.XMLDesc(0) if active else None
     defined = parse_metadata(inactive_xml) if inactive_xml else DomainMetadata(None, None)
     live = parse_metadata(live_xml) if live_xml else None
