@@ -305,6 +305,7 @@ class WriteWatch:
         self.last: dict[str, dict[str, Any]] = {}
         self.created_at: dict[str, float] = {}
         self.ready_at: dict[str, float] = {}
+        self.deleted_at: dict[str, float] = {}
         self.before_ready: dict[str, Counter[str]] = defaultdict(Counter)
         self.after_ready: dict[str, Counter[str]] = defaultdict(Counter)
         self.window: Counter[str] | None = None  # counts only while set (steady-state window)
@@ -353,6 +354,8 @@ class WriteWatch:
         self.last[name] = obj
         if ev["type"] == "ADDED":
             self.created_at.setdefault(name, now)
+        elif ev["type"] == "DELETED":
+            self.deleted_at.setdefault(name, now)
         elif ev["type"] == "MODIFIED" and prev is not None:
             pm, m = prev.get("metadata") or {}, meta
             what = []
