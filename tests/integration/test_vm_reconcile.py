@@ -132,20 +132,55 @@ async def test_foreign_domain_with_the_same_name_is_reported_not_overwritten(set
         libvirt.VIR_DOMAIN_XML_INACTIVE)) == foreign  # untouched
 
 
+async def test_a_new_vm_is_defined_and_booted_in_one_call(setup) -> None:
+    rt, conn, uri = setup
+    from libvirt_operator.core.metrics import LIBVIRT_CALLS
+
+    def calls(op: str) -> float:
+        return LIBVIRT_CALLS.labels("h", op, "ok")._value.get()
+
+    before = {op: calls(op) for op in ("define_start", "define", "start")}
+    view = ClusterView(hosts={"h": host_obj("h", uri)})
+    uid = str(uuid.uuid4())
+    out = await sync_vm(vm_body(uid, disks=[]), rt, view)
+    assert out.error is None and out.status["printableStatus"] == "Running"
+    assert [e[2] for e in out.events if e[1] == "Started"] == \
+        ["placed on LibvirtHost h; domain ns_inst defined and started"]
+    assert out.status["lastStartTime"] and out.status["firstBootTime"]
+    assert {op: calls(op) - before[op] for op in before} == {"define_start": 1, "define": 0, "start": 0}
+    assert await conn.call("active", lambda c: c.lookupByUUIDString(uid).isActive()) == 1
+
+    # Halted: defined only, nothing booted.
+    halted = str(uuid.uuid4())
+    body = vm_body(halted, disks=[], runStrategy="Halted")
+    body["metadata"]["name"] = "halted"
+    out = await sync_vm(body, rt, view)
+    assert out.error is None and out.status["printableStatus"] == "Stopped"
+    assert await conn.call("active", lambda c: c.lookupByUUIDString(halted).isActive()) == 0
+    assert calls("define") - before["define"] == 1
+
+
 async def test_start_failure_backs_off(setup, monkeypatch) -> None:
     rt, conn, uri = setup
     from libvirt_operator.adapters.libvirt import domains
 
-    def broken_start(c, uid):
+    # A mock: a QEMU that dies while starting cannot be made on the test driver (the real-libvirtd
+    # suites kill QEMU for real). Refuses the boot of the define+start call and of a start alike.
+    def broken_create(dom):
         raise libvirt.libvirtError("internal error: qemu unexpectedly closed the monitor")
 
-    monkeypatch.setattr(domains, "start", broken_start)
+    monkeypatch.setattr(domains, "_create", broken_create)
     view = ClusterView(hosts={"h": host_obj("h", uri)})
-    out = await sync_vm(vm_body(str(uuid.uuid4()), disks=[]), rt, view)
+    uid = str(uuid.uuid4())
+    out = await sync_vm(vm_body(uid, disks=[]), rt, view)
     assert out.status["printableStatus"] == "CrashLoopBackOff"
     assert out.status["startFailure"]["consecutiveFailCount"] == 1
     assert out.error is not None and out.requeue_after is not None and 5 < out.requeue_after <= 10
+    assert "qemu unexpectedly closed the monitor" in out.error.message
     assert "FailedStart" in {e[1] for e in out.events}
+    # the define of that call stands: the domain is there (shut off) for the next attempt, reported
+    assert await conn.call("defined", lambda c: c.lookupByUUIDString(uid).isActive()) == 0
+    assert out.status["domainUUID"] == uid
 
 
 async def test_eject_after_first_boot_empties_cdroms_once_the_first_run_ends(setup) -> None:

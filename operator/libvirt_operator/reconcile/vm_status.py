@@ -92,6 +92,19 @@ async def failed_outcome(err: AppError, old_status: Mapping[str, Any], status: d
     return VmOutcome(status, events, err, requeue)
 
 
+def started_event(events: list[Event], dname: str, host: str) -> None:
+    """A start, with the placement and the define of the same pass folded in: one Event says all
+    (`kubectl describe` reads the same, and each Event is one more write to the API server: 2,000
+    fewer in a 1,000-VM burst)."""
+    placed_now = [e for e in events if e[1] == "Scheduled"]
+    defined_now = [e for e in events if e[1] == "Defined"]
+    for e in placed_now + defined_now:
+        events.remove(e)
+    started = f"domain {dname} {'defined and ' if defined_now else ''}started"
+    events.append(("Normal", "Started", f"placed on LibvirtHost {host}; {started}" if placed_now
+                   else f"{started} on {host}"))
+
+
 def _waiting_reason(err: AppError, stage: Stage) -> str | None:
     """Expected waiting is not a warning: objects applied together (GitOps) arrive in any order, an
     image takes a while to import, a new host a probe to turn Ready. The status still says why."""

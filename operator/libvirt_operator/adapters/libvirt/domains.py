@@ -16,6 +16,7 @@ from ...core.domain import (
     ABSENT, DomainObservation, PowerState, StopCause, legacy_volume_name, owned_volume_prefix, owns_volume,
 )
 from ...core.logs import get_logger
+from .errors import CONNECTION_LOST
 from .pools import active_pool, find_pool, find_volume, volume_xml
 from .domain_xml import DomainMetadata, disk_sources, interface_macs, parse_metadata
 
@@ -70,11 +71,20 @@ def list_domains(conn: libvirt.virConnect) -> dict[str, DomainObservation]:
 
 
 @dataclasses.dataclass(frozen=True)
+class Booted:
+    """The start that followed a define in the same call: the state after it, or libvirt's refusal
+    (for the caller to classify and report as that start's failure; the define itself succeeded)."""
+    observation: DomainObservation | None
+    error: libvirt.libvirtError | None = None
+
+
+@dataclasses.dataclass(frozen=True)
 class DomainDetails:
     observation: DomainObservation
     defined: DomainMetadata          # from the persistent definition
     live: DomainMetadata | None      # from the running definition (None when not running)
     macs: dict[str, str]
+    booted: Booted | None = None     # define(..., boot=True) only
 
 
 def get_domain(conn: libvirt.virConnect, uuid: str) -> DomainDetails | None:
@@ -121,10 +131,15 @@ class NameTaken:
     metadata: DomainMetadata
 
 
-def define(conn: libvirt.virConnect, xml: str, uuid: str, name: str) -> DomainDetails | NameTaken:
+def define(conn: libvirt.virConnect, xml: str, uuid: str, name: str, *,
+           boot: bool = False) -> DomainDetails | NameTaken:
     """(Re)define the domain and describe it from the object defineXML returns (3 round trips, where a
     define then a lookup took 7; in a burst each waits for one of the daemon's workers). libvirt itself
-    refuses a name another UUID holds: then whose it is (NameTaken), for the caller to say."""
+    refuses a name another UUID holds: then whose it is (NameTaken), for the caller to say.
+
+    `boot`: start it too, in the same call, if it is shut off and never ran (a new domain): one slot
+    and one daemon turn instead of two, so a burst of new VMs boots from the first define on instead
+    of queueing every start behind every define."""
     try:
         dom = conn.defineXML(xml)
     except libvirt.libvirtError:
@@ -132,19 +147,33 @@ def define(conn: libvirt.virConnect, xml: str, uuid: str, name: str) -> DomainDe
         if taken is not None and taken[0] != uuid:
             return NameTaken(*taken)
         raise
-    return _describe(dom, uuid, True)
+    details = _describe(dom, uuid, True)
+    found = details.observation
+    if not boot or found.state is not PowerState.SHUTOFF or found.stop_cause is not StopCause.NONE:
+        return details  # not what the caller planned a start for (it runs, or it ran before): it decides
+    try:
+        _create(dom)
+    except libvirt.libvirtError as err:
+        if err.get_error_code() in CONNECTION_LOST:
+            raise  # the connection's to handle (reopen and run this again: the define is idempotent)
+        return dataclasses.replace(details, booted=Booted(None, err))
+    return dataclasses.replace(details, booted=Booted(observation(*dom.state(), dom.name(), uuid)))
 
 
-def start(conn: libvirt.virConnect, uuid: str) -> DomainObservation:
+def _create(dom: libvirt.virDomain) -> None:
     """Boot it; one that runs already is left as it is (the daemon answers that atomically: no
     isActive round trip first)."""
-    dom = conn.lookupByUUIDString(uuid)
     try:
         dom.create()
     except libvirt.libvirtError as err:
         # "domain is already running" (or paused): fine; any other refusal is the start's failure
         if err.get_error_code() != libvirt.VIR_ERR_OPERATION_INVALID or not dom.isActive():
             raise
+
+
+def start(conn: libvirt.virConnect, uuid: str) -> DomainObservation:
+    dom = conn.lookupByUUIDString(uuid)
+    _create(dom)
     return observation(*dom.state(), dom.name(), uuid)
 
 
