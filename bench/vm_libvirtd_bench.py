@@ -75,8 +75,19 @@ def operator_child(kubeconfig: str, metrics_port: int, log_level: str) -> None:
     workdir = Path(kubeconfig).parent.parent
     settings = Settings(knowledge_base_enabled=False, iso_cache_dir=str(workdir / "iso-cache"),
                         download_allowed_networks=(ipaddress.ip_network("127.0.0.0/8"),))
-    run_blocking(OperatorOptions(metrics_port=metrics_port, metrics_address="127.0.0.1", liveness_port=0,
-                                 log_format="json", log_level=log_level, knowledge_base=False, settings=settings))
+    options = OperatorOptions(metrics_port=metrics_port, metrics_address="127.0.0.1", liveness_port=0,
+                              log_format="json", log_level=log_level, knowledge_base=False, settings=settings)
+    profile = os.environ.get("VM_SCALE_BENCH_PROFILE")  # as vm_scale_bench: cProfile of the event loop's thread
+    if not profile:
+        run_blocking(options)
+        return
+    import cProfile
+
+    prof = cProfile.Profile()
+    try:
+        prof.runcall(run_blocking, options)
+    finally:
+        prof.dump_stats(profile)
 
 
 class OperatorProcess(vsb.OperatorProcess):

@@ -232,12 +232,18 @@ class Api:
         async def go() -> Any:
             data = json.dumps(body) if body is not None else None
             headers = {"Content-Type": content_type} if body is not None else {}
-            async with self.session.request(method, self.server + path, data=data, headers=headers,
-                                            timeout=aiohttp.ClientTimeout(total=timeout)) as resp:
-                text = await resp.text()
-                if resp.status not in ok:
-                    raise BenchError(f"{method} {path}: HTTP {resp.status}: {text[:300]}")
-                return json.loads(text) if text else None
+            for attempt in range(10):
+                async with self.session.request(method, self.server + path, data=data, headers=headers,
+                                                timeout=aiohttp.ClientTimeout(total=timeout)) as resp:
+                    text = await resp.text()
+                    if resp.status == 429 and attempt < 9:
+                        # "storage is (re)initializing": a resource's watch cache right after its CRD
+                        # is applied; the server says when to come back
+                        await asyncio.sleep(float(resp.headers.get("Retry-After") or 1))
+                        continue
+                    if resp.status not in ok:
+                        raise BenchError(f"{method} {path}: HTTP {resp.status}: {text[:300]}")
+                    return json.loads(text) if text else None
 
         if not limited:
             return await go()
