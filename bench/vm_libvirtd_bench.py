@@ -69,7 +69,7 @@ def operator_child(kubeconfig: str, metrics_port: int, log_level: str) -> None:
     import ipaddress
 
     os.environ["KUBECONFIG"] = kubeconfig
-    from libvirt_operator.cli.operator_main import OperatorOptions, run_blocking
+    from libvirt_operator.cli.operator_main import OperatorOptions
     from libvirt_operator.core.settings import Settings
 
     workdir = Path(kubeconfig).parent.parent
@@ -77,17 +77,7 @@ def operator_child(kubeconfig: str, metrics_port: int, log_level: str) -> None:
                         download_allowed_networks=(ipaddress.ip_network("127.0.0.0/8"),))
     options = OperatorOptions(metrics_port=metrics_port, metrics_address="127.0.0.1", liveness_port=0,
                               log_format="json", log_level=log_level, knowledge_base=False, settings=settings)
-    profile = os.environ.get("VM_SCALE_BENCH_PROFILE")  # as vm_scale_bench: cProfile of the event loop's thread
-    if not profile:
-        run_blocking(options)
-        return
-    import cProfile
-
-    prof = cProfile.Profile()
-    try:
-        prof.runcall(run_blocking, options)
-    finally:
-        prof.dump_stats(profile)
+    vsb.run_operator(options)  # VM_SCALE_BENCH_PROFILE: as vm_scale_bench
 
 
 class OperatorProcess(vsb.OperatorProcess):

@@ -73,7 +73,7 @@ def log(msg: str) -> None:
 def operator_child(kubeconfig: str, metrics_port: int, log_level: str) -> None:
     """Entry point of the operator process (re-executed from this file)."""
     os.environ["KUBECONFIG"] = kubeconfig
-    from libvirt_operator.cli.operator_main import OperatorOptions, run_blocking
+    from libvirt_operator.cli.operator_main import OperatorOptions
     from libvirt_operator.core.settings import Settings
 
     options = OperatorOptions(metrics_port=metrics_port, metrics_address="127.0.0.1", liveness_port=0,
@@ -81,11 +81,19 @@ def operator_child(kubeconfig: str, metrics_port: int, log_level: str) -> None:
                               settings=Settings(knowledge_base_enabled=False, allow_test_driver=True,
                                                 # the host files: <workdir>/hosts, kubeconfig: <workdir>/cp/
                                                 test_driver_dirs=(str(Path(kubeconfig).parent.parent / "hosts"),)))
+    run_operator(options)
+
+
+def run_operator(options: Any) -> None:
+    """run_blocking(options), under cProfile when VM_SCALE_BENCH_PROFILE names a file (the event
+    loop's thread only: libvirt calls run in the hosts' threads)."""
+    from libvirt_operator.cli.operator_main import run_blocking
+
     profile = os.environ.get("VM_SCALE_BENCH_PROFILE")
     if not profile:
         run_blocking(options)
         return
-    import cProfile  # the event loop's thread only (libvirt calls run in the hosts' threads)
+    import cProfile
 
     prof = cProfile.Profile()
     try:
