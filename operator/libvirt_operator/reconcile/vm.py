@@ -188,7 +188,7 @@ async def sync_vm(body: Mapping[str, Any], rt: Runtime, view: ClusterView, *,
         booted_fresh = not observed.active  # a (re)start uses the current persistent definition
         if request is not None:
             acted = await vm_actions.execute(
-                request, spec.run_strategy, float(spec.termination_grace_period_seconds), observed, conn, uid,
+                request, spec.run_strategy, grace, observed, conn, uid,
                 status, events, now, _pending_writer(rt, namespace, name))
             observed = acted.observed
             booted_fresh = booted_fresh or acted.booted
