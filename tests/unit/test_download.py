@@ -7,6 +7,7 @@ import hashlib
 import ipaddress
 import socket
 import ssl
+import threading
 import time
 import tracemalloc
 from pathlib import Path
@@ -165,12 +166,15 @@ async def test_too_many_redirects(server, dest) -> None:
 
 @pytest.fixture
 def connects(monkeypatch) -> list:
-    """Every address any socket in this process tries to connect to."""
+    """Every address a socket of this test's thread (its event loop's) tries to connect to: not the
+    session operator's, which may still run in a thread of this process."""
     seen: list = []
     real = socket.socket.connect
+    test_thread = threading.get_ident()
 
     def connect(self, address):  # type: ignore[no-untyped-def]
-        seen.append(address)
+        if threading.get_ident() == test_thread:
+            seen.append(address)
         return real(self, address)
 
     monkeypatch.setattr(socket.socket, "connect", connect)
