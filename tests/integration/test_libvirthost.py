@@ -96,3 +96,39 @@ def test_dropped_connection_is_detected_and_reopened(kube, operator, libvirtd_fa
     with LibvirtDaemon(name="flaky-again", root=root, port=port):
         kube.wait_condition("libvirthosts", name, "Ready", "True", timeout=60)
     kube.delete("libvirthosts", name)
+
+
+def test_a_deleted_host_is_not_reconnected_by_work_that_read_it_before_and_comes_back_when_recreated(
+        kube, operator, test_host_factory) -> None:
+    """Work that read the LibvirtHost before its deletion (a reconcile in flight) asks for its connection
+    after the operator forgot it: it gets HOST_NOT_FOUND, and no connection is opened that no daemon of
+    the host would ever close. The same name created again is connected and Ready again."""
+    from libvirt_operator.core.errors import AppError, ErrorCode
+    from libvirt_operator.reconcile.host import host_connection
+
+    name = _host_name("forgotten")
+    uri = test_host_factory(name)
+    kube.create("libvirthosts", {"metadata": {"name": name}, "spec": {"uri": uri}})
+    before = kube.wait_condition("libvirthosts", name, "Ready", "True", timeout=30)
+    rt = operator.runtime
+    assert rt.pool.get(name) is not None
+    kube.delete("libvirthosts", name)
+    kube.wait_for(lambda: rt.pool.get(name) is None
+                  and REGISTRY.get_sample_value("libvirt_operator_host_ready", {"host": name}) is None,
+                  what="the operator forgot the deleted host")
+
+    async def late_work() -> str:
+        try:
+            await host_connection(rt, name, before)
+        except AppError as err:
+            return err.code.value
+        return "connected"
+
+    assert operator.call(late_work) == ErrorCode.HOST_NOT_FOUND.value
+    assert rt.pool.get(name) is None  # nothing reopened
+
+    kube.create("libvirthosts", {"metadata": {"name": name}, "spec": {"uri": uri}})
+    again = kube.wait_condition("libvirthosts", name, "Ready", "True", timeout=30)
+    assert again["metadata"]["uid"] != before["metadata"]["uid"] and rt.pool.get(name) is not None
+    assert operator.call(late_work) == "connected"
+    kube.delete("libvirthosts", name)

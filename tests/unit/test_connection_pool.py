@@ -83,3 +83,24 @@ async def test_changed_options_replace_the_connection() -> None:
     with pytest.raises(AppError):
         await first.call("after-close", lambda c: c.getHostname())
     await pool.close_all()
+
+
+async def test_a_deleted_host_is_not_reconnected_until_it_exists_again() -> None:
+    """A reconcile that read the LibvirtHost before its deletion must not reopen a connection that no
+    daemon of that host would ever close."""
+    pool = HostPool()
+    options = ConnectOptions(uri="test:///default")
+    conn = await pool.ensure("gone", options)
+    assert await conn.call("hostname", lambda c: c.getHostname())
+    await pool.remove("gone", deleted=True)
+    assert conn.closed and pool.get("gone") is None
+    with pytest.raises(AppError) as info:
+        await pool.ensure("gone", options)
+    assert info.value.code is ErrorCode.HOST_NOT_FOUND and "was deleted" in info.value.message
+    assert pool.get("gone") is None and pool.names() == []
+    await pool.remove("other")  # not a deletion (e.g. closing): no tombstone
+    assert (await pool.ensure("other", options)) is not None
+    pool.exists("gone")  # a LibvirtHost of that name again
+    again = await pool.ensure("gone", options)
+    assert again is not conn and await again.call("hostname", lambda c: c.getHostname())
+    await pool.close_all()

@@ -147,5 +147,7 @@ async def memo_hosts_changed(memo: kopf.Memo) -> None:
 
 @kopf.on.delete(GROUP, VERSION, "libvirthosts", optional=True)
 async def forget_host(name: str, memo: kopf.Memo, **_: Any) -> None:
-    await runtime_of(memo).pool.remove(name)
+    """No connection to it is opened again until a LibvirtHost of this name exists again (handlers.vm's
+    watch_hosts says so)."""
+    await runtime_of(memo).pool.remove(name, deleted=True)
     forget_host_series(name)

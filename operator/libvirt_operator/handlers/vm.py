@@ -43,11 +43,14 @@ WAKE_DEBOUNCE_SECONDS = 0.2            # a burst of host/ISO events wakes the wa
 
 @kopf.on.event(GROUP, VERSION, "libvirthosts")
 async def watch_hosts(type: str | None, name: str, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
-    st = state_of(runtime_of(memo))
+    rt = runtime_of(memo)
+    st = state_of(rt)
     before = st.hosts.get(name)
     if type == "DELETED":
         st.hosts.pop(name, None)
     else:
+        if not (body.get("metadata") or {}).get("deletionTimestamp"):
+            rt.pool.exists(name)  # re-created after a deletion: connectable from the moment the view shows it
         st.hosts[name] = plain_copy(body)
     memo["hosts_changed"] = st.parked_wake  # host probes (handlers.host) wake parked VMs too
     if before is None or type == "DELETED" or _placement_view(before) != _placement_view(st.hosts[name]):

@@ -801,10 +801,15 @@ class HostPool:
 
     Lookup and replacement happen without an await in between, so concurrent callers always agree on
     one HostConnection per host (which itself connects once, single-flight); a replaced one is closed
-    once its running calls return."""
+    once its running calls return.
+
+    A host removed as deleted stays refused until `exists` says a LibvirtHost of that name is there
+    again: a reconcile that read the host before its deletion would otherwise open a new connection
+    to it, which nobody closes (no daemon of that host is left) and which would keep serving it."""
 
     def __init__(self) -> None:
         self._hosts: dict[str, HostConnection] = {}
+        self._deleted: set[str] = set()
 
     def get(self, name: str) -> HostConnection | None:
         return self._hosts.get(name)
@@ -813,6 +818,8 @@ class HostPool:
         return list(self._hosts)
 
     async def ensure(self, name: str, options: ConnectOptions) -> HostConnection:
+        if name in self._deleted:
+            raise AppError(ErrorCode.HOST_NOT_FOUND, f"LibvirtHost {name} was deleted", {"host": name})
         current = self._hosts.get(name)
         if current is not None and current.options == options and not current.closed:
             return current
@@ -821,10 +828,16 @@ class HostPool:
             await current.close()  # never blocks: retires it (closed when idle)
         return conn
 
-    async def remove(self, name: str) -> None:
+    async def remove(self, name: str, *, deleted: bool = False) -> None:
+        if deleted:
+            self._deleted.add(name)
         conn = self._hosts.pop(name, None)
         if conn is not None:
             await conn.close(abort=True)
+
+    def exists(self, name: str) -> None:
+        """A LibvirtHost of this name exists (again, after a deletion): connections may be opened."""
+        self._deleted.discard(name)
 
     async def close_all(self) -> None:
         for name in list(self._hosts):
