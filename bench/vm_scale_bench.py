@@ -511,7 +511,7 @@ async def operator_phase(api: Api, op: OperatorProcess, n: int, hosts: list[str]
     served0 = await api.requests_served()
     cpu0 = cpu.snapshot()
     t0 = time.monotonic()
-    created = await create_all(api, bodies, ns)
+    await create_all(api, bodies, ns)
     t_created = time.monotonic()
     log(f"  created in {t_created - t0:.2f}s; waiting for Ready=True (LIST every {args.poll_seconds:g} s)")
     timeout = args.ready_timeout or max(120.0, n * 0.6)
@@ -695,7 +695,7 @@ async def run_one(n: int, args: argparse.Namespace) -> dict[str, Any]:
                          + sum(v for k, v in after.items() if "status" not in k and k != "other"))
         status_obs = round(sum(v for k, v in until.items() if "status" in k))
         ev_obs = round(opr["events_per_vm"])
-        log(f"floor (min): create + finalizer patch + 1 status patch per VM, no operator")
+        log("floor (min): create + finalizer patch + 1 status patch per VM, no operator")
         result["floor_min"] = await floor_phase(api, n, hosts, tag, meta_patches=1, status_patches=1, events=0,
                                                 label="min", cpu=cpu)
         log(f"  {result['floor_min']['seconds']:.2f}s")

@@ -322,6 +322,33 @@ def test_deletion_with_host_gone_blocks_until_force_release(kube, operator, name
     kube.wait_for(lambda: kube.get(VM, "orphan", namespace) is None, timeout=30, what="force-released")
 
 
+
+def test_a_host_held_by_another_finalizer_counts_as_gone_once_deleted(kube, operator, namespace,
+                                                                    test_host_factory) -> None:
+    """`kubectl delete` of a LibvirtHost that another controller's finalizer holds: the object stays
+    (Terminating), the operator forgets the host at once, and a VM deleted meanwhile is blocked with
+    the same force-release advice as when the host object is gone, never torn down over a connection
+    reopened from the object still seen."""
+    hv = make_host(kube, test_host_factory("held", cpus=4, memory_mib=4096), uniq("held"))
+    kube.patch(HOST, hv, {"metadata": {"finalizers": ["test.example/hold"]}})
+    make_vm(kube, namespace, "on-held", hostRef=hv)
+    wait_printable(kube, namespace, "on-held", "Running")
+    try:
+        kube.delete(HOST, hv)
+        kube.wait_for(lambda: operator.runtime.pool.get(hv) is None, what="the operator forgot the host")
+        assert (kube.get(HOST, hv) or {}).get("metadata", {}).get("deletionTimestamp")  # still there
+        kube.delete(VM, "on-held", namespace)
+        obj = kube.wait_condition(VM, "on-held", "DeletionBlocked", "True", namespace=namespace)
+        blocked = condition(obj, "DeletionBlocked")
+        assert blocked["reason"] == "HostNotFound" and "force-release" in blocked["message"], blocked
+        assert operator.runtime.pool.get(hv) is None  # nothing reopened it
+        kube.patch(VM, "on-held", {"metadata": {"annotations": {"virt.libvirt-operator.io/force-release": "true"}}},
+                   namespace)
+        kube.wait_for(lambda: kube.get(VM, "on-held", namespace) is None, timeout=30, what="force-released")
+    finally:
+        kube.patch(HOST, hv, {"metadata": {"finalizers": None}})
+        kube.wait_for(lambda: kube.get(HOST, hv) is None, what="host gone")
+
 def test_operator_restart_adopts_domains_without_duplicates(kube, operator, namespace) -> None:
     # test:///default is shared by every connection in this process (a file host would be a fresh
     # copy for the new operator); hold one connection so its state survives the restart.

@@ -13,8 +13,8 @@ from __future__ import annotations
 import os
 import time
 import uuid
-from concurrent.futures import ThreadPoolExecutor
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from prometheus_client import REGISTRY

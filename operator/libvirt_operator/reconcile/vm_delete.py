@@ -55,7 +55,12 @@ async def delete_vm(body: Mapping[str, Any], rt: Runtime, view: ClusterView) -> 
     except pydantic.ValidationError:
         pass
     try:
-        conn = await host_connection(rt, host, host_obj)
+        try:
+            conn = await host_connection(rt, host, host_obj)
+        except AppError as err:
+            if err.code is not ErrorCode.HOST_NOT_FOUND:  # deleted, while its object is still seen
+                raise
+            conn = None
         if conn is None:
             raise AppError(ErrorCode.HOST_NOT_FOUND,
                            f"LibvirtHost {host} is gone: the domain and its volumes cannot be removed; set the "
