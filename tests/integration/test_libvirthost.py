@@ -131,4 +131,25 @@ def test_a_deleted_host_is_not_reconnected_by_work_that_read_it_before_and_comes
     again = kube.wait_condition("libvirthosts", name, "Ready", "True", timeout=30)
     assert again["metadata"]["uid"] != before["metadata"]["uid"] and rt.pool.get(name) is not None
     assert operator.call(late_work) == "connected"
+
+    # kopf handles each object (uid) apart: the old host's deletion may be processed after the new host
+    # of that name was added (delete + create, as a GitOps replace does). Its handlers, run late as kopf
+    # would run them, leave the new host's view entry, connection and series alone.
+    from libvirt_operator.handlers.host import forget_host
+    from libvirt_operator.handlers.startup import current_memo
+    from libvirt_operator.handlers.vm import watch_hosts
+    from libvirt_operator.handlers.vm_state import state_of
+
+    memo = current_memo()
+    connection = rt.pool.get(name)
+
+    async def old_deletion_processed_late() -> None:
+        await watch_hosts(type="DELETED", name=name, body=before, memo=memo)
+        await forget_host(name=name, body=before, memo=memo)
+
+    operator.call(old_deletion_processed_late)
+    assert state_of(rt).hosts[name]["metadata"]["uid"] == again["metadata"]["uid"]
+    assert rt.pool.get(name) is connection and not connection.closed
+    assert REGISTRY.get_sample_value("libvirt_operator_host_ready", {"host": name}) == 1
+    assert operator.call(late_work) == "connected"
     kube.delete("libvirthosts", name)

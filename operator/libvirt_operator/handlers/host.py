@@ -28,6 +28,7 @@ from .events import post_event
 from . import observe  # noqa: F401  (registers the scrape-time gauges over the watch caches)
 from .instrument import ended_with, reconciler, working
 from .startup import runtime_of
+from .vm_state import state_of
 
 log = get_logger(__name__)
 TICK_SECONDS = 2.0          # how often the loop looks whether a probe is due (spec changes included)
@@ -146,8 +147,14 @@ async def memo_hosts_changed(memo: kopf.Memo) -> None:
 
 
 @kopf.on.delete(GROUP, VERSION, "libvirthosts", optional=True)
-async def forget_host(name: str, memo: kopf.Memo, **_: Any) -> None:
+async def forget_host(name: str, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
     """No connection to it is opened again until a LibvirtHost of this name exists again (handlers.vm's
-    watch_hosts says so)."""
-    await runtime_of(memo).pool.remove(name, deleted=True)
+    watch_hosts says so). kopf handles each object (uid) apart: when a host was re-created under the
+    name (delete + create, e.g. a GitOps replace) before this ran, the pool entry and series are the new
+    host's, and stay."""
+    rt = runtime_of(memo)
+    seen = state_of(rt).hosts.get(name)
+    if seen is not None and (seen.get("metadata") or {}).get("uid") != (body.get("metadata") or {}).get("uid"):
+        return
+    await rt.pool.remove(name, deleted=True)
     forget_host_series(name)

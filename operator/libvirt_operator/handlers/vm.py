@@ -47,7 +47,8 @@ async def watch_hosts(type: str | None, name: str, body: kopf.Body, memo: kopf.M
     st = state_of(rt)
     before = st.hosts.get(name)
     if type == "DELETED":
-        st.hosts.pop(name, None)
+        if before is not None and _uid(before) == _uid(body):  # not a host re-created under its name since
+            st.hosts.pop(name, None)
     else:
         if not (body.get("metadata") or {}).get("deletionTimestamp"):
             rt.pool.exists(name)  # re-created after a deletion: connectable from the moment the view shows it
@@ -61,6 +62,10 @@ async def watch_hosts(type: str | None, name: str, body: kopf.Body, memo: kopf.M
         for uid in sorted(st.on_host.get(name) or ()):
             st.retry.add(uid)
     st.wake_host(name)
+
+
+def _uid(obj: Mapping[str, Any]) -> Any:
+    return (obj.get("metadata") or {}).get("uid")
 
 
 def _admission_view(host: Mapping[str, Any]) -> tuple[Any, ...]:
