@@ -149,12 +149,10 @@ async def memo_hosts_changed(memo: kopf.Memo) -> None:
 @kopf.on.delete(GROUP, VERSION, "libvirthosts", optional=True)
 async def forget_host(name: str, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
     """No connection to it is opened again until a LibvirtHost of this name exists again (handlers.vm's
-    watch_hosts says so). kopf handles each object (uid) apart: when a host was re-created under the
-    name (delete + create, e.g. a GitOps replace) before this ran, the pool entry and series are the new
-    host's, and stay."""
+    watch_hosts says so). A host re-created under the name (delete + create, e.g. a GitOps replace)
+    before this ran owns the pool entry and series now: they stay."""
     rt = runtime_of(memo)
-    seen = state_of(rt).hosts.get(name)
-    if seen is not None and (seen.get("metadata") or {}).get("uid") != (body.get("metadata") or {}).get("uid"):
+    if state_of(rt).host_replaced(name, body):
         return
     await rt.pool.remove(name, deleted=True)
     forget_host_series(name)

@@ -47,7 +47,7 @@ async def watch_hosts(type: str | None, name: str, body: kopf.Body, memo: kopf.M
     st = state_of(rt)
     before = st.hosts.get(name)
     if type == "DELETED":
-        if before is not None and _uid(before) == _uid(body):  # not a host re-created under its name since
+        if not st.host_replaced(name, body):
             st.hosts.pop(name, None)
     else:
         if not (body.get("metadata") or {}).get("deletionTimestamp"):
@@ -62,10 +62,6 @@ async def watch_hosts(type: str | None, name: str, body: kopf.Body, memo: kopf.M
         for uid in sorted(st.on_host.get(name) or ()):
             st.retry.add(uid)
     st.wake_host(name)
-
-
-def _uid(obj: Mapping[str, Any]) -> Any:
-    return (obj.get("metadata") or {}).get("uid")
 
 
 def _admission_view(host: Mapping[str, Any]) -> tuple[Any, ...]:

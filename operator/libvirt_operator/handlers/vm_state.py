@@ -218,6 +218,12 @@ class VmState:
         listed = self.listed.get(host)
         return listed is not None and listed[0] is rt.pool.get(host) and uid not in listed[1]
 
+    def host_replaced(self, name: str, body: Mapping[str, Any]) -> bool:
+        """The view holds another LibvirtHost object of this name than `body`: one re-created since
+        (kopf handles each object apart, so the old one's deletion may be processed after it came)."""
+        seen = self.hosts.get(name)
+        return seen is not None and (seen.get("metadata") or {}).get("uid") != (body.get("metadata") or {}).get("uid")
+
     def wake_host(self, host: str | None) -> None:
         if host and host in self.host_wake:
             self.host_wake[host].set()
