@@ -153,3 +153,49 @@ def test_a_deleted_host_is_not_reconnected_by_work_that_read_it_before_and_comes
     assert REGISTRY.get_sample_value("libvirt_operator_host_ready", {"host": name}) == 1
     assert operator.call(late_work) == "connected"
     kube.delete("libvirthosts", name)
+
+
+def test_a_host_daemon_winding_down_leaves_the_next_daemon_of_that_name_alone(operator) -> None:
+    """A host deleted and re-created under one name is two objects to kopf, each with its own per-host
+    daemon: the old one may still be winding down after the new one started. Before, the old one's
+    exit dropped the shared wake-up and the pending lifecycle events of the name, so the new host's
+    VMs heard of libvirt's events only at the next 10 s sweep. Two daemons of a name no LibvirtHost
+    has (no connection: they only wait), started and stopped in that order, show it."""
+    import asyncio
+
+    from libvirt_operator.handlers.startup import current_memo
+    from libvirt_operator.handlers.vm_hosts import host_vm_sync
+    from libvirt_operator.handlers.vm_state import state_of
+
+    class Stopped:  # what kopf hands a daemon: truthy once stopped, awaitable
+        def __init__(self) -> None:
+            self.event = asyncio.Event()
+
+        def __bool__(self) -> bool:
+            return self.event.is_set()
+
+        async def wait(self) -> None:
+            await self.event.wait()
+
+    name = _host_name("twice")
+    memo = current_memo()
+    st = state_of(operator.runtime)
+
+    async def old_then_new() -> tuple[bool, set[str] | None, bool, bool]:
+        old_stopped, new_stopped = Stopped(), Stopped()
+        old = asyncio.ensure_future(host_vm_sync(name=name, stopped=old_stopped, memo=memo))
+        await asyncio.sleep(0.05)
+        new = asyncio.ensure_future(host_vm_sync(name=name, stopped=new_stopped, memo=memo))
+        await asyncio.sleep(0.05)
+        new_wake = st.host_wake[name]
+        st.dirty[name] = {"uid-of-a-vm-on-the-new-host"}  # an event the new daemon has yet to act on
+        old_stopped.event.set()
+        await asyncio.wait_for(old, 10)
+        kept = st.host_wake.get(name) is new_wake, st.dirty.get(name)
+        new_stopped.event.set()
+        await asyncio.wait_for(new, 10)
+        return *kept, name in st.host_wake, name in st.dirty
+
+    wake_kept, dirty_kept, wake_left, dirty_left = operator.call(old_then_new)
+    assert wake_kept and dirty_kept == {"uid-of-a-vm-on-the-new-host"}
+    assert not wake_left and not dirty_left  # the last one out cleans up

@@ -46,7 +46,9 @@ HOST_RETRY_CAP_SECONDS = 60.0         # a host that does not answer: 5 s, 10 s, 
 async def host_vm_sync(name: str, stopped: kopf.DaemonStopped, memo: kopf.Memo, **_: Any) -> None:
     rt = runtime_of(memo)
     st = state_of(rt)
-    wake = st.host_wake.setdefault(name, asyncio.Event())
+    # Our own Event, not a shared one: a host deleted and re-created under the same name is two
+    # objects to kopf, and the old one's daemon may still be winding down while the new one runs.
+    wake = st.host_wake[name] = asyncio.Event()
     loop = asyncio.get_running_loop()
     hooked: Any = None
     subscribed = False
@@ -105,10 +107,11 @@ async def host_vm_sync(name: str, stopped: kopf.DaemonStopped, memo: kopf.Memo, 
                 await asyncio.sleep(EVENT_DEBOUNCE_SECONDS)  # coalesce a burst of events
             wake.clear()
     finally:
-        st.host_wake.pop(name, None)
-        st.dirty.pop(name, None)
-        st.full_synced.pop(name, None)
-        st.swept_all.pop(name, None)
+        if st.host_wake.get(name) is wake:  # else a re-created host's daemon owns these now
+            del st.host_wake[name]
+            st.dirty.pop(name, None)
+            st.full_synced.pop(name, None)
+            st.swept_all.pop(name, None)
         if hooked is not None:
             with contextlib.suppress(ValueError):
                 hooked.on_connect.remove(hook)
@@ -176,7 +179,10 @@ async def resync_host(rt: Runtime, st: VmState, host: str, conn: Any) -> float:
         if orphan_check_due:
             await check_orphans(rt, st, host, conn, observed)
         for uid in sorted(targets):
-            status = (st.vms[uid].get("status") or {})
+            vm = st.vms.get(uid)
+            if vm is None or vm["metadata"].get("deletionTimestamp"):
+                continue  # deleted while the host was listed (its teardown may even have ended)
+            status = vm.get("status") or {}
             obs = observed.get(uid, ABSENT)
             if not obs.exists and (not status.get("domainUUID") or uid in st.parked):
                 continue  # not defined yet: its work item (or its wait for what it needs) is on it
