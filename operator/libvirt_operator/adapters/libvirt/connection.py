@@ -12,12 +12,7 @@ import collections
 import concurrent.futures
 import contextlib
 import dataclasses
-import os
 import re
-import shlex
-import shutil
-import signal
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -29,6 +24,8 @@ from ...core import hosturi
 from ...core.errors import AppError, ErrorCode
 from ...core.logs import get_logger
 from ...core.metrics import HOST_CONNECTED, LIBVIRT_CALL_SECONDS, LIBVIRT_CALLS, LIBVIRT_CALLS_IN_FLIGHT
+from . import credentials
+from .credentials import CredentialFiles
 from .errors import CONNECTION_LOST, classify_libvirt_error
 from .events import ensure_event_thread
 from .threads import CallThreads
@@ -67,123 +64,6 @@ def shares_state_across_connections(uri: str) -> bool:
     such a host gets no extra connections: a domain defined over one would be missing on the other."""
     scheme, _, rest = uri.partition("://")
     return scheme.split("+")[0] != "test" or rest.rstrip("/") == "/default"
-
-
-class _CredentialFiles:
-    """Materialises Secret data as the files libvirt's transports read (0600, private 0700 dir).
-
-    Only the operator sets the parameters that name files or programs (users may not: core/hosturi.py).
-    qemu+ssh:// runs the `ssh` binary, which knows no `known_hosts=` parameter: libvirt runs the
-    wrapper written here instead (`command=`), which execs ssh with a generated config (strict host
-    key checking against the Secret's known_hosts only, batch mode, this key only, no agent, no
-    proxies) and its log in the same directory, read back to explain a failure.
-    """
-
-    SSH_KEYS = {"ssh-privatekey": "id_key", "known_hosts": "known_hosts"}
-    TLS_KEYS = {"ca.crt": "cacert.pem", "tls.crt": "clientcert.pem", "tls.key": "clientkey.pem"}
-
-    def __init__(self, credentials: Mapping[str, bytes], connect_timeout: float = 20.0) -> None:
-        self.dir = tempfile.mkdtemp(prefix="lvop-cred-")
-        os.chmod(self.dir, 0o700)
-        self.ssh_log = os.path.join(self.dir, "ssh.log")
-        self.ssh_pid = os.path.join(self.dir, "ssh.pid")
-        self.ssh_connect_timeout = max(1, int(connect_timeout / 2))
-        for key, value in credentials.items():
-            fname = self.SSH_KEYS.get(key) or self.TLS_KEYS.get(key)
-            if fname:
-                self._write(fname, value, 0o600)
-
-    def _write(self, fname: str, data: bytes, mode: int) -> str:
-        path = os.path.join(self.dir, fname)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        return path
-
-    def path(self, fname: str) -> str:
-        return os.path.join(self.dir, fname)
-
-    def uri_for(self, parsed: hosturi.HostUri) -> str:
-        extra: list[tuple[str, str]] = []
-        if parsed.transport == "ssh":
-            extra = [("command", self._ssh_wrapper()), ("no_tty", "1")]
-        elif parsed.ssh:  # libssh, libssh2: libvirt reads the files itself and verifies the host key
-            extra = [("keyfile", self.path("id_key")), ("known_hosts", self.path("known_hosts")),
-                     ("known_hosts_verify", "normal"), ("sshauth", "privkey")]
-        elif parsed.tls and os.path.exists(self.path("cacert.pem")):
-            extra = [("pkipath", self.dir)]
-        return parsed.render(extra)
-
-    def _ssh_wrapper(self) -> str:
-        ssh = shutil.which("ssh") or "/usr/bin/ssh"
-        config = "\n".join([
-            "Host *",
-            f'  UserKnownHostsFile "{self.path("known_hosts")}"',
-            "  GlobalKnownHostsFile /dev/null",
-            "  StrictHostKeyChecking yes",
-            "  CheckHostIP no",
-            "  UpdateHostKeys no",
-            f'  IdentityFile "{self.path("id_key")}"',
-            "  IdentitiesOnly yes",
-            "  IdentityAgent none",
-            "  BatchMode yes",
-            "  PreferredAuthentications publickey",
-            "  PasswordAuthentication no",
-            "  KbdInteractiveAuthentication no",
-            f"  ConnectTimeout {self.ssh_connect_timeout}",
-            "  ServerAliveInterval 10",
-            "  ServerAliveCountMax 3",
-            "  ProxyCommand none",
-            "  ProxyJump none",
-            "  ControlMaster no",
-            "  ControlPath none",
-            "  ForwardAgent no",
-            "  ForwardX11 no",
-            "  ClearAllForwardings yes",
-            "  PermitLocalCommand no",
-            "  LogLevel ERROR",
-            "",
-        ])
-        cfg = self._write("ssh_config", config.encode(), 0o600)
-        # The pid file lets the operator stop this ssh (exec keeps the pid) when a connect hangs or
-        # the host is removed; libvirt itself would wait for it.
-        script = (f"#!/bin/sh\n# written by libvirt-operator: ssh with the Secret's known_hosts, strict checking\n"
-                  f"echo $$ > {shlex.quote(self.ssh_pid)}\n"
-                  f"exec {shlex.quote(ssh)} -F {shlex.quote(cfg)} -E {shlex.quote(self.ssh_log)} \"$@\"\n")
-        return self._write("ssh", script.encode(), 0o700)
-
-    def ssh_failure(self) -> str | None:
-        """What ssh logged (its own messages only, never file contents), if anything."""
-        try:
-            with open(self.ssh_log, errors="replace") as fh:
-                return fh.read(8192)
-        except OSError:
-            return None
-
-    def kill_ssh(self) -> None:
-        """Stop the ssh process started for this connection, if it still runs (checked by its command
-        line, which names this directory: a reused pid is left alone)."""
-        try:
-            with open(self.ssh_pid) as fh:
-                pid = int(fh.read().strip() or 0)
-            with open(f"/proc/{pid}/cmdline", "rb") as fh:
-                mine = self.dir.encode() in fh.read()
-        except (OSError, ValueError):
-            return
-        if pid > 0 and mine:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.kill(pid, signal.SIGKILL)
-
-    def forget_private_keys(self) -> None:
-        """Once the connection is open its key has done its work (ssh, libssh and TLS read it while
-        connecting only): it leaves the disk then, not when the connection closes, which a SIGKILLed
-        operator never does. The directory stays for the ssh pid file and log."""
-        for fname in ("id_key", "clientkey.pem"):
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(self.path(fname))
-
-    def remove(self) -> None:
-        shutil.rmtree(self.dir, ignore_errors=True)
 
 
 class _Slots:
@@ -243,7 +123,7 @@ class _Live:
     """One open virConnect, its credential files and the calls running on it. A retired connection
     takes no new calls and is closed when its last running call returns, never under one."""
 
-    def __init__(self, conn: libvirt.virConnect, creds: _CredentialFiles | None, uri: str) -> None:
+    def __init__(self, conn: libvirt.virConnect, creds: CredentialFiles | None, uri: str) -> None:
         self.conn, self.creds, self.uri = conn, creds, uri
         self.in_flight = 0
         self.retired = False
@@ -313,13 +193,13 @@ class HostConnection:
         self._live: _Live | None = None
         self._connecting: concurrent.futures.Future[_Live] | None = None
         self._connect_started = 0.0
-        self._connect_creds: _CredentialFiles | None = None
+        self._connect_creds: CredentialFiles | None = None
         self._closed = False
         self._calls = _Slots(options.max_concurrent_calls)
         self._streams = _Slots(options.max_concurrent_streams)
         self._extras: list[_Live] = []  # more connections for calls (see CALLS_PER_CONNECTION)
         self._extra_opening = False
-        self._extra_creds: set[_CredentialFiles] = set()  # of extras being opened (their ssh is stopped on close)
+        self._extra_creds: set[CredentialFiles] = set()  # of extras being opened (their ssh is stopped on close)
         self.uri = _display_uri(options.uri)
         self.on_connect: list[Callable[[libvirt.virConnect], None]] = []
         self.on_lost: list[Callable[[str], None]] = []  # called on libvirt's event thread
@@ -357,13 +237,13 @@ class HostConnection:
     def _open_blocking(self, attempt: concurrent.futures.Future[_Live] | None) -> _Live:
         """Open one connection (a worker thread). `attempt`: the main connection's connect attempt (its
         credential files are tracked so that an overdue ssh can be stopped); None: an extra connection."""
-        creds: _CredentialFiles | None = None
+        creds: CredentialFiles | None = None
         try:
             ensure_event_thread()  # keepalives and close callbacks need libvirt's event loop
             parsed = _checked_uri(self.options)
             uri = parsed.render()
             if self.options.credentials:
-                creds = _CredentialFiles(self.options.credentials, self.options.connect_timeout)
+                creds = CredentialFiles(self.options.credentials, self.options.connect_timeout)
                 uri = creds.uri_for(parsed)
                 with self._lock:
                     if attempt is not None:
@@ -810,6 +690,8 @@ class HostPool:
     def __init__(self) -> None:
         self._hosts: dict[str, HostConnection] = {}
         self._deleted: set[str] = set()
+        if stale := credentials.remove_stale():
+            log.info("removed credential directories an earlier operator process left", count=len(stale))
 
     def get(self, name: str) -> HostConnection | None:
         return self._hosts.get(name)
