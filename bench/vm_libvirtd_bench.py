@@ -372,6 +372,7 @@ async def ours_phase(api: Api, op: OperatorProcess, conn: Any, n: int, host: str
 
     try:
         m0 = op.metrics()
+        served0 = await api.requests_served()  # outside the CPU window: a scrape costs the API server too
         c0 = cpu.snapshot()
         t0 = time.monotonic()
         created = await vsb.create_all(api, bodies, ns)
@@ -387,6 +388,7 @@ async def ours_phase(api: Api, op: OperatorProcess, conn: Any, n: int, host: str
         t_running = await wait_for(all_running, 60, f"{n} domains running", op)
         create = max(t_ready, t_running) - t0
         cpu_create = cpu.spent(c0, cpu.snapshot())
+        served = {k: v for k, v in sorted(((await api.requests_served()) - served0).items()) if v}
         ready_s = t_ready - t0
         log(f"  ours: created (API) in {t_created - t0:.2f}s, all Ready=True {t_ready - t0:.2f}s, "
             f"domains running {t_running - t0:.2f}s")
@@ -411,6 +413,7 @@ async def ours_phase(api: Api, op: OperatorProcess, conn: Any, n: int, host: str
     m2 = op.metrics()
     log(f"  ours: deleted: objects gone {t_objs - t0:.2f}s, domains gone {t_doms - t0:.2f}s")
     return {"create_seconds": create, "ready_seconds": ready_s, "cpu_seconds_create": cpu_create,
+            "requests_create": served,
             "delete_seconds": delete, "objects_gone_seconds": t_objs - t0, "domains_gone_seconds": t_doms - t0,
             "failed_calls_create": dict(call_outcomes(m1) - call_outcomes(m0)),
             "failed_calls_delete": dict(call_outcomes(m2) - call_outcomes(m1)),
@@ -594,6 +597,7 @@ def report(r: dict[str, Any]) -> None:
               f"log problems {x['ours']['log_problems'] or 0}")
         print(f"rep {i + 1}: CPU seconds during create: raw {x['raw']['cpu_seconds_create']}; "
               f"ours {x['ours']['cpu_seconds_create']}")
+        print(f"rep {i + 1}: API requests during ours' create (every client): {x['ours'].get('requests_create')}")
     s = r.get("serial")
     if s:
         print(f"apply → serial: raw median {s['raw_median']:.2f}s {[round(v, 2) for v in s['raw_seconds']]}, ours median "
