@@ -33,7 +33,7 @@ from ..reconcile.runtime import Runtime
 from .iso_reconcile import reconcile_iso_key
 from .iso_state import PLURAL, WORKERS, IsoState, host_ready, host_view, needs_reconcile, state_of, waits_for
 from .startup import runtime_of
-from .vm_state import plain_copy
+from .watch_copies import plain_copy
 
 log = get_logger(__name__)
 WAKE_DEBOUNCE_SECONDS = 0.2      # a burst of host events adds the images once

@@ -29,7 +29,8 @@ from .iso import vm_references_changed
 from .startup import runtime_of
 from . import vm_hosts  # noqa: F401  (registers the per-host daemon host_vm_sync)
 from .vm_reconcile import reconcile_vm
-from .vm_state import PLURAL, VM_DELETED_HOOKS, VmState, plain_copy, state_of
+from .vm_state import PLURAL, VM_DELETED_HOOKS, VmState, state_of
+from .watch_copies import from_watch, plain_copy
 
 log = get_logger(__name__)
 # VM reconciles running at once (each host's libvirt calls are bounded by its own call slots).
@@ -104,7 +105,7 @@ async def watch_vms(type: str | None, uid: str, body: kopf.Body, memo: kopf.Memo
         for hook in VM_DELETED_HOOKS:
             await hook(rt, body, kwargs)  # kopf passes its indexes as keyword arguments
         return
-    vm = st.vms[uid] = plain_copy(body)
+    vm = st.vms[uid] = from_watch(body, before)
     st.index(uid)
     reason = needs_reconcile(before, vm)
     if reason == "spec":

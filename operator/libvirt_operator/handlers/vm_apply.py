@@ -17,6 +17,7 @@ from ..reconcile.vm_status import TENANCY_CODES
 from ..reconcile.vm_types import VmOutcome
 from .instrument import ended_with
 from .vm_state import BUSY_RETRY_SECONDS, PLURAL, VmState
+from .watch_copies import older
 
 
 def action_request(vm: Mapping[str, Any] | None) -> str | None:
@@ -39,7 +40,8 @@ async def apply_outcome(rt: Runtime, st: VmState, vm: dict[str, Any], outcome: V
     if patch:
         written = await rt.kube.patch_status(PLURAL, meta["namespace"], meta["name"], patch)
         cached = st.vms.get(uid)
-        if cached is not None:  # our write is newer than the cache until the watch delivers it
+        # our write is newer than the cache until the watch delivers it (unless the watch already did more)
+        if cached is not None and not (written is not None and older(written, cached)):
             cached["status"] = dict(outcome.status)
             if written is not None:
                 cached["metadata"]["resourceVersion"] = (written.get("metadata") or {}).get("resourceVersion")

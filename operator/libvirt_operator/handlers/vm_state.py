@@ -24,6 +24,7 @@ from ..reconcile.tenancy import namespace_labels_of
 from ..reconcile.vm_placement import record_placement
 from ..reconcile.vm_types import ClusterView
 from .requeue import Requeue
+from .watch_copies import older, plain_copy
 
 log = get_logger(__name__)
 PLURAL = "virtualmachines"
@@ -250,7 +251,7 @@ class VmState:
             return
         meta = obj.get("metadata") or {}
         cached = self.vms.get(meta.get("uid", ""))
-        if cached is None:
+        if cached is None or older(obj, cached):  # the watch was faster than the write's answer
             return
         cached["status"] = dict(obj.get("status") or {})
         cached["metadata"]["resourceVersion"] = meta.get("resourceVersion")
@@ -262,12 +263,6 @@ def state_of(rt: Runtime) -> VmState:
     if state is None:
         state = rt.extras["vm"] = VmState()
     return state
-
-
-def plain_copy(body: Mapping[str, Any]) -> dict[str, Any]:
-    return {"apiVersion": body.get("apiVersion"), "kind": body.get("kind"),
-            "metadata": dict(body.get("metadata") or {}), "spec": dict(body.get("spec") or {}),
-            "status": dict(body.get("status") or {})}
 
 
 async def load_hosts(rt: Runtime, st: VmState) -> None:
