@@ -32,7 +32,11 @@ def _start_time(pid: int) -> str | None:
     return stat[stat.rindex(b")") + 2:].split()[19].decode()  # field 22; the name may hold spaces
 
 
-_OWNER = f"{os.getpid()}-{_start_time(os.getpid())}"
+def _owner() -> str:
+    """This process, as its directories are named (asked each time: a forked child is another process)."""
+    return f"{os.getpid()}-{_start_time(os.getpid())}"
+
+
 _DIR_NAME = re.compile(re.escape(PREFIX) + r"(\d+)-(\d+)-[^/]+")
 
 
@@ -87,7 +91,7 @@ class CredentialFiles:
     TLS_KEYS = {"ca.crt": "cacert.pem", "tls.crt": "clientcert.pem", "tls.key": "clientkey.pem"}
 
     def __init__(self, credentials: Mapping[str, bytes], connect_timeout: float = 20.0) -> None:
-        self.dir = tempfile.mkdtemp(prefix=f"{PREFIX}{_OWNER}-")
+        self.dir = tempfile.mkdtemp(prefix=f"{PREFIX}{_owner()}-")
         os.chmod(self.dir, 0o700)
         self.ssh_log = os.path.join(self.dir, "ssh.log")
         self.ssh_pid = os.path.join(self.dir, "ssh.pid")
