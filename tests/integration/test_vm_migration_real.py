@@ -68,6 +68,22 @@ def volumes(daemon: Any) -> list[str]:
         conn.close()
 
 
+def _cleanup_state(operator: Any, a: Any, uid: str, host: str) -> str:
+    """What the operator and host A show when a stale copy was not cleaned in time (for a failure message)."""
+    from libvirt_operator.handlers.vm_state import state_of
+
+    st = state_of(operator.runtime)
+    vm = st.vms.get(uid) or {}
+    conn = operator.runtime.pool.get(host)
+    lock = st.locks.get(uid)
+    return (f"operator: stale_on[{host}]={sorted(st.stale_on.get(host) or ())}, cached status.host="
+            f"{(vm.get('status') or {}).get('host')}, cached staleDomainHosts="
+            f"{(vm.get('status') or {}).get('staleDomainHosts')}, rv={(vm.get('metadata') or {}).get('resourceVersion')}, "
+            f"lock held={lock is not None and lock.locked()}, host daemon={host in st.host_wake}, "
+            f"connection={'none' if conn is None else ('closed' if conn.closed else f'{conn.in_flight()} in flight')}; "
+            f"A: defined={defined_on(a, uid)}, volumes={[v for v in volumes(a) if uid in v]}")
+
+
 def migration(kube: Kube, namespace: str, name: str, timeout: float = 120) -> dict[str, Any]:
     return kube.wait_for(lambda: (o := kube.get(MIG, name, namespace)) and
                          (o.get("status") or {}).get("phase") in ("Succeeded", "Failed") and o,
@@ -144,8 +160,11 @@ def test_a_running_vm_moves_live_and_a_failed_move_rolls_back(kube, kubeconfig, 
         assert vm_status(kube, namespace, "web")["staleDomainHosts"] == [ha]
         a.start()
         kube.wait_condition(HOST, ha, "Ready", "True", timeout=90)
-        kube.wait_for(lambda: not vm_status(kube, namespace, "web").get("staleDomainHosts"), timeout=60,
-                      what="the leftover on A removed")
+        try:
+            kube.wait_for(lambda: not vm_status(kube, namespace, "web").get("staleDomainHosts"), timeout=60,
+                          what="the leftover on A removed")
+        except AssertionError as err:
+            raise AssertionError(f"{err}; {_cleanup_state(operator, a, uid, ha)}") from None
         assert not defined_on(a, uid) and f"lvop-{uid}-data" not in volumes(a)
         assert watch.stop() == 1
         assert running_on(kube, namespace, "web", hb, timeout=30)

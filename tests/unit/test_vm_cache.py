@@ -42,3 +42,40 @@ def test_a_write_answer_older_than_the_cache_is_not_remembered() -> None:
     assert st.vms["u"]["status"]["printableStatus"] == "Stopped"
     st.remember(obj("131", {"host": "a", "printableStatus": "Running"}))
     assert st.vms["u"]["status"]["printableStatus"] == "Running" and st.vms["u"]["metadata"]["resourceVersion"] == "131"
+
+
+class AnsweringKube:
+    """patch_status answers like the API server: the stored status merged with the patch, a new resourceVersion."""
+
+    def __init__(self, stored: dict[str, Any]) -> None:
+        self.stored = stored
+
+    async def patch_status(self, plural: str, namespace: str, name: str, patch: dict[str, Any]) -> dict[str, Any]:
+        status = {**self.stored["status"], **patch}
+        self.stored = obj(str(int(self.stored["metadata"]["resourceVersion"]) + 1),
+                          {k: v for k, v in status.items() if v is not None})
+        return self.stored
+
+
+def test_a_run_caches_what_the_server_holds_after_its_write_not_only_what_the_run_computed() -> None:
+    """A reconcile's status write answers with the whole status, which may hold what another writer put
+    there after the run read the VM (here: a host it must still clean, staleDomainHosts). The cache keeps
+    the answer, so the host round that removes stale copies sees that host; caching the run's own status
+    instead lost it until the VM's next watch event (none comes when the watch delivered this write
+    before its answer), and the copy stayed on that host."""
+    import asyncio
+    import types
+
+    from libvirt_operator.handlers.vm_apply import apply_outcome
+    from libvirt_operator.reconcile.vm_types import VmOutcome
+
+    st = VmState()
+    read = obj("200", {"host": "b", "printableStatus": "Paused"})
+    st.vms["u"] = read
+    kube = AnsweringKube(obj("201", {"host": "b", "printableStatus": "Paused", "staleDomainHosts": ["a"]}))
+    rt = types.SimpleNamespace(kube=kube)
+    asyncio.run(apply_outcome(rt, st, read, VmOutcome(status={"host": "b", "printableStatus": "Running"},
+                                                      events=[])))
+    assert st.vms["u"]["status"] == {"host": "b", "printableStatus": "Running", "staleDomainHosts": ["a"]}
+    assert st.vms["u"]["metadata"]["resourceVersion"] == "202"
+    assert st.stale_on["a"] == {"u"} and st.on_host["b"] == {"u"}

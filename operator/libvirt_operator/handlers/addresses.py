@@ -102,10 +102,7 @@ async def poll_vm(rt: Runtime, st: VmState, schedule: addresses.PollSchedule, ho
         if not patch:
             return
         meta = vm["metadata"]
-        written = await rt.kube.patch_status(PLURAL, meta["namespace"], meta["name"], patch)
-        vm["status"] = new  # newer than the cache until the watch delivers it
-        if written is not None:
-            vm["metadata"]["resourceVersion"] = (written.get("metadata") or {}).get("resourceVersion")
+        st.remember(await rt.kube.patch_status(PLURAL, meta["namespace"], meta["name"], patch))
         log.info("VM addresses changed", kind="VirtualMachine", namespace=meta["namespace"], name=meta["name"],
                  ip=new.get("ipAddress"))
 

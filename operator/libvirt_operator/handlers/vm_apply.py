@@ -17,7 +17,6 @@ from ..reconcile.vm_status import TENANCY_CODES
 from ..reconcile.vm_types import VmOutcome
 from .instrument import ended_with
 from .vm_state import BUSY_RETRY_SECONDS, PLURAL, VmState
-from .watch_copies import older
 
 
 def action_request(vm: Mapping[str, Any] | None) -> str | None:
@@ -38,14 +37,8 @@ async def apply_outcome(rt: Runtime, st: VmState, vm: dict[str, Any], outcome: V
     ended_with(outcome.error, outcome.requeue_after)  # the reconcile's result, when one runs this
     patch = merge_patch(vm.get("status") or {}, outcome.status)
     if patch:
-        written = await rt.kube.patch_status(PLURAL, meta["namespace"], meta["name"], patch)
-        cached = st.vms.get(uid)
-        # our write is newer than the cache until the watch delivers it (unless the watch already did more)
-        if cached is not None and not (written is not None and older(written, cached)):
-            cached["status"] = dict(outcome.status)
-            if written is not None:
-                cached["metadata"]["resourceVersion"] = (written.get("metadata") or {}).get("resourceVersion")
-        st.index(uid)
+        # The server's answer, not outcome.status: it also holds what others wrote since the run began.
+        st.remember(await rt.kube.patch_status(PLURAL, meta["namespace"], meta["name"], patch))
     for type_, reason, message in outcome.events:
         kopf.event(vm, type=type_, reason=reason, message=message)
     error = outcome.error
