@@ -232,6 +232,8 @@ async def _remove_stale_copies(rt: Runtime, st: VmState, host: str, conn: Any, u
                 log.info("could not clear a removed stale copy from the VM's status; next round", uid=uid,
                          host=host, code=err.code.value)
                 continue
+            log.info("stale copy removed", kind="VirtualMachine", uid=uid, host=host, domain_found=found,
+                     volumes=volumes, still_stale_on=remaining)
             if found:
                 kopf.event(vm, type="Normal", reason="StaleCopyRemoved",
                            message=f"its stale domain on LibvirtHost {host} (left when the host was out of service) "
