@@ -4,6 +4,7 @@ disturb the session's operator):
 
 - a qemu+ssh host that accepts TCP and never answers: other hosts still become Ready, the hung host's
   status names the URI and the step, and SIGTERM ends the process within 10 s leaving no ssh behind;
+  after a kill -9 instead, the next process removes the key and ssh the killed one left;
 - an apiserver outage longer than kopf's patch retries (> 60 s): the host probe survives it and a
   daemon that dies afterwards turns the host NotReady;
 - a daemon that dies turns its host NotReady at once (its connection's close callback), not at the
@@ -147,6 +148,56 @@ def test_sigterm_stops_the_operator_within_10s_while_a_host_hangs(private_cp, op
         silent.close()
         for name in (hung, healthy):
             kube.delete("libvirthosts", name)
+
+
+def _credential_dir_of(pid: int) -> Path | None:
+    """The operator's credential directory an ssh process was started from (its -F config lives there)."""
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
+    except OSError:
+        return None
+    return next((Path(a).parent for a in argv if "/lvop-cred-" in a), None)
+
+
+def test_the_key_and_ssh_a_killed_operator_left_are_removed_by_the_next_one(private_cp, operator_process,
+                                                                            tmp_path) -> None:
+    """kill -9 (an OOM kill, a node drain gone wrong) during the connect of a qemu+ssh host that never
+    answers: nothing of that process cleans up, so its private key stays on disk (in a pod: the /tmp
+    emptyDir, which outlives a container restart) and its ssh keeps running. The next operator process
+    removes both before it connects anywhere; its own directory for the same host is another one."""
+    kube = Kube(private_cp.kubeconfig_path)
+    silent = SilentHost()
+    name = f"hung-{uuid.uuid4().hex[:6]}"
+    try:
+        key = tmp_path / "id_key"
+        keygen(key, "operator")
+        ns = kube.new_namespace("killed")
+        kube.core.create_namespaced_secret(ns, {"metadata": {"name": "ssh"}, "stringData": {
+            "ssh-privatekey": key.read_text(),
+            "known_hosts": f"[127.0.0.1]:{silent.port} " + " ".join(Path(f"{key}.pub").read_text().split()[:2])}})
+        kube.create("libvirthosts", {"metadata": {"name": name}, "spec": {
+            "uri": f"qemu+ssh://root@127.0.0.1:{silent.port}/system",
+            "credentialsSecretRef": {"name": "ssh", "namespace": ns}}})
+        [ssh] = _wait(lambda: _ssh_to(silent.port), 60, "an ssh child to the hung host", operator_process)
+        left = _credential_dir_of(ssh)
+        assert left is not None and (left / "id_key").read_text() == key.read_text()
+
+        operator_process.kill()
+        time.sleep(1)
+        assert _ssh_to(silent.port) == [ssh] and (left / "id_key").exists()  # what the kill leaves behind
+
+        operator_process.start()
+        _wait(lambda: not left.exists() and ssh not in _ssh_to(silent.port), 30,
+              "the killed operator's key directory and ssh removed", operator_process)
+        _wait(lambda: "removed credential directories" in operator_process.log_path.read_text(errors="replace"),
+              10, "the removal logged", operator_process)
+        assert str(left) not in operator_process.log_path.read_text(errors="replace")  # a count, never paths
+        # the new process still serves the host: its own ssh, from its own directory
+        [again] = _wait(lambda: _ssh_to(silent.port), 60, "the new operator's ssh to the hung host", operator_process)
+        assert _credential_dir_of(again) not in (None, left)
+    finally:
+        silent.close()
+        kube.delete("libvirthosts", name)
 
 
 def test_host_probe_survives_an_apiserver_outage_longer_than_a_minute(private_cp, operator_process,

@@ -11,7 +11,7 @@ import logging
 import kopf
 
 from ..adapters.kube import KubeClient
-from ..adapters.libvirt import HostPool
+from ..adapters.libvirt import HostPool, credentials
 from ..adapters.libvirt.events import ensure_event_thread
 from ..core.api.common import FINALIZER, GROUP
 from ..core.logs import get_logger
@@ -108,6 +108,9 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
     remediator = _remediator(op_settings, memo)
     global _current_memo
     _current_memo = memo
+    # Before any connection of ours: what a killed earlier process left (private keys, a running ssh).
+    if stale := credentials.remove_stale():
+        log.info("removed credential directories an earlier operator process left", count=len(stale))
     memo[RUNTIME_KEY] = Runtime(settings=op_settings, pool=HostPool(), kube=kube, remediator=remediator,
                                 namespaces=tuple(memo.get("namespaces") or ()))
 

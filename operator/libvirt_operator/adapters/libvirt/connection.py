@@ -24,7 +24,6 @@ from ...core import hosturi
 from ...core.errors import AppError, ErrorCode
 from ...core.logs import get_logger
 from ...core.metrics import HOST_CONNECTED, LIBVIRT_CALL_SECONDS, LIBVIRT_CALLS, LIBVIRT_CALLS_IN_FLIGHT
-from . import credentials
 from .credentials import CredentialFiles
 from .errors import CONNECTION_LOST, classify_libvirt_error
 from .events import ensure_event_thread
@@ -690,8 +689,6 @@ class HostPool:
     def __init__(self) -> None:
         self._hosts: dict[str, HostConnection] = {}
         self._deleted: set[str] = set()
-        if stale := credentials.remove_stale():
-            log.info("removed credential directories an earlier operator process left", count=len(stale))
 
     def get(self, name: str) -> HostConnection | None:
         return self._hosts.get(name)
