@@ -65,6 +65,17 @@ class SilentHost:
             s.close()
 
 
+def _ssh_secret(kube: Kube, tmp_path: Path, port: int, prefix: str) -> tuple[str, Path]:
+    """A new namespace with Secret `ssh`: a fresh client key and known_hosts for 127.0.0.1:port."""
+    key = tmp_path / "id_key"
+    keygen(key, "operator")
+    ns = kube.new_namespace(prefix)
+    kube.core.create_namespaced_secret(ns, {"metadata": {"name": "ssh"}, "stringData": {
+        "ssh-privatekey": key.read_text(),
+        "known_hosts": f"[127.0.0.1]:{port} " + " ".join(Path(f"{key}.pub").read_text().split()[:2])}})
+    return ns, key
+
+
 def _ssh_to(port: int) -> list[int]:
     """ssh processes the operator started (its wrapper's config lives in a lvop-cred- dir) to port."""
     found = []
@@ -97,12 +108,7 @@ def test_sigterm_stops_the_operator_within_10s_while_a_host_hangs(private_cp, op
     silent = SilentHost()
     hung, healthy = f"hung-{uuid.uuid4().hex[:6]}", f"healthy-{uuid.uuid4().hex[:6]}"
     try:
-        key = tmp_path / "id_key"
-        keygen(key, "operator")
-        ns = kube.new_namespace("hung")
-        kube.core.create_namespaced_secret(ns, {"metadata": {"name": "ssh"}, "stringData": {
-            "ssh-privatekey": key.read_text(),
-            "known_hosts": f"[127.0.0.1]:{silent.port} " + " ".join(Path(f"{key}.pub").read_text().split()[:2])}})
+        ns, _key = _ssh_secret(kube, tmp_path, silent.port, "hung")
         if scheme == "qemu+ssh":
             spec = {"uri": f"qemu+ssh://root@127.0.0.1:{silent.port}/system",
                     "credentialsSecretRef": {"name": "ssh", "namespace": ns}}
@@ -169,12 +175,7 @@ def test_the_key_and_ssh_a_killed_operator_left_are_removed_by_the_next_one(priv
     silent = SilentHost()
     name = f"hung-{uuid.uuid4().hex[:6]}"
     try:
-        key = tmp_path / "id_key"
-        keygen(key, "operator")
-        ns = kube.new_namespace("killed")
-        kube.core.create_namespaced_secret(ns, {"metadata": {"name": "ssh"}, "stringData": {
-            "ssh-privatekey": key.read_text(),
-            "known_hosts": f"[127.0.0.1]:{silent.port} " + " ".join(Path(f"{key}.pub").read_text().split()[:2])}})
+        ns, key = _ssh_secret(kube, tmp_path, silent.port, "killed")
         kube.create("libvirthosts", {"metadata": {"name": name}, "spec": {
             "uri": f"qemu+ssh://root@127.0.0.1:{silent.port}/system",
             "credentialsSecretRef": {"name": "ssh", "namespace": ns}}})
