@@ -74,11 +74,12 @@ def _cleanup_state(operator: Any, a: Any, uid: str, host: str) -> str:
 
     st = state_of(operator.runtime)
     vm = st.vms.get(uid) or {}
+    cached = vm.get("status") or {}
     conn = operator.runtime.pool.get(host)
     lock = st.locks.get(uid)
     return (f"operator: stale_on[{host}]={sorted(st.stale_on.get(host) or ())}, cached status.host="
-            f"{(vm.get('status') or {}).get('host')}, cached staleDomainHosts="
-            f"{(vm.get('status') or {}).get('staleDomainHosts')}, rv={(vm.get('metadata') or {}).get('resourceVersion')}, "
+            f"{cached.get('host')}, cached staleDomainHosts={cached.get('staleDomainHosts')}, "
+            f"rv={(vm.get('metadata') or {}).get('resourceVersion')}, "
             f"lock held={lock is not None and lock.locked()}, host daemon={host in st.host_wake}, "
             f"connection={'none' if conn is None else ('closed' if conn.closed else f'{conn.in_flight()} in flight')}; "
             f"A: defined={defined_on(a, uid)}, volumes={[v for v in volumes(a) if uid in v]}")

@@ -1,12 +1,16 @@
 """The VM controller's watch cache keeps the answers of the operator's own writes until the watch
-catches up with them (handlers.vm_state.from_watch / remember)."""
+catches up with them (handlers.watch_copies.from_watch, VmState.remember)."""
 
 from __future__ import annotations
 
+import asyncio
+import types
 from typing import Any
 
+from libvirt_operator.handlers.vm_apply import apply_outcome
 from libvirt_operator.handlers.vm_state import VmState
 from libvirt_operator.handlers.watch_copies import from_watch, older
+from libvirt_operator.reconcile.vm_types import VmOutcome
 
 
 def obj(rv: str, status: dict[str, Any] | None = None, finalizers: list[str] | None = None,
@@ -63,12 +67,6 @@ def test_a_run_caches_what_the_server_holds_after_its_write_not_only_what_the_ru
     the answer, so the host round that removes stale copies sees that host; caching the run's own status
     instead lost it until the VM's next watch event (none comes when the watch delivered this write
     before its answer), and the copy stayed on that host."""
-    import asyncio
-    import types
-
-    from libvirt_operator.handlers.vm_apply import apply_outcome
-    from libvirt_operator.reconcile.vm_types import VmOutcome
-
     st = VmState()
     read = obj("200", {"host": "b", "printableStatus": "Paused"})
     st.vms["u"] = read
